@@ -1,0 +1,1 @@
+"""The corral daemon: config, broker, process manager, control and CLI."""

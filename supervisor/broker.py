@@ -1,0 +1,560 @@
+"""The broker: client sockets, worker links, dispatch and the in-flight ledger.
+
+Every request accepted from a client gets a ticket and a ledger entry that
+says who asked (client, dialect, request id), for what (service, key, body),
+until when (deadline), and which worker holds it. A request ends in exactly
+one reply: from its worker, or from the broker when the request cannot be
+served, expires in the queue, or its worker dies (502, or re-dispatch when
+the request is idempotent).
+
+Dispatch is credit-based: a worker announces how many requests it can hold
+and the broker sends only to workers with free credit, the least loaded
+first. Requests for a key of a keyed app always go to the worker that holds
+the key's instance, in arrival order.
+
+The broker does no process management: it reports what it learns (a worker
+ready, retiring, silent) as events, and the daemon's arbiter loop acts.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+import zmq
+
+from supervisor import protocol
+from supervisor.circuit import Health
+from supervisor.config import AppSettings, Config
+from supervisor.protocol import (MMI_PREFIX, MMI_SERVICE, STATUS_FRAMES, W_DISCONNECT, W_HEARTBEAT,
+                                 W_READY, W_REPLY, W_REQUEST, W_RETIRING, Dialect, Malformed, Status,
+                                 decode_reply_header, decode_tickets, encode_request_header,
+                                 reply_frames)
+
+# Drain at most this many messages from one socket per loop turn, so that
+# neither side can starve the other (or the timers).
+BATCH = 256
+DEFAULT_DEADLINE_MS = 30_000
+
+
+class State(Enum):
+    QUEUED = 1
+    SENT = 2
+    DONE = 3
+
+
+class Request:
+    """A ledger entry."""
+
+    __slots__ = ("ticket", "client", "dialect", "request_id", "service", "key", "body", "deadline",
+                 "idempotent", "received", "link", "state", "probe")
+
+    def __init__(self, ticket: int, client: bytes, dialect: Dialect, request_id: bytes,
+                 service: Service, key: bytes | None, body: bytes, deadline: float,
+                 idempotent: bool, received: float, probe: bool):
+        self.ticket = ticket
+        self.client = client
+        self.dialect = dialect
+        self.request_id = request_id
+        self.service = service
+        self.key = key
+        self.body = body
+        self.deadline = deadline
+        self.idempotent = idempotent
+        self.received = received
+        self.link: WorkerLink | None = None
+        self.state = State.QUEUED
+        self.probe = probe
+
+
+@dataclass(eq=False)
+class Service:
+    name: bytes
+    app: AppSettings
+    health: Health
+    queue: deque[Request] = field(default_factory=deque)
+    affinity: dict[bytes, "WorkerLink"] = field(default_factory=dict)  # key -> its worker
+    links: list["WorkerLink"] = field(default_factory=list)  # the workers that serve it
+    statuses: Counter = field(default_factory=Counter)
+
+    @property
+    def keyed(self) -> bool:
+        return self.app.instances == "keyed"
+
+
+@dataclass(eq=False)
+class WorkerLink:
+    """The broker's view of one worker: credit, what it holds, when it was last heard."""
+    identity: bytes
+    pid: int
+    capacity: int
+    services: list[Service]
+    last_seen: float
+    last_sent: float = 0.0
+    retiring: bool = False
+    inflight: dict[int, Request] = field(default_factory=dict)
+    backlog: deque[Request] = field(default_factory=deque)  # keyed requests waiting for this worker
+    keys: set[tuple[bytes, bytes]] = field(default_factory=set)
+    last_assigned: float = 0.0
+    handled: int = 0
+    faults: int = 0
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.inflight)
+
+
+class Event(Enum):
+    READY = "ready"          # (link,)
+    RETIRING = "retiring"    # (link, reason)
+    SILENT = "silent"        # (link, cause): missed heartbeats, the daemon should kill it
+
+
+class Broker:
+    def __init__(self, context: zmq.Context, config: Config, backend: str, log):
+        self.log = log
+        sup = config.supervisor
+        self.heartbeat_s = sup.heartbeat_ms / 1000
+        self.liveness_s = sup.liveness * self.heartbeat_s
+        self.max_queue = sup.max_queue
+        self.max_body = sup.max_message_kib * 1024
+        self.frontend = context.socket(zmq.ROUTER)
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.frontend.setsockopt(zmq.SNDHWM, 100_000)
+        self.frontend.setsockopt(zmq.RCVHWM, 100_000)
+        # A frame far over the limit disconnects its sender in libzmq; up to
+        # twice the limit is read, so that it can be answered 413.
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_body + 65536)
+        self.frontend.setsockopt(zmq.LINGER, 1000)  # so the last replies of a drain leave
+        for endpoint in sup.frontend:
+            self.frontend.bind(endpoint)
+        self.backend = context.socket(zmq.ROUTER)
+        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.backend.setsockopt(zmq.SNDHWM, 0)
+        self.backend.setsockopt(zmq.RCVHWM, 0)
+        self.backend.setsockopt(zmq.LINGER, 0)
+        self.backend.bind(backend)
+        self.services: dict[bytes, Service] = {}
+        self.links: dict[bytes, WorkerLink] = {}
+        self.ledger: dict[int, Request] = {}
+        self.next_ticket = 1
+        self.waiting: set[Service] = set()     # services with a non-empty queue
+        self.outbox: dict[WorkerLink, list[bytes]] = {}
+        self.events: list[tuple] = []
+        self.draining = False
+        self.counts: Counter = Counter()       # by status, for status and metrics
+        self.dropped_replies = 0
+        self.configure(config)
+
+    # --- configuration -------------------------------------------------------
+
+    def configure(self, config: Config) -> None:
+        """Take the apps of a (re)loaded config: new services appear, removed ones go."""
+        services: dict[bytes, Service] = {}
+        for name, app in config.apps.items():
+            key = name.encode()
+            old = self.services.get(key)
+            if old is not None:
+                old.app = app
+                services[key] = old
+            else:
+                services[key] = Service(key, app, Health(name, config.restart, self.log))
+        for key, old in self.services.items():
+            if key not in services:
+                for request in old.queue:
+                    if request.state is State.QUEUED:
+                        self.finish(request, Status.NOT_FOUND, b"service removed by reload")
+        self.services = services
+        self.keyed = {name for name, service in services.items() if service.keyed}
+        self.waiting = {s for s in self.waiting if s.name in services}
+        for service in services.values():
+            service.links = []
+        for link in self.links.values():
+            link.services = [services[s.name] for s in link.services if s.name in services]
+            for service in link.services:
+                service.links.append(link)
+
+    # --- frontend ------------------------------------------------------------
+
+    def on_frontend(self) -> None:
+        socket = self.frontend
+        now = time.monotonic()
+        for _ in range(BATCH):
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue  # nothing after the routing id: nothing to answer
+            self.intake(frames[0], frames[1:], now)
+
+    def intake(self, client: bytes, frames: list[bytes], now: float) -> None:
+        try:
+            parsed = protocol.parse_client(frames, self.keyed)
+        except Malformed as bad:
+            self.counts[bad.status] += 1
+            self.log.info("request.rejected", status=int(bad.status), detail=bad.detail,
+                          dialect=bad.dialect.value if bad.dialect else None)
+            self.send_client(reply_frames(bad.dialect or Dialect.NATIVE, client, bad.request_id,
+                                          STATUS_FRAMES[bad.status], bad.detail.encode()))
+            return
+        reject, probe = self.admit(parsed, now)
+        if reject is not None:
+            status, detail = reject
+            self.counts[status] += 1
+            if status is not Status.OK:
+                self.log.info("request.rejected", status=int(status),
+                              service=parsed.service[:128].decode(errors="replace"),
+                              request_id=parsed.request_id[:64].decode(errors="replace"),
+                              detail=detail.decode(errors="replace"))
+            self.send_client(reply_frames(parsed.dialect, client, parsed.request_id,
+                                          STATUS_FRAMES[status], detail))
+            return
+        service = self.services[parsed.service]
+        ticket = self.next_ticket
+        self.next_ticket = ticket + 1
+        deadline_ms = parsed.deadline_ms or DEFAULT_DEADLINE_MS
+        idempotent = service.app.idempotent if parsed.idempotent is None else parsed.idempotent
+        request = Request(ticket, client, parsed.dialect, parsed.request_id, service, parsed.key,
+                          parsed.body, now + deadline_ms / 1000, idempotent, now, probe)
+        self.ledger[ticket] = request
+        service.queue.append(request)
+        self.waiting.add(service)
+
+    def admit(self, request: protocol.ClientRequest,
+              now: float) -> tuple[tuple[Status, bytes] | None, bool]:
+        """The broker's own answer to a request it will not queue (or None), and
+        whether the request is its circuit's probe."""
+        if len(request.body) > self.max_body:
+            return (Status.TOO_LARGE, b"body of %d bytes is over max_message_kib" % len(request.body)), False
+        if request.service.startswith(MMI_PREFIX):
+            return self.mmi(request), False
+        service = self.services.get(request.service)
+        if service is None:
+            return (Status.NOT_FOUND, b"no such service: " + request.service[:128]), False
+        if self.draining:
+            return (Status.UNAVAILABLE, b"the daemon is draining: no new requests"), False
+        if service.keyed and not request.key:
+            return (Status.BAD_REQUEST, b"keyed service: the request needs a key"), False
+        if service.health.quarantined(request.body, now):
+            return (Status.ABORT, b"quarantined: this request aborted instances repeatedly"), False
+        if len(service.queue) >= self.max_queue:
+            return (Status.UNAVAILABLE, b"queue full (max_queue)"), False
+        probe, refusal = service.health.admit(now)
+        if refusal:
+            return (Status.UNAVAILABLE, refusal.encode()), False
+        return None, probe
+
+    def mmi(self, request: protocol.ClientRequest) -> tuple[Status, bytes]:
+        if request.service != MMI_SERVICE:
+            return Status.NOT_FOUND, b"no such service: " + request.service[:128]
+        status = Status.OK if request.body in self.services else Status.NOT_FOUND
+        return status, STATUS_FRAMES[status]
+
+    def send_client(self, frames: list[bytes]) -> None:
+        try:
+            self.frontend.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            # The client is gone (EHOSTUNREACH) or not reading (EAGAIN): the
+            # reply cannot be delivered; nothing else is affected.
+            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                raise
+            self.dropped_replies += 1
+
+    def finish(self, request: Request, status: Status, body: bytes) -> None:
+        """Send a request's one reply and close its ledger entry."""
+        request.state = State.DONE
+        self.ledger.pop(request.ticket, None)
+        request.service.statuses[status] += 1
+        self.counts[status] += 1
+        self.send_client(reply_frames(request.dialect, request.client, request.request_id,
+                                      STATUS_FRAMES[status], body))
+
+    # --- dispatch ------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Hand queued requests to workers with free credit, then send the batches."""
+        for link in self.links.values():
+            if link.backlog and link.free > 0 and not link.retiring:
+                self.drain_backlog(link)
+        for service in list(self.waiting):
+            queue = service.queue
+            while queue:
+                request = queue[0]
+                if request.state is not State.QUEUED:
+                    queue.popleft()
+                    continue
+                if service.keyed:
+                    if not self.route_keyed(service, request):
+                        break
+                else:
+                    link = self.pick(service)
+                    if link is None:
+                        break
+                    self.assign(link, request)
+                queue.popleft()
+            if not queue:
+                self.waiting.discard(service)
+        if self.outbox:
+            self.send_outbox()
+
+    def pick(self, service: Service) -> WorkerLink | None:
+        best = None
+        for link in service.links:
+            if link.retiring or link.free <= 0:
+                continue
+            if best is None or (len(link.inflight), link.last_assigned) < (len(best.inflight), best.last_assigned):
+                best = link
+        return best
+
+    def route_keyed(self, service: Service, request: Request) -> bool:
+        """Send or pin a keyed request to its key's worker; False if no worker can take keys now."""
+        link = service.affinity.get(request.key)
+        if link is None:
+            candidates = [l for l in service.links if not l.retiring]
+            if not candidates:
+                return False
+            link = min(candidates, key=lambda l: (len(l.keys), len(l.inflight) + len(l.backlog)))
+            service.affinity[request.key] = link
+            link.keys.add((service.name, request.key))
+        if link.free > 0 and not link.backlog:
+            self.assign(link, request)
+        else:
+            link.backlog.append(request)
+        return True
+
+    def drain_backlog(self, link: WorkerLink) -> None:
+        while link.backlog and link.free > 0:
+            request = link.backlog.popleft()
+            if request.state is State.QUEUED:
+                self.assign(link, request)
+
+    def assign(self, link: WorkerLink, request: Request) -> None:
+        now = time.monotonic()
+        left_ms = int((request.deadline - now) * 1000)
+        if left_ms <= 0:
+            self.expire(request)
+            return
+        request.state = State.SENT
+        request.link = link
+        link.inflight[request.ticket] = request
+        link.last_assigned = now
+        batch = self.outbox.get(link)
+        if batch is None:
+            batch = self.outbox[link] = [link.identity, W_REQUEST]
+        batch += (encode_request_header(request.ticket, min(left_ms, request.service.app.timeout_ms),
+                                        request.service.name, request.key),
+                  request.body)
+
+    def send_outbox(self) -> None:
+        outbox, self.outbox = self.outbox, {}
+        now = time.monotonic()
+        for link, frames in outbox.items():
+            try:
+                self.backend.send_multipart(frames, zmq.NOBLOCK)
+                link.last_sent = now
+            except zmq.ZMQError as exc:
+                if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                    raise
+                # Never delivered: these requests never started, so they go
+                # back to the queue whatever their idempotency; the worker is gone.
+                undelivered = [protocol.decode_request_header(h)[0] for h in frames[2::2]]
+                for ticket in reversed(undelivered):
+                    request = link.inflight.pop(ticket, None)
+                    if request is not None:
+                        self.requeue(request)
+                self.worker_gone(link.identity, "unreachable")
+                self.events.append((Event.SILENT, link, "unreachable"))
+
+    def requeue(self, request: Request) -> None:
+        """Put a request that never started back at the head of its queue."""
+        request.state = State.QUEUED
+        request.link = None
+        request.service.queue.appendleft(request)
+        self.waiting.add(request.service)
+
+    def expire(self, request: Request) -> None:
+        if request.probe:
+            request.service.health.probe_lost()
+        self.finish(request, Status.DEADLINE, b"deadline exceeded while queued")
+
+    # --- backend -------------------------------------------------------------
+
+    def on_backend(self) -> None:
+        socket = self.backend
+        now = time.monotonic()
+        for _ in range(BATCH):
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity = frames[0]
+            command = frames[1] if len(frames) > 1 else b""
+            link = self.links.get(identity)
+            if link is not None:
+                link.last_seen = now
+            if command == W_REPLY and link is not None:
+                self.on_replies(link, frames, now)
+            elif command == W_READY:
+                self.on_ready(identity, frames, now)
+            elif command == W_RETIRING and link is not None:
+                self.on_retiring(link, frames)
+            elif command != W_HEARTBEAT:
+                self.log.warning("worker.unexpected_message", worker=identity.decode(errors="replace"),
+                                 command=command[:8].hex())
+
+    def on_ready(self, identity: bytes, frames: list[bytes], now: float) -> None:
+        try:
+            info = json.loads(frames[2])
+            link = WorkerLink(identity, int(info["pid"]), int(info["capacity"]),
+                              [self.services[n.encode()] for n in info["services"]
+                               if n.encode() in self.services], now)
+        except (IndexError, ValueError, KeyError, TypeError) as exc:
+            self.log.error("worker.bad_ready", worker=identity.decode(errors="replace"), error=str(exc))
+            return
+        self.links[identity] = link
+        for service in link.services:
+            service.links.append(link)
+        self.events.append((Event.READY, link))
+
+    def on_replies(self, link: WorkerLink, frames: list[bytes], now: float) -> None:
+        ledger = self.ledger
+        for i in range(2, len(frames) - 1, 2):
+            ticket, status, fault = decode_reply_header(frames[i])
+            request = link.inflight.pop(ticket, None)
+            if request is None or ledger.get(ticket) is not request:
+                continue  # already answered (its worker was declared dead)
+            link.handled += 1
+            status = Status(status)
+            service = request.service
+            if fault:
+                link.faults += 1
+                self.log.warning("request.failed", request_id=request.request_id[:64].decode(errors="replace"),
+                                 ticket=ticket, service=service.name.decode(), status=int(status),
+                                 fault=fault.decode(), worker=link.identity.decode(), pid=link.pid,
+                                 detail=frames[i + 1][:200].decode(errors="replace"))
+                if status in protocol.FAULTS:
+                    service.health.record_abort(request.body, now, request.probe)
+                elif request.probe:
+                    service.health.record_verdict(now)
+            elif status is not Status.OK:
+                if request.probe:
+                    service.health.record_verdict(now)
+                self.log.info("request.failed", request_id=request.request_id[:64].decode(errors="replace"),
+                              service=service.name.decode(), status=int(status), worker=link.identity.decode(),
+                              detail=frames[i + 1][:200].decode(errors="replace"))
+            elif request.probe:
+                service.health.record_verdict(now)
+            self.finish(request, status, frames[i + 1])
+
+    def on_retiring(self, link: WorkerLink, frames: list[bytes]) -> None:
+        try:
+            reason = json.loads(frames[2]).get("reason", "?")
+            tickets = decode_tickets(frames[3])
+        except (IndexError, ValueError, AttributeError):
+            reason, tickets = "?", []
+        for ticket in reversed(tickets):  # handed back, never started: re-dispatch
+            request = link.inflight.pop(ticket, None)
+            if request is not None and self.ledger.get(ticket) is request:
+                self.requeue(request)
+        if not link.retiring:
+            self.retire(link)
+            self.events.append((Event.RETIRING, link, reason))
+
+    def retire(self, link: WorkerLink) -> None:
+        """Send the worker nothing more; ask it to finish what it holds and leave."""
+        link.retiring = True
+        self.release(link)
+        self.outbox.pop(link, None)
+        self.send_worker(link, [link.identity, W_DISCONNECT])
+
+    def release(self, link: WorkerLink) -> None:
+        """Let go of a worker's keys and its backlog (they find other workers)."""
+        for service_name, key in link.keys:
+            service = self.services.get(service_name)
+            if service is not None and service.affinity.get(key) is link:
+                del service.affinity[key]
+        link.keys.clear()
+        while link.backlog:
+            request = link.backlog.pop()
+            if request.state is State.QUEUED:
+                self.requeue(request)
+
+    def send_worker(self, link: WorkerLink, frames: list[bytes]) -> bool:
+        try:
+            self.backend.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                raise
+            return False
+        link.last_sent = time.monotonic()
+        return True
+
+    def worker_gone(self, identity: bytes, cause: str) -> None:
+        """A worker died or was killed: answer or re-dispatch everything it held, now."""
+        link = self.links.pop(identity, None)
+        if link is None:
+            return
+        for service in link.services:
+            if link in service.links:
+                service.links.remove(link)
+        self.release(link)
+        self.outbox.pop(link, None)
+        detail = f"worker {identity.decode()} (pid {link.pid}) {cause}".encode()
+        for request in sorted(link.inflight.values(), key=lambda r: r.ticket, reverse=True):
+            if self.ledger.get(request.ticket) is not request:
+                continue
+            if request.idempotent:
+                self.requeue(request)
+            else:
+                if request.probe:
+                    request.service.health.probe_lost()
+                self.log.warning("request.failed", request_id=request.request_id[:64].decode(errors="replace"),
+                                 service=request.service.name.decode(), status=502, fault="crash",
+                                 worker=identity.decode(), pid=link.pid, detail=detail.decode())
+                self.finish(request, Status.ABORT, detail)
+        link.inflight.clear()
+
+    # --- timers --------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Heartbeats to workers, silent workers, requests expired in the queue."""
+        for link in list(self.links.values()):
+            if now - link.last_sent >= self.heartbeat_s:
+                self.send_worker(link, [link.identity, W_HEARTBEAT])
+            allowed = link.last_seen + self.liveness_s
+            if link.inflight:
+                # A worker inside a guest call cannot answer: judge it by its deadlines.
+                allowed = max(allowed, max(r.deadline for r in link.inflight.values()) + self.liveness_s)
+            if now > allowed:
+                self.events.append((Event.SILENT, link, "heartbeat lost"))
+                self.worker_gone(link.identity, "heartbeat lost")
+        for service in list(self.waiting):
+            for request in service.queue:
+                if request.state is State.QUEUED and request.deadline <= now:
+                    self.expire(request)
+        for link in self.links.values():
+            for request in link.backlog:
+                if request.state is State.QUEUED and request.deadline <= now:
+                    self.expire(request)
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def abandon(self, detail: bytes) -> None:
+        """At the end of a drain: every request still open gets 503."""
+        for request in list(self.ledger.values()):
+            self.finish(request, Status.UNAVAILABLE, detail)
+
+    @property
+    def queued(self) -> int:
+        return sum(len(s.queue) for s in self.services.values()) + \
+            sum(len(l.backlog) for l in self.links.values())
+
+    def close(self) -> None:
+        self.frontend.close()
+        self.backend.close(linger=0)

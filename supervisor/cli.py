@@ -1,0 +1,192 @@
+"""The `corral` command: run, check, call, status, bench, and the admin verbs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_FAILED_REPLY = 1   # a reply came, but not 200
+EXIT_NO_REPLY = 3       # no reply within --timeout, or the daemon is not there
+EX_CONFIG = 78
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="corral", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", type=Path, help="config file (default: the packaged corral.toml)")
+        return p
+
+    with_config(verbs.add_parser("run", help="run the daemon in the foreground"))
+    with_config(verbs.add_parser("check", help="validate a config and compile its modules"))
+
+    call = with_config(verbs.add_parser("call", help="send one request and print the reply body"))
+    call.add_argument("service")
+    call.add_argument("body", nargs="?", default="", help="the request body; - reads stdin")
+    call.add_argument("-e", "--endpoint", help="frontend endpoint (default: the config's first)")
+    call.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    call.add_argument("--key", help="key, for a keyed service")
+    call.add_argument("--deadline-ms", type=int, help="the request's deadline, queue time included")
+    call.add_argument("--idempotent", action="store_true", help="may be re-dispatched after a crash")
+    call.add_argument("--raw", action="store_true", help="print the body exactly, no newline added")
+
+    status = with_config(verbs.add_parser("status", help="workers, services and counters"))
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    bench = with_config(verbs.add_parser("bench", help="load a service and print req/s and latency"))
+    bench.add_argument("service")
+    bench.add_argument("body", nargs="?", default="hello")
+    bench.add_argument("-n", "--requests", type=int, default=10000)
+    bench.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    bench.add_argument("--clients", type=int, default=1, help="client sockets (each its own thread)")
+    bench.add_argument("-e", "--endpoint")
+    bench.add_argument("--key", help="key, for a keyed service")
+
+    scale = with_config(verbs.add_parser("scale", help="set the number of workers"))
+    scale.add_argument("workers", type=int)
+    restart = with_config(verbs.add_parser("restart", help="replace workers gracefully, one at a time"))
+    restart.add_argument("slots", type=int, nargs="*", help="slots to restart (default: all)")
+    with_config(verbs.add_parser("reload", help="reload the config (as SIGHUP does)"))
+
+    args = parser.parse_args(argv)
+    return {"run": run, "check": check, "call": call_verb, "status": status_verb, "bench": bench_verb,
+            "scale": admin_verb, "restart": admin_verb, "reload": admin_verb}[args.verb](args)
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    if args.config is not None:
+        return args.config
+    from supervisor import paths
+    return paths.default_config()
+
+
+def load_config(args: argparse.Namespace):
+    from supervisor import config
+    try:
+        return config.with_defaults(config.load(config_path(args)))
+    except config.ConfigError as exc:
+        for problem in exc.problems:
+            print(f"corral: {problem}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from supervisor import logs
+    from supervisor.daemon import Daemon
+    logs.configure()
+    return Daemon(config_path(args)).run()
+
+
+def check(args: argparse.Namespace) -> int:
+    from supervisor import config as config_module
+    from supervisor import paths
+    from supervisor.daemon import Daemon
+    config = load_config(args)
+    daemon = Daemon(config.path)
+    daemon.cache_dir = paths.cache_dir(config.supervisor.cache_dir)
+    try:
+        daemon.compile(config)
+    except config_module.ConfigError as exc:
+        for problem in exc.problems:
+            print(f"corral: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    print(f"{config.path}: ok, {len(config.apps)} apps: {', '.join(sorted(config.apps))}")
+    return 0
+
+
+def client_endpoint(args: argparse.Namespace) -> str:
+    if args.endpoint:
+        return args.endpoint
+    endpoint = load_config(args).supervisor.frontend[0]
+    return endpoint.replace("tcp://*:", "tcp://127.0.0.1:").replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
+
+
+def call_verb(args: argparse.Namespace) -> int:
+    from supervisor.client import Client, NoReply
+    body = sys.stdin.buffer.read() if args.body == "-" else args.body.encode()
+    with Client(client_endpoint(args)) as client:
+        try:
+            reply = client.call(args.service, body, timeout=args.timeout, key=args.key,
+                                deadline_ms=args.deadline_ms, idempotent=args.idempotent or None)
+        except NoReply:
+            print(f"corral: no reply from {client_endpoint(args)} within {args.timeout:g} s",
+                  file=sys.stderr)
+            return EXIT_NO_REPLY
+    if reply.status != 200:
+        print(f"corral: {reply.status}: {reply.body.decode(errors='replace')}", file=sys.stderr)
+        return EXIT_FAILED_REPLY
+    sys.stdout.buffer.write(reply.body if args.raw else reply.body + b"\n")
+    sys.stdout.flush()
+    return 0
+
+
+def control_request(args: argparse.Namespace, verb: str, arguments: dict, timeout_s: float = 5.0) -> dict:
+    import zmq
+    endpoint = load_config(args).supervisor.control
+    context = zmq.Context.instance()
+    socket = context.socket(zmq.REQ)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(endpoint)
+    socket.send_multipart([verb.encode(), json.dumps(arguments).encode()])
+    if not socket.poll(int(timeout_s * 1000)):
+        socket.close()
+        print(f"corral: no answer on the control endpoint {endpoint} (is the daemon running?)",
+              file=sys.stderr)
+        raise SystemExit(EXIT_NO_REPLY)
+    reply = json.loads(socket.recv())
+    socket.close()
+    return reply
+
+
+def status_verb(args: argparse.Namespace) -> int:
+    status = control_request(args, "status", {})
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"corral pid {status['pid']}, {status['state']}, up {status['uptime_s']:.0f} s, "
+          f"config {status['config']} (generation {status['config_generation']})")
+    print(f"requests: {status['in_flight']} in flight; by status "
+          + (", ".join(f"{k}: {v}" for k, v in status["statuses"].items()) or "none yet"))
+    print(f"\nworkers ({len(status['workers'])} of {status['workers_target']} wanted):")
+    print(f"  {'slot':>4} {'gen':>4} {'pid':>8} {'state':<9} {'requests':>9} {'faults':>6} {'rss MiB':>8}")
+    for w in status["workers"]:
+        rss = f"{w['rss_bytes'] / 1048576:.1f}" if w["rss_bytes"] else "-"
+        print(f"  {w['slot']:>4} {w['generation']:>4} {w['pid']:>8} {w['state']:<9} {w['requests']:>9} "
+              f"{w['faults']:>6} {rss:>8}")
+    print("\nservices:")
+    print(f"  {'name':<20} {'instances':<12} {'circuit':<10} {'queued':>6}  statuses")
+    for s in status["services"]:
+        counts = ", ".join(f"{k}: {v}" for k, v in s["statuses"].items()) or "-"
+        print(f"  {s['name']:<20} {s['instances']:<12} {s['circuit']:<10} {s['queued']:>6}  {counts}")
+    return 0
+
+
+def admin_verb(args: argparse.Namespace) -> int:
+    if args.verb == "scale":
+        reply = control_request(args, "scale", {"workers": args.workers})
+    elif args.verb == "restart":
+        reply = control_request(args, "restart", {"slots": args.slots} if args.slots else {})
+    else:
+        reply = control_request(args, "reload", {})
+    if not reply.get("ok"):
+        for problem in reply.get("problems", [reply.get("error", "failed")]):
+            print(f"corral: {problem}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply))
+    return 0
+
+
+def bench_verb(args: argparse.Namespace) -> int:
+    from supervisor import loadgen
+    result = loadgen.run(client_endpoint(args), args.service.encode(), args.body.encode(),
+                         requests=args.requests, concurrency=args.concurrency, clients=args.clients,
+                         key=args.key, progress=sys.stderr.isatty() or True)
+    print(result.report())
+    return 0 if result.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

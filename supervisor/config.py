@@ -1,0 +1,324 @@
+"""TOML config to typed, validated settings (DESIGN section 5).
+
+Every problem is collected, not just the first: `corral check` prints them
+all, each naming the file, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from supervisor import paths
+
+INSTANCE_MODES = ("reuse", "per-request", "keyed")
+ABORT_POLICIES = ("respawn", "reinstantiate")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "console")
+RESERVED_SERVICE_PREFIX = "mmi."
+
+
+class ConfigError(Exception):
+    """One or more problems in a config file; `problems` lists them all."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    frontend: tuple[str, ...] = ("tcp://127.0.0.1:5555",)
+    control: str = ""  # filled in from the runtime directory when empty
+    workers: int = 2
+    graceful_timeout_s: float = 10.0
+    heartbeat_ms: int = 500
+    liveness: int = 3
+    max_rss_mib: int = 512  # 0: no limit
+    max_queue: int = 10000
+    max_message_kib: int = 16384
+    # Beyond DESIGN: requests a worker may hold at once (credit-based flow).
+    pipeline: int = 4
+    # Planned recycling (gunicorn's max_requests / max_requests_jitter); 0: off.
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    # Pre-spawned workers that take the place of a retiring one at once.
+    standby: int = 0
+    cache_dir: str = ""  # compiled-module cache; default under XDG/systemd dirs
+    # Worker OS limits.
+    max_open_files: int = 4096
+    user: str = ""  # drop to this user/group when started as root
+    group: str = ""
+
+
+@dataclass(frozen=True)
+class RestartSettings:
+    intensity: int = 5
+    period_s: float = 30.0
+    backoff_initial_ms: int = 100
+    backoff_max_ms: int = 10000
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen: str = ""  # "host:port"; empty: no metrics endpoint
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    name: str
+    module: Path
+    instances: str = "reuse"
+    timeout_ms: int = 1000
+    max_memory_mib: int = 64
+    on_abort: str = "respawn"
+    idempotent: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    supervisor: SupervisorSettings
+    restart: RestartSettings
+    logging: LoggingSettings
+    metrics: MetricsSettings
+    apps: dict[str, AppSettings] = field(default_factory=dict)
+
+
+# Per key: (accepted types, check returning a problem or None).
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be 0 or more"
+
+
+def _one_of(choices: tuple[str, ...]):
+    def check(v: str) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(map(repr, choices))}, not {v!r}"
+    return check
+
+
+def _between(lo: int, hi: int):
+    def check(v: int) -> str | None:
+        return None if lo <= v <= hi else f"must be between {lo} and {hi}"
+    return check
+
+
+_INT = (int,)
+_NUM = (int, float)
+_STR = (str,)
+
+_SUPERVISOR_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
+    "frontend": ((str, list), None),
+    "control": (_STR, None),
+    "workers": (_INT, _between(1, 256)),
+    "graceful_timeout_s": (_NUM, _positive),
+    "heartbeat_ms": (_INT, _between(10, 60_000)),
+    "liveness": (_INT, _between(1, 100)),
+    "max_rss_mib": (_INT, _non_negative),
+    "max_queue": (_INT, _positive),
+    "max_message_kib": (_INT, _between(1, 1024 * 1024)),
+    "pipeline": (_INT, _between(1, 256)),
+    "max_requests": (_INT, _non_negative),
+    "max_requests_jitter": (_INT, _non_negative),
+    "standby": (_INT, _between(0, 16)),
+    "cache_dir": (_STR, None),
+    "max_open_files": (_INT, _between(64, 1 << 20)),
+    "user": (_STR, None),
+    "group": (_STR, None),
+}
+_RESTART_KEYS = {
+    "intensity": (_INT, _non_negative),
+    "period_s": (_NUM, _positive),
+    "backoff_initial_ms": (_INT, _positive),
+    "backoff_max_ms": (_INT, _positive),
+}
+_LOGGING_KEYS = {
+    "level": (_STR, _one_of(LOG_LEVELS)),
+    "format": (_STR, _one_of(LOG_FORMATS)),
+}
+_METRICS_KEYS = {"listen": (_STR, None)}
+_APP_KEYS = {
+    "module": (_STR, None),
+    "instances": (_STR, _one_of(INSTANCE_MODES)),
+    "timeout_ms": (_INT, _between(1, 24 * 3600 * 1000)),
+    "max_memory_mib": (_INT, _between(1, 4096)),
+    "on_abort": (_STR, _one_of(ABORT_POLICIES)),
+    "idempotent": ((bool,), None),
+}
+
+_TCP_ENDPOINT = re.compile(r"^tcp://(\*|[A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d+)$")
+_SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_LISTEN = re.compile(r"^([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d+)$")
+
+
+def endpoint_problem(endpoint: str) -> str | None:
+    """Why `endpoint` is not a usable tcp:// or ipc:// endpoint, or None."""
+    if endpoint.startswith("ipc://"):
+        where = endpoint[len("ipc://"):]
+        if not where:
+            return "ipc:// endpoint has no path"
+        if where.startswith("@"):  # Linux abstract namespace
+            return None
+        parent = Path(where).parent
+        if not parent.is_dir():
+            return f"directory {str(parent)!r} of ipc endpoint does not exist"
+        return None
+    match = _TCP_ENDPOINT.match(endpoint)
+    if match:
+        port = int(match.group(2))
+        return None if 0 < port < 65536 else f"port {port} out of range"
+    return f"{endpoint!r} is not a tcp://HOST:PORT or ipc://PATH endpoint"
+
+
+class _Reader:
+    """Reads one table of the TOML document, collecting problems."""
+
+    def __init__(self, file: Path, problems: list[str]):
+        self.file = file
+        self.problems = problems
+
+    def problem(self, where: str, message: str) -> None:
+        self.problems.append(f"{self.file}: {where}: {message}")
+
+    def table(self, doc: dict, name: str) -> dict:
+        value = doc.get(name, {})
+        if not isinstance(value, dict):
+            self.problem(f"[{name}]", "must be a table")
+            return {}
+        return value
+
+    def read(self, section: str, table: dict, spec: dict) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            where = f"[{section}] {key}"
+            if key not in spec:
+                known = ", ".join(sorted(spec))
+                self.problem(where, f"unknown key (known keys: {known})")
+                continue
+            types, check = spec[key]
+            # bool is an int in Python; a TOML `true` is never a number here.
+            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+                wanted = " or ".join(_type_name(t) for t in types)
+                self.problem(where, f"must be {wanted}, not {_type_name(type(value))} {value!r}")
+                continue
+            if check is not None:
+                message = check(value)
+                if message:
+                    self.problem(where, message)
+                    continue
+            values[key] = value
+        return values
+
+
+def _type_name(t: type) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+            list: "a list", dict: "a table"}.get(t, t.__name__)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Load and validate a config file; raise ConfigError listing every problem."""
+    file = Path(path).absolute()
+    try:
+        with open(file, "rb") as stream:
+            doc = tomllib.load(stream)
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: no such file"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{file}: not valid TOML: {exc}"]) from None
+    return parse(doc, file)
+
+
+def parse(doc: dict[str, Any], file: Path) -> Config:
+    problems: list[str] = []
+    reader = _Reader(file, problems)
+    known_tables = ("supervisor", "restart", "logging", "metrics", "apps")
+    for name in doc:
+        if name not in known_tables:
+            reader.problem(f"[{name}]", f"unknown section (known: {', '.join(known_tables)})")
+
+    sup = reader.read("supervisor", reader.table(doc, "supervisor"), _SUPERVISOR_KEYS)
+    frontend = sup.pop("frontend", None)
+    if frontend is not None:
+        endpoints = (frontend,) if isinstance(frontend, str) else tuple(frontend)
+        if not endpoints:
+            reader.problem("[supervisor] frontend", "needs at least one endpoint")
+        for endpoint in endpoints:
+            if not isinstance(endpoint, str):
+                reader.problem("[supervisor] frontend", f"{endpoint!r} is not a string")
+            elif message := endpoint_problem(endpoint):
+                reader.problem("[supervisor] frontend", message)
+        sup["frontend"] = endpoints
+    if "control" in sup and (message := endpoint_problem(sup["control"])):
+        reader.problem("[supervisor] control", message)
+    supervisor = SupervisorSettings(**sup)
+
+    restart = RestartSettings(**reader.read("restart", reader.table(doc, "restart"), _RESTART_KEYS))
+    if restart.backoff_initial_ms > restart.backoff_max_ms:
+        reader.problem("[restart] backoff_initial_ms", "must not exceed backoff_max_ms")
+    logging = LoggingSettings(**reader.read("logging", reader.table(doc, "logging"), _LOGGING_KEYS))
+    metrics = MetricsSettings(**reader.read("metrics", reader.table(doc, "metrics"), _METRICS_KEYS))
+    if metrics.listen and not _LISTEN.match(metrics.listen):
+        reader.problem("[metrics] listen", f"{metrics.listen!r} is not HOST:PORT")
+
+    apps: dict[str, AppSettings] = {}
+    for name, table in reader.table(doc, "apps").items():
+        app = _read_app(reader, file, name, table)
+        if app is not None:
+            apps[name] = app
+    if not apps and not problems:
+        reader.problem("[apps]", "no apps configured: nothing to serve")
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(path=file, supervisor=supervisor, restart=restart, logging=logging,
+                  metrics=metrics, apps=apps)
+
+
+def _read_app(reader: _Reader, file: Path, name: str, table: Any) -> AppSettings | None:
+    section = f"apps.{name}"
+    if not isinstance(table, dict):
+        reader.problem(f"[{section}]", "must be a table")
+        return None
+    if not _SERVICE_NAME.match(name) or name.startswith(RESERVED_SERVICE_PREFIX):
+        reader.problem(f"[{section}]", "service names are 1-128 letters, digits, '_', '.', '-'"
+                       f" and must not start with {RESERVED_SERVICE_PREFIX!r}")
+        return None
+    values = reader.read(section, table, _APP_KEYS)
+    if "module" not in values:
+        if "module" not in table:
+            reader.problem(f"[{section}] module", "missing (path of a .wasm or .wat file)")
+        return None
+    module = (file.parent / values.pop("module")).resolve()
+    if module.suffix not in (".wasm", ".wat"):
+        reader.problem(f"[{section}] module", f"{str(module)!r} is not a .wasm or .wat file")
+        return None
+    if not module.is_file():
+        reader.problem(f"[{section}] module", f"file {str(module)!r} does not exist")
+        return None
+    if "on_abort" not in values and values.get("instances") == "keyed":
+        # Respawning a process would wipe every other key's state it holds.
+        values["on_abort"] = "reinstantiate"
+    return AppSettings(name=name, module=module, **values)
+
+
+def with_defaults(config: Config) -> Config:
+    """Fill in the defaults that depend on the environment."""
+    if config.supervisor.control:
+        return config
+    return replace(config, supervisor=replace(config.supervisor,
+                                              control=paths.default_control_endpoint()))

@@ -1,0 +1,103 @@
+"""The control endpoint: status and admin verbs for `corral status|scale|restart|reload`.
+
+A ROUTER socket on an ipc:// path that only the daemon's user can open
+(0600), or tcp:// on loopback if configured so. Clients are REQ sockets:
+
+    request  ["", verb, json arguments]
+    reply    ["", json result]            result always has "ok"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING
+
+import zmq
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Daemon
+
+VERBS = ("status", "scale", "restart", "reload")
+
+
+class Control:
+    def __init__(self, context: zmq.Context, endpoint: str, daemon: "Daemon"):
+        self.daemon = daemon
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 65536)
+        if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+            path = endpoint[len("ipc://"):]
+            if os.path.exists(path) and _socket_in_use(context, endpoint):
+                raise zmq.ZMQError(zmq.EADDRINUSE, f"control endpoint {endpoint} is in use")
+            old_umask = os.umask(0o177)  # the socket file is created 0600
+            try:
+                self.socket.bind(endpoint)
+            finally:
+                os.umask(old_umask)
+        else:
+            self.socket.bind(endpoint)
+        self.endpoint = endpoint
+
+    def serve(self) -> None:
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 3 or frames[1] != b"":
+                continue  # not a REQ client
+            result = self.handle(frames[2:])
+            try:
+                self.socket.send_multipart([frames[0], b"", json.dumps(result).encode()], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def handle(self, frames: list[bytes]) -> dict:
+        verb = frames[0].decode(errors="replace")
+        try:
+            args = json.loads(frames[1]) if len(frames) > 1 and frames[1] else {}
+        except ValueError:
+            return {"ok": False, "error": "arguments must be a JSON object"}
+        if not isinstance(args, dict):
+            return {"ok": False, "error": "arguments must be a JSON object"}
+        daemon = self.daemon
+        if verb == "status":
+            return {"ok": True, **daemon.status()}
+        if verb == "reload":
+            return daemon.reload()
+        if verb == "scale":
+            workers = args.get("workers")
+            if type(workers) is not int or not 1 <= workers <= 256:
+                return {"ok": False, "error": "scale needs workers: an integer from 1 to 256"}
+            return daemon.scale(workers)
+        if verb == "restart":
+            slots = args.get("slots")
+            every = sorted(s for s, w in daemon.pool.slots.items())
+            if slots is None:
+                slots = every
+            if not isinstance(slots, list) or any(s not in every for s in slots):
+                return {"ok": False, "error": f"restart needs slots from {every}"}
+            return daemon.restart_slots(slots)
+        return {"ok": False, "error": f"unknown verb {verb!r} (known: {', '.join(VERBS)})"}
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        if self.endpoint.startswith("ipc://") and not self.endpoint.startswith("ipc://@"):
+            try:
+                os.unlink(self.endpoint[len("ipc://"):])
+            except OSError:
+                pass
+
+
+def _socket_in_use(context: zmq.Context, endpoint: str) -> bool:
+    """Does a live daemon answer on this ipc path? (libzmq would silently take it over.)"""
+    probe = context.socket(zmq.REQ)
+    probe.setsockopt(zmq.LINGER, 0)
+    try:
+        probe.connect(endpoint)
+        probe.send_multipart([b"status", b"{}"])
+        return bool(probe.poll(300))
+    finally:
+        probe.close()

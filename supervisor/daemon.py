@@ -1,0 +1,453 @@
+"""The arbiter: one loop that owns every socket, signal, timer and child process.
+
+    start:  load config, compile modules, bind sockets, spawn the workers
+    loop:   poll sockets and the signal pipe
+            -> broker intake and replies -> queued signals -> dispatch
+            -> what the broker learned (ready, retiring, silent workers)
+            -> timers (heartbeats, deadlines, kills, respawns, rss, sd_notify)
+    stop:   on SIGTERM/SIGINT drain: refuse new requests, finish the ones in
+            flight, let the workers go, exit 0 within graceful_timeout_s
+
+Signals are queued by their handlers and handled here in the loop, never in
+the handler (gunicorn's arbiter does the same): SIGCHLD reaps, SIGHUP
+reloads, SIGTERM and SIGINT drain (a second one stops at once).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import replace
+from pathlib import Path
+
+import zmq
+
+from supervisor import config as config_module
+from supervisor import logs, paths
+from supervisor.broker import Broker, Event
+from supervisor.config import Config, ConfigError
+from supervisor.control import Control
+from supervisor.notify import Notifier
+from supervisor.pool import Pool, WorkerProcess, WorkerState, describe_exit, kill_stale_workers
+from workers import modules
+from workers.spec import AppSpec, WorkerSpec
+
+EX_CONFIG = 78      # sysexits.h: configuration error (systemd: RestartPreventExitStatus=78)
+EX_UNAVAILABLE = 69  # an endpoint cannot be bound
+RSS_CHECK_S = 1.0
+STATUS_EVERY_S = 2.0
+STOP_WORKERS_S = 2.0  # of graceful_timeout_s, kept for workers to leave after the drain
+
+
+class Daemon:
+    def __init__(self, config_path: Path):
+        self.config_path = config_path
+        self.log = logs.get(component="daemon")
+        self.notifier = Notifier()
+        self.signals: deque[int] = deque()
+        self.started = time.monotonic()
+        self.config_generation = 0
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.workers_released = False
+        self.announced_ready = False
+        self.reloading = False
+        self.roll: deque[int] = deque()     # slots still to roll onto the new config
+        self.rolling: tuple[int, WorkerProcess | None] | None = None  # (slot, its old worker)
+        self.next_rss = 0.0
+        self.next_status = 0.0
+        self.next_tick = 0.0
+
+    # --- start -------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            config = config_module.with_defaults(config_module.load(self.config_path))
+            logs.configure(config.logging.level, config.logging.format)
+            self.cache_dir = paths.cache_dir(config.supervisor.cache_dir)
+            spec_inputs = self.compile(config)
+        except ConfigError as exc:
+            logs.configure()
+            for problem in exc.problems:
+                self.log.error("config.invalid", problem=problem)
+            return EX_CONFIG
+        self.config = config
+        runtime = paths.runtime_dir()
+        kill_stale_workers(runtime, self.log)
+        self.clean_stale_run_dirs(runtime)
+        self.run_dir = paths.private_dir(runtime / f"daemon-{os.getpid()}")
+        self.pool = Pool(self.log, self.run_dir, config.restart.backoff_initial_ms / 1000,
+                         config.restart.backoff_max_ms / 1000)
+        self.context = zmq.Context()
+        try:
+            self.broker = Broker(self.context, config, f"ipc://{self.run_dir / 'workers.sock'}", self.log)
+            self.control = Control(self.context, config.supervisor.control, self)
+        except zmq.ZMQError as exc:
+            self.log.error("daemon.bind_failed", error=str(exc),
+                           frontend=list(config.supervisor.frontend), control=config.supervisor.control)
+            self.context.destroy(linger=0)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            return EX_UNAVAILABLE
+        self.use_config(config, spec_inputs)
+        self.install_signals()
+        self.log.info("daemon.started", pid=os.getpid(), config=str(self.config_path),
+                      frontend=list(config.supervisor.frontend),
+                      control=config.supervisor.control, workers=config.supervisor.workers,
+                      apps=sorted(config.apps))
+        self.pool.fill(range(config.supervisor.workers))
+        try:
+            self.loop()
+        finally:
+            self.shutdown()
+        return 0
+
+    def compile(self, config: Config) -> list[AppSpec]:
+        """Compile (or find in the cache) every module; ConfigError names the bad ones."""
+        engine = modules.make_engine()
+        specs, problems = [], []
+        for app in config.apps.values():
+            try:
+                module, artifact = modules.compile_cached(engine, app.module, self.cache_dir)
+                info = modules.inspect(module)
+                if info.min_memory_bytes > app.max_memory_mib * 1024 * 1024:
+                    raise modules.ModuleProblem(
+                        f"needs {info.min_memory_bytes // 1048576} MiB of memory at start, "
+                        f"over max_memory_mib = {app.max_memory_mib}")
+            except modules.ModuleProblem as exc:
+                problems.append(f"{config.path}: [apps.{app.name}] module: {exc}")
+                continue
+            specs.append(AppSpec(app.name, str(app.module), str(artifact), app.instances, app.timeout_ms,
+                                 app.max_memory_mib, app.on_abort))
+        if problems:
+            raise ConfigError(problems)
+        return specs
+
+    def use_config(self, config: Config, apps: list[AppSpec]) -> None:
+        self.config = config
+        self.config_generation += 1
+        sup = config.supervisor
+        spec = WorkerSpec(backend=f"ipc://{self.run_dir / 'workers.sock'}",
+                          config_generation=self.config_generation, heartbeat_ms=sup.heartbeat_ms,
+                          capacity=sup.pipeline, restart_intensity=config.restart.intensity,
+                          restart_period_s=config.restart.period_s, log_level=config.logging.level,
+                          log_format=config.logging.format, cache_dir=str(self.cache_dir),
+                          max_open_files=sup.max_open_files, user=sup.user, group=sup.group, apps=apps)
+        spec_path = self.run_dir / f"spec-{self.config_generation}.json"
+        spec.dump(spec_path)
+        self.pool.use_spec(spec_path, self.config_generation, sup.max_requests, sup.max_requests_jitter)
+
+    def install_signals(self) -> None:
+        self.wakeup_read, wakeup_write = socket.socketpair()
+        self.wakeup_read.setblocking(False)
+        wakeup_write.setblocking(False)
+        self.wakeup_write = wakeup_write
+        signal.set_wakeup_fd(wakeup_write.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, lambda signum, frame: self.signals.append(signum))
+
+    def clean_stale_run_dirs(self, runtime: Path) -> None:
+        for run_dir in runtime.glob("daemon-*"):
+            pid = run_dir.name.removeprefix("daemon-")
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(run_dir, ignore_errors=True)
+
+    # --- the loop ----------------------------------------------------------
+
+    def loop(self) -> None:
+        broker = self.broker
+        poller = zmq.Poller()
+        poller.register(broker.frontend, zmq.POLLIN)
+        poller.register(broker.backend, zmq.POLLIN)
+        poller.register(self.control.socket, zmq.POLLIN)
+        poller.register(self.wakeup_read, zmq.POLLIN)
+        frontend, backend, control = broker.frontend, broker.backend, self.control.socket
+        while True:
+            ready = dict(poller.poll(self.poll_timeout_ms()))
+            if backend in ready:
+                broker.on_backend()
+            if frontend in ready:
+                broker.on_frontend()
+            if control in ready:
+                self.control.serve()
+            if self.wakeup_read.fileno() in ready:
+                self.drain_wakeup()
+            while self.signals:
+                self.handle_signal(self.signals.popleft())
+            broker.dispatch()
+            if broker.events:
+                self.handle_broker_events()
+            if self.timers(time.monotonic()):
+                return
+
+    def poll_timeout_ms(self) -> int:
+        now = time.monotonic()
+        times = [self.next_tick, self.next_rss, self.next_status]
+        pool_due = self.pool.next_due()
+        if pool_due is not None:
+            times.append(pool_due)
+        watchdog = self.notifier.next_watchdog()
+        if watchdog is not None:
+            times.append(watchdog)
+        if self.stopping:
+            times.append(self.stop_deadline)
+        return max(0, min(1000, int((min(times) - now) * 1000) + 1))
+
+    def drain_wakeup(self) -> None:
+        try:
+            while self.wakeup_read.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def handle_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            self.reap()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self.begin_stop(signal.Signals(signum).name)
+        elif signum == signal.SIGHUP:
+            self.reload()
+
+    def reap(self) -> None:
+        for worker, returncode in self.pool.reap():
+            self.broker.worker_gone(worker.identity, worker.cause or describe_exit(returncode))
+            keep = not self.stopping and worker.slot < self.config.supervisor.workers
+            self.pool.vacate(worker, respawn=keep)
+
+    def handle_broker_events(self) -> None:
+        events, self.broker.events = self.broker.events, []
+        for event, link, *detail in events:
+            worker = self.pool.by_identity(link.identity)
+            if worker is None:
+                continue  # already reaped
+            if event is Event.READY:
+                self.worker_ready(worker, link)
+            elif event is Event.RETIRING:
+                self.pool.retiring(worker, detail[0], self.config.supervisor.graceful_timeout_s)
+                self.pool.vacate(worker, respawn=not self.stopping)
+            elif event is Event.SILENT:
+                self.pool.kill(worker, detail[0])
+                self.pool.vacate(worker, respawn=not self.stopping)
+
+    def worker_ready(self, worker: WorkerProcess, link) -> None:
+        if worker.state is not WorkerState.STARTING:
+            return
+        self.pool.mark_ready(worker)
+        if self.stopping or self.pool.slots.get(worker.slot) is not worker:
+            self.release(worker, "not needed")  # scaled down or stopping meanwhile
+            return
+        if self.rolling and worker.slot == self.rolling[0]:
+            # The slot's new worker is serving: now its old one may leave.
+            old = self.rolling[1]
+            if old is not None:
+                self.release(old, "replaced")
+            self.rolling = None
+            self.roll_next()
+        if not self.announced_ready and self.pool.all_ready(self.config.supervisor.workers):
+            self.announced_ready = True
+            self.notifier.ready(self.status_line())
+            self.log.info("daemon.ready", workers=self.config.supervisor.workers,
+                          startup_ms=int((time.monotonic() - self.started) * 1000))
+
+    def release(self, worker: WorkerProcess, cause: str) -> None:
+        """Ask a worker to finish what it holds and leave (killed if it lingers)."""
+        link = self.broker.links.get(worker.identity)
+        if link is not None and not link.retiring:
+            self.broker.retire(link)
+        self.pool.stop(worker, cause, self.config.supervisor.graceful_timeout_s)
+
+    # --- timers ------------------------------------------------------------
+
+    def timers(self, now: float) -> bool:
+        """Run what is due; True when the daemon is done."""
+        if now >= self.next_tick:
+            self.broker.tick(now)
+            if self.broker.events:
+                self.handle_broker_events()
+            fast = self.broker.waiting or any(l.backlog for l in self.broker.links.values())
+            self.next_tick = now + (0.01 if fast else self.broker.heartbeat_s / 2)
+        self.pool.due(now)
+        if now >= self.next_rss:
+            self.next_rss = now + RSS_CHECK_S
+            self.check_rss()
+        if now >= self.next_status:
+            self.next_status = now + STATUS_EVERY_S
+            self.notifier.status(self.status_line())
+            for service in self.broker.services.values():
+                service.health.forget_old(now)
+        self.notifier.watchdog(now)
+        return self.stopping and self.stop_progress(now)
+
+    def check_rss(self) -> None:
+        limit = self.config.supervisor.max_rss_mib
+        if not limit:
+            return
+        for worker, rss in self.pool.rss_over(limit * 1024 * 1024):
+            cause = f"rss limit: {rss // 1048576} MiB over max_rss_mib = {limit}"
+            self.broker.worker_gone(worker.identity, cause)
+            self.pool.kill(worker, cause)
+            self.pool.vacate(worker, respawn=not self.stopping)
+
+    # --- reload, scale, restart ------------------------------------------
+
+    def reload(self) -> dict:
+        self.notifier.reloading()
+        self.log.info("reload.started", config=str(self.config_path))
+        try:
+            config = config_module.with_defaults(config_module.load(self.config_path))
+            apps = self.compile(config)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                self.log.error("reload.config_invalid", problem=problem)
+            self.notifier.ready(self.status_line())
+            return {"ok": False, "problems": exc.problems}
+        fixed = ("frontend", "control")
+        for name in fixed:
+            if getattr(config.supervisor, name) != getattr(self.config.supervisor, name):
+                self.log.warning("reload.needs_restart", key=f"supervisor.{name}")
+        logs.configure(config.logging.level, config.logging.format)
+        self.use_config(config, apps)
+        self.broker.configure(config)
+        self.reloading = True
+        self.scale(config.supervisor.workers, quiet=True)
+        self.restart_slots(list(range(config.supervisor.workers)))
+        return {"ok": True, "config_generation": self.config_generation}
+
+    def scale(self, workers: int, quiet: bool = False) -> dict:
+        old = max([s for s, w in self.pool.slots.items()] + [-1]) + 1
+        self.config = _with_workers(self.config, workers)
+        for slot in range(workers, old):
+            worker = self.pool.slots.get(slot)
+            self.pool.remove_slot(slot)
+            if worker is not None:
+                self.release(worker, "scaled down")
+        self.roll = deque(s for s in self.roll if s < workers)
+        self.pool.fill(range(workers))
+        if not quiet:
+            self.log.info("daemon.scaled", workers=workers, before=old)
+        return {"ok": True, "workers": workers}
+
+    def restart_slots(self, slots: list[int]) -> dict:
+        """Replace the workers of `slots` one at a time: a new one first, then the old leaves."""
+        self.roll.extend(s for s in slots if s not in self.roll)
+        if self.rolling is None:
+            self.roll_next()
+        return {"ok": True, "restarting": slots}
+
+    def roll_next(self) -> None:
+        while self.roll and self.rolling is None and not self.stopping:
+            slot = self.roll.popleft()
+            old = self.pool.slots.get(slot)
+            if old is not None and old.config_generation == self.config_generation and \
+                    old.state is WorkerState.STARTING:
+                continue  # already starting on the current config
+            self.pool.spawn(slot)
+            self.rolling = (slot, old)
+        if not self.roll and self.rolling is None and self.reloading:
+            self.reloading = False
+            self.log.info("reload.done", config_generation=self.config_generation)
+            self.notifier.ready(self.status_line())
+
+    # --- stop --------------------------------------------------------------
+
+    def begin_stop(self, why: str) -> None:
+        now = time.monotonic()
+        if self.stopping:
+            self.log.warning("daemon.stop_now", signal=why)
+            self.stop_deadline = now
+            return
+        self.stopping = True
+        self.stop_deadline = now + max(self.config.supervisor.graceful_timeout_s - STOP_WORKERS_S,
+                                       self.config.supervisor.graceful_timeout_s / 2)
+        self.notifier.stopping()
+        self.broker.drain()
+        self.roll.clear()
+        self.log.info("daemon.draining", signal=why, in_flight=len(self.broker.ledger))
+
+    def stop_progress(self, now: float) -> bool:
+        """Drain, then let the workers go; True once every worker is gone."""
+        if not self.workers_released:
+            if self.broker.ledger and now < self.stop_deadline:
+                return False
+            if self.broker.ledger:
+                self.log.warning("daemon.drain_timeout", abandoned=len(self.broker.ledger))
+                self.broker.abandon(b"the daemon stopped before this request was served")
+            self.workers_released = True
+            self.stop_deadline = now + STOP_WORKERS_S
+            for worker in list(self.pool.processes.values()):
+                self.release(worker, "daemon stopping")
+                worker.kill_at = self.stop_deadline
+        if self.pool.processes and now < self.stop_deadline:
+            return False
+        return True
+
+    def shutdown(self) -> None:
+        self.pool.kill_all()
+        deadline = time.monotonic() + 2.0
+        while self.pool.processes and time.monotonic() < deadline:
+            self.pool.reap()
+            time.sleep(0.01)
+        self.broker.close()
+        self.control.close()
+        self.context.term()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.notifier.close()
+        self.log.info("daemon.stopped", uptime_s=round(time.monotonic() - self.started, 3))
+
+    # --- status ------------------------------------------------------------
+
+    def status_line(self) -> str:
+        ready = sum(1 for w in self.pool.processes.values() if w.state is WorkerState.READY)
+        return (f"{ready}/{self.config.supervisor.workers} workers ready, "
+                f"{len(self.broker.ledger)} requests open, {self.broker.counts[200]} served")
+
+    def status(self) -> dict:
+        links = self.broker.links
+        workers = []
+        for worker in sorted(self.pool.processes.values(), key=lambda w: (w.slot, w.generation)):
+            link = links.get(worker.identity)
+            rss = None
+            if worker.psutil is not None:
+                try:
+                    rss = worker.psutil.memory_info().rss
+                except Exception:
+                    pass
+            workers.append({"slot": worker.slot, "generation": worker.generation, "pid": worker.pid,
+                            "state": worker.state.value, "config_generation": worker.config_generation,
+                            "requests": link.handled if link else 0,
+                            "in_flight": len(link.inflight) if link else 0,
+                            "faults": link.faults if link else 0,
+                            "rss_bytes": rss,
+                            "uptime_s": round(time.monotonic() - worker.started, 3)})
+        services = []
+        for name, service in self.broker.services.items():
+            services.append({"name": name.decode(), "instances": service.app.instances,
+                             "circuit": service.health.circuit.value,
+                             "circuit_opened": service.health.opened,
+                             "queued": len(service.queue),
+                             "quarantined": len(service.health.quarantined_until),
+                             "statuses": {str(int(k)): v for k, v in sorted(service.statuses.items())}})
+        return {"pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 3),
+                "config": str(self.config_path), "config_generation": self.config_generation,
+                "state": "stopping" if self.stopping else "reloading" if self.reloading else "running",
+                "workers_target": self.config.supervisor.workers, "workers": workers,
+                "services": services, "in_flight": len(self.broker.ledger),
+                "statuses": {str(int(k)): v for k, v in sorted(self.broker.counts.items())},
+                "dropped_replies": self.broker.dropped_replies}
+
+
+def _with_workers(config: Config, workers: int) -> Config:
+    return replace(config, supervisor=replace(config.supervisor, workers=workers))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,61 @@
+"""Where corral keeps its files: packaged config and guests, runtime sockets, cache."""
+
+from __future__ import annotations
+
+import os
+import site
+import sys
+import sysconfig
+from pathlib import Path
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def share_dir() -> Path:
+    """The folder holding `config/` and `guests/`: the checkout, or <prefix>/share/corral."""
+    if (_CHECKOUT / "config" / "corral.toml").is_file():
+        return _CHECKOUT
+    for prefix in (sysconfig.get_path("data"), sys.prefix, site.getuserbase()):
+        candidate = Path(prefix) / "share" / "corral"
+        if (candidate / "config" / "corral.toml").is_file():
+            return candidate
+    raise FileNotFoundError("the packaged config/corral.toml is not installed")
+
+
+def default_config() -> Path:
+    return share_dir() / "config" / "corral.toml"
+
+
+def runtime_dir() -> Path:
+    """A private (0700) folder for sockets: systemd's RuntimeDirectory when set."""
+    if os.environ.get("RUNTIME_DIRECTORY"):
+        path = Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "corral"
+    else:
+        path = Path("/tmp") / f"corral-{os.getuid()}"
+    return private_dir(path)
+
+
+def cache_dir(configured: str = "") -> Path:
+    """The compiled-module cache: owner-only, as deserializing is trusted input."""
+    if configured:
+        path = Path(configured)
+    elif os.environ.get("CACHE_DIRECTORY"):
+        path = Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
+    elif os.environ.get("XDG_CACHE_HOME"):
+        path = Path(os.environ["XDG_CACHE_HOME"]) / "corral"
+    else:
+        path = Path.home() / ".cache" / "corral"
+    return private_dir(path)
+
+
+def private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_uid == os.getuid():
+        os.chmod(path, 0o700)
+    return path
+
+
+def default_control_endpoint() -> str:
+    return f"ipc://{runtime_dir() / 'control.sock'}"

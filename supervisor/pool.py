@@ -1,0 +1,268 @@
+"""The process manager: spawn, reap, stop and kill worker processes, one per slot.
+
+A slot is a place for one serving worker; each worker that fills it gets the
+next generation number, and its routing id b"w<slot>.<generation>" with it.
+A worker that leaves its slot (it retired, died, or was killed) is replaced
+at once, unless the slot is crash-looping: workers that die before they
+become ready are respawned after a backoff that doubles each time.
+
+Every state change is logged: spawned, ready, retiring, stopping, killed,
+exited (with its code or signal).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import psutil
+
+from supervisor.protocol import worker_identity
+
+
+class WorkerState(str, Enum):
+    STARTING = "starting"
+    READY = "ready"
+    RETIRING = "retiring"   # leaving on its own after a fault; killed if it lingers
+    STOPPING = "stopping"   # asked to leave by the daemon; killed if it lingers
+    KILLED = "killed"       # SIGKILL sent, waiting to reap
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    slot: int
+    generation: int
+    config_generation: int
+    process: subprocess.Popen
+    started: float
+    state: WorkerState = WorkerState.STARTING
+    ready_at: float | None = None
+    kill_at: float | None = None   # SIGKILL when still here at this time
+    cause: str | None = None       # why the daemon is making it leave
+    standby: bool = False
+    psutil: psutil.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def identity(self) -> bytes:
+        return worker_identity(self.slot, self.generation)
+
+    @property
+    def name(self) -> str:
+        return f"{self.slot}.{self.generation}"
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "?"
+        return f"killed by signal {-returncode} ({name})"
+    return f"exited with code {returncode}"
+
+
+class Pool:
+    def __init__(self, log, run_dir: Path, backoff_initial_s: float, backoff_max_s: float):
+        self.log = log
+        self.run_dir = run_dir
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.slots: dict[int, WorkerProcess | None] = {}
+        self.processes: dict[int, WorkerProcess] = {}     # every live process, by pid
+        self.generations: dict[int, int] = {}
+        self.failures: dict[int, int] = {}                 # consecutive start failures per slot
+        self.respawn_at: dict[int, float] = {}             # vacant slots and when to fill them
+        self.spec_path: Path | None = None
+        self.config_generation = 0
+        self.max_requests = 0
+        self.max_requests_jitter = 0
+
+    def use_spec(self, spec_path: Path, config_generation: int, max_requests: int, jitter: int) -> None:
+        self.spec_path = spec_path
+        self.config_generation = config_generation
+        self.max_requests = max_requests
+        self.max_requests_jitter = jitter
+
+    # --- spawning ------------------------------------------------------------
+
+    def spawn(self, slot: int) -> WorkerProcess:
+        assert self.spec_path is not None
+        generation = self.generations.get(slot, 0) + 1
+        self.generations[slot] = generation
+        max_requests = self.max_requests
+        if max_requests and self.max_requests_jitter:
+            max_requests += random.randint(0, self.max_requests_jitter)
+        command = [sys.executable, "-m", "workers", str(self.spec_path), "--slot", str(slot),
+                   "--generation", str(generation), "--parent", str(os.getpid()),
+                   "--max-requests", str(max_requests)]
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        worker = WorkerProcess(slot, generation, self.config_generation, process, time.monotonic())
+        try:
+            worker.psutil = psutil.Process(process.pid)
+        except psutil.Error:
+            pass
+        self.processes[process.pid] = worker
+        self.slots[slot] = worker
+        self.respawn_at.pop(slot, None)
+        self.log.info("worker.spawned", worker=worker.name, pid=worker.pid,
+                      config_generation=self.config_generation)
+        return worker
+
+    def fill(self, slots: range) -> None:
+        for slot in slots:
+            if self.slots.get(slot) is None and slot not in self.respawn_at:
+                self.spawn(slot)
+
+    def vacate(self, worker: WorkerProcess, respawn: bool = True) -> None:
+        """The worker no longer fills its slot; schedule its replacement."""
+        if self.slots.get(worker.slot) is not worker:
+            return
+        self.slots[worker.slot] = None
+        if not respawn:
+            return
+        delay = 0.0
+        if worker.ready_at is None and worker.cause is None:
+            failures = self.failures[worker.slot] = self.failures.get(worker.slot, 0) + 1
+            delay = min(self.backoff_initial_s * 2 ** (failures - 1), self.backoff_max_s)
+            self.log.warning("worker.respawn_backoff", slot=worker.slot, failures=failures,
+                             delay_ms=int(delay * 1000))
+        self.respawn_at[worker.slot] = time.monotonic() + delay
+
+    def remove_slot(self, slot: int) -> None:
+        self.slots.pop(slot, None)
+        self.respawn_at.pop(slot, None)
+
+    # --- state changes -------------------------------------------------------
+
+    def by_identity(self, identity: bytes) -> WorkerProcess | None:
+        for worker in self.processes.values():
+            if worker.identity == identity:
+                return worker
+        return None
+
+    def mark_ready(self, worker: WorkerProcess) -> None:
+        worker.state = WorkerState.READY
+        worker.ready_at = time.monotonic()
+        self.failures.pop(worker.slot, None)
+        self.log.info("worker.ready", worker=worker.name, pid=worker.pid,
+                      startup_ms=int((worker.ready_at - worker.started) * 1000))
+
+    def retiring(self, worker: WorkerProcess, reason: str, timeout_s: float) -> None:
+        worker.state = WorkerState.RETIRING
+        worker.cause = f"retired ({reason})"
+        worker.kill_at = time.monotonic() + timeout_s
+        self.log.warning("worker.retiring", worker=worker.name, pid=worker.pid, reason=reason)
+
+    def stop(self, worker: WorkerProcess, cause: str, timeout_s: float) -> None:
+        """The broker asked the worker to leave; kill it if it is not gone in time."""
+        if worker.state in (WorkerState.STOPPING, WorkerState.KILLED):
+            return
+        worker.state = WorkerState.STOPPING
+        worker.cause = cause
+        worker.kill_at = time.monotonic() + timeout_s
+        self.log.info("worker.stopping", worker=worker.name, pid=worker.pid, cause=cause)
+
+    def kill(self, worker: WorkerProcess, cause: str) -> None:
+        if worker.state is WorkerState.KILLED:
+            return
+        worker.state = WorkerState.KILLED
+        worker.cause = worker.cause or cause
+        worker.kill_at = None
+        try:
+            os.kill(worker.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.log.warning("worker.killed", worker=worker.name, pid=worker.pid, cause=cause)
+
+    def reap(self) -> list[tuple[WorkerProcess, int]]:
+        """Collect every exited child: (worker, returncode as subprocess gives it)."""
+        exited = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            worker = self.processes.pop(pid, None)
+            if worker is None:
+                continue
+            worker.process.returncode = os.waitstatus_to_exitcode(status)
+            self.log.info("worker.exited", worker=worker.name, pid=pid,
+                          how=describe_exit(worker.process.returncode), cause=worker.cause)
+            exited.append((worker, worker.process.returncode))
+        return exited
+
+    # --- timers --------------------------------------------------------------
+
+    def due(self, now: float) -> None:
+        """SIGKILL the workers that outstayed their time; fill the slots whose backoff ran out."""
+        for worker in list(self.processes.values()):
+            if worker.kill_at is not None and now >= worker.kill_at:
+                self.kill(worker, f"still running {worker.cause or 'after its time'}")
+        for slot, when in list(self.respawn_at.items()):
+            if now >= when:
+                self.spawn(slot)
+
+    def next_due(self) -> float | None:
+        times = [w.kill_at for w in self.processes.values() if w.kill_at is not None]
+        times += self.respawn_at.values()
+        return min(times) if times else None
+
+    def rss_over(self, limit_bytes: int) -> list[tuple[WorkerProcess, int]]:
+        over = []
+        for worker in self.processes.values():
+            if worker.psutil is None or worker.state is WorkerState.KILLED:
+                continue
+            try:
+                rss = worker.psutil.memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > limit_bytes:
+                over.append((worker, rss))
+        return over
+
+    def all_ready(self, slots: int) -> bool:
+        return all((w := self.slots.get(s)) is not None and w.state is WorkerState.READY
+                   and w.config_generation == self.config_generation for s in range(slots))
+
+    def kill_all(self) -> None:
+        for worker in list(self.processes.values()):
+            self.kill(worker, "daemon exiting")
+
+
+def kill_stale_workers(runtime_dir: Path, log) -> None:
+    """Kill workers left by an earlier daemon of ours that died (they hold our sockets' names).
+
+    Workers die with their daemon (parent-death signal), so this finds
+    something only if that failed; it looks at processes of our own user
+    whose spec file lies in our runtime directory and whose parent is gone.
+    """
+    me = os.getuid()
+    prefix = str(runtime_dir) + os.sep
+    for process in psutil.process_iter(["pid", "uids", "cmdline"]):
+        try:
+            cmdline = process.info["cmdline"] or []
+            if process.info["uids"] is None or process.info["uids"].real != me:
+                continue
+            if "-m" not in cmdline or "workers" not in cmdline or "--parent" not in cmdline:
+                continue
+            spec = cmdline[cmdline.index("workers") + 1]
+            parent = int(cmdline[cmdline.index("--parent") + 1])
+            if not spec.startswith(prefix) or psutil.pid_exists(parent) and parent != os.getpid():
+                continue
+            process.kill()
+            log.warning("worker.stale_killed", pid=process.pid, parent=parent)
+        except (psutil.Error, ValueError, IndexError):
+            continue

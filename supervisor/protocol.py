@@ -1,0 +1,244 @@
+"""Frames and codecs: the two client dialects and the worker protocol.
+
+Client dialects, on the frontend ROUTER (DESIGN section 4); the first frame
+after the client's routing id tells them apart:
+
+  MDP/0.2 client (rfc.zeromq.org 18/MDP)
+    request  [MDPC02, 0x01, service, body]           (keyed: [.., service, key, body])
+    reply    [MDPC02, 0x03, service, status, body]
+  MDP/0.2 as several libraries frame it (an empty delimiter, worker-side command numbers)
+    request  ["", MDPC02, 0x02, service, body]
+    reply    ["", MDPC02, 0x04, status, body]
+  native
+    request  [CORRAL1, request_id, service, meta, body]   meta: JSON object or empty
+    reply    [CORRAL1, request_id, status, body]
+
+  The `mmi.service` service (rfc 8/MMI) answers 200 when the service named in
+  the body exists, 404 when not; the body repeats the code.
+
+Worker protocol, on the backend ROUTER. Workers are DEALERs whose routing id
+is b"w<slot>.<generation>", so a respawned worker is never taken for the one
+it replaces. Every message counts as a heartbeat.
+
+  worker -> broker
+    READY      [W_READY, json {"pid", "capacity", "services"}]
+    REPLY      [W_REPLY, reply_header, body, reply_header, body, ...]
+    HEARTBEAT  [W_HEARTBEAT]
+    RETIRING   [W_RETIRING, json {"reason"}, handed_back]  handed_back: packed u64 tickets
+  broker -> worker
+    REQUEST    [W_REQUEST, request_header, body, request_header, body, ...]
+    HEARTBEAT  [W_HEARTBEAT]
+    DISCONNECT [W_DISCONNECT]    finish what you hold, reply, exit
+
+  request_header: u64 ticket, u32 timeout_ms, u16 len(service), service, key
+  reply_header:   u64 ticket, u16 status, fault (ASCII, empty on success)
+
+A worker takes at most `capacity` requests at once (credit-based flow): the
+broker sends only to workers with free credit. After an abort with
+on_abort = "respawn" a worker replies to the aborting request, hands back
+the requests it holds but has not started (RETIRING), and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+
+# --- client dialects --------------------------------------------------------
+
+NATIVE = b"CORRAL1"
+MDPC = b"MDPC02"
+MDP_REQUEST = b"\x01"
+MDP_FINAL = b"\x03"
+# The other MDP/0.2 framing: empty delimiter, worker-side command numbers.
+MDP_LEGACY_REQUEST = b"\x02"
+MDP_LEGACY_REPLY = b"\x04"
+MMI_SERVICE = b"mmi.service"
+MMI_PREFIX = b"mmi."
+
+
+class Dialect(Enum):
+    NATIVE = "native"
+    MDP = "mdp"
+    MDP_LEGACY = "mdp-legacy"
+
+
+class Status(IntEnum):
+    OK = 200
+    BAD_REQUEST = 400
+    NOT_FOUND = 404
+    TOO_LARGE = 413
+    GUEST_ERROR = 422
+    UNWIND = 500
+    ABORT = 502
+    UNAVAILABLE = 503
+    DEADLINE = 504
+
+    @property
+    def frame(self) -> bytes:
+        return STATUS_FRAMES[self]
+
+
+STATUS_FRAMES = {status: b"%d" % status for status in Status}
+FAULTS = frozenset((Status.ABORT, Status.DEADLINE))  # the instance is poisoned
+
+
+@dataclass(slots=True)
+class ClientRequest:
+    """A well-formed client request, as parsed from its frames."""
+    dialect: Dialect
+    request_id: bytes  # native: the client's id; MDP: the service frame
+    service: bytes
+    body: bytes
+    key: bytes | None = None
+    deadline_ms: int | None = None
+    idempotent: bool | None = None
+
+
+class Malformed(Exception):
+    """A request that cannot be served; `reply` says how to answer it, if at all."""
+
+    def __init__(self, status: Status, detail: str, dialect: Dialect | None = None,
+                 request_id: bytes = b""):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.dialect = dialect
+        self.request_id = request_id
+
+
+def parse_client(frames: list[bytes], keyed: set[bytes]) -> ClientRequest:
+    """Parse a client request (routing id already removed); raise Malformed.
+
+    `keyed` names the services whose MDP requests carry a key frame.
+    """
+    header = frames[0]
+    if header == NATIVE:
+        if len(frames) != 5:
+            request_id = frames[1] if len(frames) > 1 else b""
+            raise Malformed(Status.BAD_REQUEST,
+                            "native request needs 5 frames: CORRAL1, request_id, service, meta, body",
+                            Dialect.NATIVE, request_id)
+        _, request_id, service, meta, body = frames
+        request = ClientRequest(Dialect.NATIVE, request_id, service, body)
+        if meta and meta != b"{}":
+            _apply_meta(request, meta)
+        return request
+    if header == MDPC:
+        if len(frames) < 4 or frames[1] != MDP_REQUEST:
+            raise Malformed(Status.BAD_REQUEST, "MDP/0.2 request is [MDPC02, 0x01, service, body]",
+                            Dialect.MDP, frames[2] if len(frames) > 2 else b"")
+        return _mdp_request(Dialect.MDP, frames[2], frames[3:], keyed)
+    if header == b"" and len(frames) > 1 and frames[1] == MDPC:
+        if len(frames) < 5 or frames[2] != MDP_LEGACY_REQUEST:
+            raise Malformed(Status.BAD_REQUEST, "MDP request is ['', MDPC02, 0x02, service, body]",
+                            Dialect.MDP_LEGACY)
+        return _mdp_request(Dialect.MDP_LEGACY, frames[3], frames[4:], keyed)
+    raise Malformed(Status.BAD_REQUEST,
+                    "unknown protocol: the first frame must be CORRAL1 or MDPC02")
+
+
+def _mdp_request(dialect: Dialect, service: bytes, body: list[bytes], keyed: set[bytes]) -> ClientRequest:
+    if service in keyed:
+        if len(body) != 2:
+            raise Malformed(Status.BAD_REQUEST,
+                            "keyed service: send the key as a body frame before the body",
+                            dialect, service)
+        return ClientRequest(dialect, service, service, body[1], key=body[0])
+    if len(body) != 1:
+        raise Malformed(Status.BAD_REQUEST, "expected exactly one body frame", dialect, service)
+    return ClientRequest(dialect, service, service, body[0])
+
+
+def _apply_meta(request: ClientRequest, meta: bytes) -> None:
+    def bad(detail: str) -> Malformed:
+        return Malformed(Status.BAD_REQUEST, detail, Dialect.NATIVE, request.request_id)
+    try:
+        values = json.loads(meta)
+    except (ValueError, UnicodeDecodeError):
+        raise bad("meta is not valid JSON") from None
+    if not isinstance(values, dict):
+        raise bad("meta must be a JSON object")
+    for name, value in values.items():
+        if name == "deadline_ms":
+            if type(value) is not int or value <= 0:
+                raise bad("meta deadline_ms must be a positive integer")
+            request.deadline_ms = value
+        elif name == "key":
+            if not isinstance(value, str):
+                raise bad("meta key must be a string")
+            request.key = value.encode()
+        elif name == "idempotent":
+            if not isinstance(value, bool):
+                raise bad("meta idempotent must be true or false")
+            request.idempotent = value
+        else:
+            raise bad(f"unknown meta key {name!r} (known: deadline_ms, key, idempotent)")
+
+
+def reply_frames(dialect: Dialect, client: bytes, request_id: bytes, status: bytes,
+                 body: bytes) -> list[bytes]:
+    """The reply to a client, in the framing its request came in."""
+    if dialect is Dialect.NATIVE:
+        return [client, NATIVE, request_id, status, body]
+    if dialect is Dialect.MDP:
+        return [client, MDPC, MDP_FINAL, request_id, status, body]
+    return [client, b"", MDPC, MDP_LEGACY_REPLY, status, body]
+
+
+# --- worker protocol ----------------------------------------------------------
+
+W_READY = b"\x01"
+W_REQUEST = b"\x02"
+W_REPLY = b"\x03"
+W_HEARTBEAT = b"\x04"
+W_DISCONNECT = b"\x05"
+W_RETIRING = b"\x06"
+
+_REQUEST_HEADER = struct.Struct("!QIH")
+_REPLY_HEADER = struct.Struct("!QH")
+_TICKETS = struct.Struct("!Q")
+
+
+class RetireReason(str, Enum):
+    ABORT = "abort"              # a trap poisoned an instance (on_abort = "respawn")
+    ESCALATION = "escalation"    # instances aborted more than restart.intensity times
+    DISCONNECT = "disconnect"    # the broker asked it to leave
+    MAX_REQUESTS = "max_requests"
+
+
+def worker_identity(slot: int, generation: int) -> bytes:
+    return b"w%d.%d" % (slot, generation)
+
+
+def encode_request_header(ticket: int, timeout_ms: int, service: bytes, key: bytes | None) -> bytes:
+    return _REQUEST_HEADER.pack(ticket, timeout_ms, len(service)) + service + (key or b"")
+
+
+def decode_request_header(header: bytes) -> tuple[int, int, bytes, bytes | None]:
+    ticket, timeout_ms, service_len = _REQUEST_HEADER.unpack_from(header)
+    end = _REQUEST_HEADER.size + service_len
+    return ticket, timeout_ms, header[_REQUEST_HEADER.size:end], header[end:] or None
+
+
+def encode_reply_header(ticket: int, status: int, fault: bytes = b"") -> bytes:
+    return _REPLY_HEADER.pack(ticket, status) + fault
+
+
+def decode_reply_header(header: bytes) -> tuple[int, int, bytes]:
+    ticket, status = _REPLY_HEADER.unpack_from(header)
+    return ticket, status, header[_REPLY_HEADER.size:]
+
+
+def encode_tickets(tickets: list[int]) -> bytes:
+    return b"".join(_TICKETS.pack(t) for t in tickets)
+
+
+def decode_tickets(packed: bytes) -> list[int]:
+    return [t for (t,) in _TICKETS.iter_unpack(packed)]
+
+
+def encode_json(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()

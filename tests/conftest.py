@@ -1,0 +1,62 @@
+"""Fixtures: real daemons in private directories, stopped and checked at the end of each test."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from harness import FAULTS, GUESTS, Daemon
+
+
+@pytest.fixture(scope="session")
+def cache_dir():
+    """One compiled-module cache for the whole run (compiling is the slow part of a start)."""
+    path = Path(tempfile.mkdtemp(prefix="crl-cache-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def example_apps() -> dict:
+    return {
+        "echo": {"module": GUESTS / "echo.wat"},
+        "counter": {"module": GUESTS / "counter.wat", "instances": "keyed"},
+        "calc": {"module": GUESTS / "calc.wat"},
+    }
+
+
+@pytest.fixture
+def start_daemon(cache_dir):
+    """start_daemon(apps, supervisor={...}, restart={...}, ...) -> a running Daemon.
+
+    Every daemon started is stopped at the end of the test, and the test fails
+    if any of its processes had to be killed then.
+    """
+    started: list[Daemon] = []
+
+    def start(apps: dict | None = None, wait: bool = True, **sections) -> Daemon:
+        daemon = Daemon(apps if apps is not None else example_apps(), cache_dir, **sections)
+        started.append(daemon)
+        return daemon.start(wait=wait)
+
+    yield start
+    leftovers = {}
+    for daemon in started:
+        killed = daemon.cleanup()
+        if killed:
+            leftovers[str(daemon.root)] = killed
+    assert not leftovers, f"processes left behind after the daemon stopped: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(cache_dir):
+    """One daemon for the tests of a module that only read from it."""
+    apps = example_apps()
+    apps["faults"] = {"module": FAULTS, "on_abort": "reinstantiate", "max_memory_mib": 16}
+    daemon = Daemon(apps, cache_dir)
+    daemon.start()
+    yield daemon
+    killed = daemon.cleanup()
+    assert not killed, f"processes left behind: {killed}"

@@ -1,0 +1,1 @@
+"""The worker process: hosts Wasm guests with wasmtime and serves the broker."""

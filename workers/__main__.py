@@ -1,0 +1,46 @@
+"""Entry of a worker process: `python -m workers SPEC --slot N --generation G`.
+
+Started by the daemon's pool, never by hand: it connects to the broker's
+backend named in SPEC, announces itself READY and serves until told to
+leave, or retires after an abort.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers")
+    parser.add_argument("spec", type=Path)
+    parser.add_argument("--slot", type=int, required=True)
+    parser.add_argument("--generation", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True, help="the daemon's pid")
+    parser.add_argument("--max-requests", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    # Limits first, before any guest code is loaded.
+    from workers import oslimits
+    from workers.spec import WorkerSpec
+    spec = WorkerSpec.load(args.spec)
+    oslimits.apply(args.parent, spec.max_open_files, spec.user, spec.group)
+
+    from supervisor import logs
+    from workers.host import Host
+    from workers.loop import WorkerLoop
+    logs.configure(spec.log_level, spec.log_format)
+    log = logs.get(worker=f"{args.slot}.{args.generation}", pid=os.getpid())
+    try:
+        host = Host(spec)
+        host.warm()
+    except Exception as exc:  # the daemon validated the modules; this is the environment
+        log.error("worker.start_failed", error=f"{type(exc).__name__}: {exc}")
+        return 3
+    return WorkerLoop(spec, args.slot, args.generation, host, log, args.max_requests).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The wasmtime host: one engine, its epoch ticker, and the instances of every app.
+
+Each instance lives in a store of its own, with the app's memory limit. An
+instance whose call poisoned it (a trap, the deadline) is dropped and never
+entered again; what happens next is the app's `on_abort` policy:
+
+  respawn        the worker retires: the broker re-dispatches what it held
+  reinstantiate  a fresh instance is made on the next request, in-process;
+                 more than restart.intensity aborts within restart.period_s
+                 retire the worker anyway (the escalation ladder)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import wasmtime
+
+from supervisor.protocol import RetireReason
+from workers import modules, outcome
+from workers.abi import TICK_MS, CorralEntry, PlainEntry
+from workers.outcome import Outcome
+from workers.spec import AppSpec, WorkerSpec
+
+MIB = 1024 * 1024
+
+
+class EpochTicker(threading.Thread):
+    """Advances the engine's epoch every TICK_MS: one thread per engine, never one per request.
+
+    ctypes releases the GIL while Wasm runs, so this thread runs beside a guest
+    in an infinite loop and the epoch deadline interrupts it.
+    """
+
+    def __init__(self, engine: wasmtime.Engine):
+        super().__init__(name="epoch-ticker", daemon=True)
+        self.engine = engine
+
+    def run(self) -> None:
+        interval = TICK_MS / 1000
+        while True:
+            time.sleep(interval)
+            self.engine.increment_epoch()
+
+
+class Guest:
+    """One app: its compiled module and its live instances (one, or one per key)."""
+
+    def __init__(self, engine: wasmtime.Engine, app: AppSpec, cache_dir: Path,
+                 restart_intensity: int, restart_period_s: float):
+        self.app = app
+        self.engine = engine
+        module = modules.load_artifact(engine, Path(app.artifact), Path(app.module), cache_dir)
+        self.info = modules.inspect(module)
+        linker = wasmtime.Linker(engine)
+        if self.info.uses_wasi:
+            linker.define_wasi()
+        self.pre = linker.instantiate_pre(module)
+        self.memory_limit = app.max_memory_mib * MIB
+        self.keep_instances = app.instances != "per-request"
+        self.instances: dict[bytes | None, CorralEntry | PlainEntry] = {}
+        self.intensity = restart_intensity
+        self.period_s = restart_period_s
+        self.aborts: deque[float] = deque()
+        self.instantiated = 0  # how many instances this guest has made (for status/tests)
+
+    def instantiate(self, timeout_ms: int) -> CorralEntry | PlainEntry | Outcome:
+        store = wasmtime.Store(self.engine)
+        store.set_limits(memory_size=self.memory_limit)
+        store.set_epoch_deadline(timeout_ms // TICK_MS + 1)
+        if self.info.uses_wasi:
+            store.set_wasi(wasmtime.WasiConfig())
+        try:
+            instance = self.pre.instantiate(store)
+        except wasmtime.Trap as trap:
+            return outcome.from_trap(trap.trap_code.value if trap.trap_code else None,
+                                     trap.message, False, timeout_ms)
+        except wasmtime.WasmtimeError as exc:
+            return outcome.instantiation_failed(str(exc).strip().splitlines()[0])
+        self.instantiated += 1
+        if not self.info.corral_abi:
+            return PlainEntry(store, instance)
+        entry = CorralEntry(store, instance, self.info.has_init)
+        if entry.init:
+            entry.set_deadline(timeout_ms)
+            fault = entry.enter(entry.init, 0, timeout_ms)
+            if fault:
+                return fault
+        return entry
+
+    def run(self, key: bytes | None, body: bytes, timeout_ms: int) -> Outcome:
+        entry = self.instances.get(key)
+        if entry is None:
+            made = self.instantiate(timeout_ms)
+            if isinstance(made, Outcome):
+                return made
+            entry = made
+            if self.keep_instances:
+                self.instances[key] = entry
+        if self.info.corral_abi:
+            result = entry.handle_request(body, timeout_ms)
+        else:
+            result = entry.call(body, timeout_ms)
+        if result.poisoned and self.keep_instances:
+            del self.instances[key]  # never entered again
+        return result
+
+    def abort_escalates(self, now: float) -> RetireReason | None:
+        """After a poisoning fault: does the worker retire, per on_abort and the ladder?"""
+        if self.app.on_abort == "respawn":
+            return RetireReason.ABORT
+        self.aborts.append(now)
+        while self.aborts and self.aborts[0] < now - self.period_s:
+            self.aborts.popleft()
+        return RetireReason.ESCALATION if len(self.aborts) > self.intensity else None
+
+
+class Host:
+    """Every app of the worker's spec, on one engine."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.engine = modules.make_engine()
+        cache_dir = Path(spec.cache_dir)
+        self.guests = {app.name.encode(): Guest(self.engine, app, cache_dir, spec.restart_intensity,
+                                                spec.restart_period_s)
+                       for app in spec.apps}
+        EpochTicker(self.engine).start()
+
+    def warm(self) -> None:
+        """Make the shared instance of every `reuse` app now, not on its first request."""
+        for guest in self.guests.values():
+            if guest.app.instances == "reuse":
+                made = guest.instantiate(guest.app.timeout_ms)
+                if not isinstance(made, Outcome):
+                    guest.instances[None] = made

@@ -1,0 +1,112 @@
+"""The wasmtime engine and the compiled-module cache, shared by supervisor and workers.
+
+The supervisor compiles every module once (validating it for `corral check`
+too) and stores wasmtime's serialized form in the cache, keyed by content
+hash and engine config; a worker, respawned or not, only deserializes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import wasmtime
+
+WASI_MODULE = "wasi_snapshot_preview1"
+# Engine settings that change compiled code: part of the cache key.
+_ENGINE_FLAGS = "epoch_interruption=1;wasm_exceptions=1;opt=speed"
+_WASMTIME_VERSION = importlib.metadata.version("wasmtime")
+
+
+def make_engine() -> wasmtime.Engine:
+    config = wasmtime.Config()
+    config.epoch_interruption = True
+    config.wasm_exceptions = True
+    config.cranelift_opt_level = "speed"
+    return wasmtime.Engine(config)
+
+
+class ModuleProblem(Exception):
+    """A module that cannot be served, with the reason."""
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """What the host needs to know about a module before instantiating it."""
+    corral_abi: bool       # exports the corral/1 ABI, else a plain module
+    has_init: bool
+    uses_wasi: bool
+    min_memory_bytes: int
+
+
+_CORRAL_EXPORTS = {
+    "corral_alloc": ((wasmtime.ValType.i32(),), (wasmtime.ValType.i32(),)),
+    "corral_handle": ((wasmtime.ValType.i32(), wasmtime.ValType.i32()), (wasmtime.ValType.i64(),)),
+    "corral_init": ((), ()),
+}
+
+
+def inspect(module: wasmtime.Module) -> ModuleInfo:
+    """Classify a module as corral/1 or plain; raise ModuleProblem if it cannot be served."""
+    imports = [(i.module, i.name) for i in module.imports]
+    foreign = [f"{m}.{n}" for m, n in imports if m != WASI_MODULE]
+    if foreign:
+        raise ModuleProblem(f"imports {', '.join(foreign)}, which corral does not provide "
+                            f"(only {WASI_MODULE})")
+    exports = {e.name: e.type for e in module.exports}
+    for name, (params, results) in _CORRAL_EXPORTS.items():
+        ty = exports.get(name)
+        if ty is None:
+            continue
+        if not isinstance(ty, wasmtime.FuncType) or (tuple(ty.params), tuple(ty.results)) != (params, results):
+            raise ModuleProblem(f"export {name} has the wrong type for the corral/1 ABI")
+    memory = exports.get("memory")
+    min_memory = memory.limits.min * 65536 if isinstance(memory, wasmtime.MemoryType) else 0
+    corral_abi = "corral_handle" in exports
+    if corral_abi and ("corral_alloc" not in exports or memory is None):
+        raise ModuleProblem("exports corral_handle but not corral_alloc and memory (corral/1 ABI)")
+    return ModuleInfo(corral_abi=corral_abi, has_init="corral_init" in exports,
+                      uses_wasi=bool(imports), min_memory_bytes=min_memory)
+
+
+def cache_path(cache_dir: Path, source: bytes) -> Path:
+    digest = hashlib.sha256(source)
+    digest.update(f"\0wasmtime={_WASMTIME_VERSION};{_ENGINE_FLAGS}".encode())
+    return cache_dir / f"{digest.hexdigest()}.cwasm"
+
+
+def compile_cached(engine: wasmtime.Engine, source_path: Path, cache_dir: Path) -> tuple[wasmtime.Module, Path]:
+    """Load the compiled module from the cache, compiling and storing it on a miss."""
+    try:
+        source = source_path.read_bytes()
+    except OSError as exc:
+        raise ModuleProblem(f"cannot read {source_path}: {exc.strerror}") from None
+    artifact = cache_path(cache_dir, source)
+    if artifact.is_file():
+        try:
+            return wasmtime.Module.deserialize_file(engine, str(artifact)), artifact
+        except wasmtime.WasmtimeError:
+            pass  # stale or damaged: compile again below
+    try:
+        wasm = wasmtime.wat2wasm(source.decode()) if source_path.suffix == ".wat" else source
+        module = wasmtime.Module(engine, wasm)
+    except (wasmtime.WasmtimeError, UnicodeDecodeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModuleProblem(f"{source_path.name} does not compile: {first_line}") from None
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    with os.fdopen(fd, "wb") as stream:
+        stream.write(module.serialize())
+    os.replace(tmp, artifact)
+    return module, artifact
+
+
+def load_artifact(engine: wasmtime.Engine, artifact: Path, source_path: Path, cache_dir: Path) -> wasmtime.Module:
+    """A worker's way in: deserialize what the supervisor compiled, or compile if it is gone."""
+    try:
+        return wasmtime.Module.deserialize_file(engine, str(artifact))
+    except wasmtime.WasmtimeError:
+        return compile_cached(engine, source_path, cache_dir)[0]

@@ -1,0 +1,59 @@
+"""OS limits a worker puts on itself before it loads any guest (DESIGN section 7).
+
+Done in the worker, not in a preexec_fn of the daemon: the daemon runs
+threads, and code between fork and exec must not take locks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NO_NEW_PRIVS = 38
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(option: int, value: int) -> None:
+    if _libc.prctl(option, value, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl({option}): {os.strerror(errno)}")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when the daemon dies, whatever way it dies."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(1)
+
+
+def drop_privileges(user: str, group: str) -> None:
+    """Become `user`/`group` when started as root (names or numeric ids)."""
+    if os.getuid() != 0 or not (user or group):
+        return
+    import grp
+    import pwd
+    if group:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        os.setgroups([])
+        os.setgid(gid)
+    if user:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        if not group:
+            os.setgroups([])
+            os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+
+
+def apply(parent_pid: int, max_open_files: int, user: str = "", group: str = "") -> None:
+    die_with_parent(parent_pid)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = max_open_files if hard == resource.RLIM_INFINITY else min(max_open_files, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    drop_privileges(user, group)
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+    # A worker leaves on the broker's word; SIGINT from a terminal goes to the daemon.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,82 @@
+"""The fault vocabulary: how a return, a trap or an exception becomes a status.
+
+DESIGN section 2, in one place:
+  status byte 0 -> 200 ok, 1 -> 422 guest error, 2 -> 500 unwind (caught panic)
+  a Wasm exception escaping the export       -> 500 unwind, instance kept
+  a trap with a trap code                    -> 502 abort, instance poisoned
+  the epoch interrupt at the deadline        -> 504 deadline, instance poisoned
+  the guest breaking the ABI (bad pointers)  -> 502 abort, instance poisoned
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wasmtime import TrapCode
+
+from supervisor.protocol import Status
+
+_TRAP_NAMES = {code.value: code.name.lower() for code in TrapCode}
+INTERRUPT = TrapCode.INTERRUPT.value
+
+STATUS_BYTES = {0: Status.OK, 1: Status.GUEST_ERROR, 2: Status.UNWIND}
+
+
+@dataclass(slots=True, frozen=True)
+class Outcome:
+    status: Status
+    body: bytes              # the response body, or for a fault the detail
+    fault: bytes = b""       # trap code name, b"exception", b"abi", ...
+    poisoned: bool = False   # the instance is in an undefined state: never enter it again
+
+
+OK_EMPTY = Outcome(Status.OK, b"")
+
+
+def from_response(response: bytes) -> Outcome:
+    """A corral/1 response: a status byte, then the body."""
+    status = STATUS_BYTES.get(response[0])
+    if status is None:
+        return abi_violation(f"response status byte {response[0]} is not 0, 1 or 2")
+    if status is Status.UNWIND:
+        return Outcome(status, b"unwind: " + response[1:], b"panic")
+    return Outcome(status, response[1:])
+
+
+def from_trap(code: int | None, message: str, exception_pending: bool, timeout_ms: int) -> Outcome:
+    if code is None and exception_pending:
+        return Outcome(Status.UNWIND, b"unwind: a Wasm exception escaped the export", b"exception")
+    if code == INTERRUPT:
+        return Outcome(Status.DEADLINE, b"deadline: interrupted after %d ms" % timeout_ms,
+                       b"interrupt", poisoned=True)
+    name = _TRAP_NAMES.get(code, "trap") if code is not None else "host"
+    return Outcome(Status.ABORT, f"abort: trap {name}: {_cause(message) or name}".encode(),
+                   name.encode(), poisoned=True)
+
+
+def _cause(message: str) -> str:
+    """The line of a wasmtime trap message that says what happened, without the backtrace."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "wasm trap:" in line:
+            return line.split("wasm trap:", 1)[1].strip()
+    return lines[-1] if lines else ""
+
+
+def abi_violation(detail: str) -> Outcome:
+    return Outcome(Status.ABORT, f"abort: ABI violation: {detail}".encode(), b"abi", poisoned=True)
+
+
+def instantiation_failed(detail: str) -> Outcome:
+    return Outcome(Status.ABORT, f"abort: instantiation failed: {detail}".encode(), b"instantiate",
+                   poisoned=True)
+
+
+def bad_call(detail: str) -> Outcome:
+    """A plain-module request that names no callable export or passes bad arguments."""
+    return Outcome(Status.BAD_REQUEST, detail.encode())
+
+
+def expired() -> Outcome:
+    """The request's deadline passed before the guest was entered: nothing is poisoned."""
+    return Outcome(Status.DEADLINE, b"deadline: expired before the guest was entered")

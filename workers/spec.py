@@ -1,0 +1,48 @@
+"""What a worker is told at start: written by the supervisor, read by `python -m workers`.
+
+One spec file per config generation; slot and generation come on the
+command line, so every worker of a generation shares the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    name: str
+    module: str       # source path (.wat or .wasm)
+    artifact: str     # the compiled module in the cache
+    instances: str    # "reuse" | "per-request" | "keyed"
+    timeout_ms: int
+    max_memory_mib: int
+    on_abort: str     # "respawn" | "reinstantiate"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    backend: str
+    config_generation: int
+    heartbeat_ms: int
+    capacity: int
+    restart_intensity: int
+    restart_period_s: float
+    log_level: str
+    log_format: str
+    cache_dir: str
+    max_open_files: int
+    user: str = ""
+    group: str = ""
+    apps: list[AppSpec] = field(default_factory=list)
+
+    def dump(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> "WorkerSpec":
+        values = json.loads(path.read_text())
+        values["apps"] = [AppSpec(**app) for app in values["apps"]]
+        return cls(**values)
