@@ -51,7 +51,7 @@ class Request:
     """A ledger entry."""
 
     __slots__ = ("ticket", "client", "dialect", "request_id", "service", "key", "body", "deadline",
-                 "idempotent", "received", "link", "state", "probe")
+                 "idempotent", "received", "link", "state", "probe", "budget_s")
 
     def __init__(self, ticket: int, client: bytes, dialect: Dialect, request_id: bytes,
                  service: Service, key: bytes | None, body: bytes, deadline: float,
@@ -69,6 +69,7 @@ class Request:
         self.link: WorkerLink | None = None
         self.state = State.QUEUED
         self.probe = probe
+        self.budget_s = 0.0  # the longest the guest may run it, set when it is sent
 
 
 @dataclass(eq=False)
@@ -339,15 +340,16 @@ class Broker:
         if left_ms <= 0:
             self.expire(request)
             return
+        budget_ms = min(left_ms, request.service.app.timeout_ms)
         request.state = State.SENT
         request.link = link
+        request.budget_s = budget_ms / 1000
         link.inflight[request.ticket] = request
         link.last_assigned = now
         batch = self.outbox.get(link)
         if batch is None:
             batch = self.outbox[link] = [link.identity, W_REQUEST]
-        batch += (encode_request_header(request.ticket, min(left_ms, request.service.app.timeout_ms),
-                                        request.service.name, request.key),
+        batch += (encode_request_header(request.ticket, budget_ms, request.service.name, request.key),
                   request.body)
 
     def send_outbox(self) -> None:
@@ -528,8 +530,10 @@ class Broker:
                 self.send_worker(link, [link.identity, W_HEARTBEAT])
             allowed = link.last_seen + self.liveness_s
             if link.inflight:
-                # A worker inside a guest call cannot answer: judge it by its deadlines.
-                allowed = max(allowed, max(r.deadline for r in link.inflight.values()) + self.liveness_s)
+                # A worker inside a guest call cannot answer; it runs one request at
+                # a time and sends each reply when the call ends, so it may be
+                # silent for as long as the longest guest call it holds may run.
+                allowed += max(r.budget_s for r in link.inflight.values())
             if now > allowed:
                 self.events.append((Event.SILENT, link, "heartbeat lost"))
                 self.worker_gone(link.identity, "heartbeat lost")

@@ -46,7 +46,7 @@ def toml(doc: dict) -> str:
     for section, table in doc.items():
         if section == "apps":
             for name, app in table.items():
-                lines.append(f"[apps.{name}]")
+                lines.append(f"[apps.{json.dumps(name) if '.' in name else name}]")
                 lines += [f"{k} = {toml_value(v)}" for k, v in app.items()]
         else:
             lines.append(f"[{section}]")

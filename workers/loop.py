@@ -1,10 +1,10 @@
 """The worker's socket loop: take requests from the broker, run them, reply, heartbeat.
 
 The worker runs one request at a time, in the order the broker sent them
-(which keeps requests for one key in arrival order). Replies are sent in
-batches while more requests wait, but never held longer than FLUSH_AFTER_S.
+(which keeps requests for one key in arrival order), and sends each reply as
+soon as its call returns: a reply is never held behind a slower request.
 While a guest runs, the worker cannot answer; the broker knows that and
-judges a busy worker by the running request's deadline (DESIGN 4b).
+judges a busy worker by the longest call it may be running (DESIGN 4b).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from workers import outcome
 from workers.host import Host
 from workers.spec import WorkerSpec
 
-FLUSH_AFTER_S = 0.001
 LINGER_MS = 2000  # long enough for the last replies to leave; the broker is local
 
 
@@ -47,8 +46,6 @@ class WorkerLoop:
         self.max_requests = max_requests
         self.parent = os.getppid()
         self.jobs: deque[Job] = deque()
-        self.replies: list[bytes] = [W_REPLY]
-        self.first_reply_at = 0.0
         self.last_sent = 0.0
         self.handled = 0
         self.leaving = False  # the broker said DISCONNECT: finish what we hold, then exit
@@ -69,7 +66,6 @@ class WorkerLoop:
         idle_timeout_ms = self.spec.heartbeat_ms
         while True:
             if not self.jobs:
-                self.flush()
                 if self.leaving:
                     return self.exit("disconnect")
                 if not poller.poll(idle_timeout_ms):
@@ -102,8 +98,6 @@ class WorkerLoop:
     def run_one(self) -> RetireReason | None:
         job = self.jobs.popleft()
         now = time.monotonic()
-        if self.replies and now - self.first_reply_at > FLUSH_AFTER_S:
-            self.flush()
         left_ms = int((job.deadline - now) * 1000)
         guest = self.host.guests.get(job.service)
         if guest is None:
@@ -113,9 +107,7 @@ class WorkerLoop:
         else:
             result = guest.run(job.key, job.body, left_ms)
         self.handled += 1
-        if len(self.replies) == 1:
-            self.first_reply_at = now
-        self.replies += (encode_reply_header(job.ticket, result.status, result.fault), result.body)
+        self.send([W_REPLY, encode_reply_header(job.ticket, result.status, result.fault), result.body])
         if result.status is Status.OK or result.status is Status.GUEST_ERROR:
             return None
         self.log.warning("request.fault", ticket=job.ticket, service=job.service.decode(),
@@ -125,11 +117,6 @@ class WorkerLoop:
         if result.poisoned and guest is not None:
             return guest.abort_escalates(time.monotonic())
         return None
-
-    def flush(self) -> None:
-        if len(self.replies) > 1:
-            self.send(self.replies)
-            self.replies = [W_REPLY]
 
     def send(self, frames: list[bytes]) -> None:
         self.socket.send_multipart(frames)
@@ -144,7 +131,6 @@ class WorkerLoop:
 
     def retire(self, reason: RetireReason) -> int:
         """Leave after a fault: hand back what has not started, wait for the broker's word."""
-        self.flush()
         self.log.warning("worker.retiring", reason=reason.value, handed_back=len(self.jobs))
         self.hand_back(reason)
         deadline = time.monotonic() + max(10 * self.heartbeat_s, 5.0)

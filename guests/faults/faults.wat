@@ -14,6 +14,7 @@
 ;;   grow         memory.grow until refused, then trap    502
 ;;   growsoft     memory.grow until refused, then status 1  422
 ;;   recurse      unbounded recursion                     502 (stack overflow)
+;;   hog          grow by 100 MiB, touch every page, then loop: resident memory for rss limits
 ;;   badptr       a response pointer outside memory       502 (ABI violation)
 ;;   badlen       a response length past the memory end   502 (ABI violation)
 ;;   empty        a zero-length response                  502 (ABI violation)
@@ -41,6 +42,7 @@
   (data (i32.const 224) "badlen")
   (data (i32.const 240) "empty")
   (data (i32.const 256) "badstatus")
+  (data (i32.const 272) "hog")
   (data (i32.const 288) "\00ok")
   (data (i32.const 304) "\01guest error")
   (data (i32.const 320) "\02caught panic: boom")
@@ -142,6 +144,14 @@
       (then
         (i32.store8 (i32.const 1024) (i32.const 9))
         (return (call $respond (i32.const 1024) (i32.const 1)))))
+    (if (call $is (local.get $p) (local.get $n) (i32.const 272) (i32.const 3))
+      (then
+        (local.set $i (i64.extend_i32_u (i32.mul (memory.grow (i32.const 1600)) (i32.const 65536))))
+        (loop $touch
+          (i32.store8 (i32.wrap_i64 (local.get $i)) (i32.const 1))
+          (local.set $i (i64.add (local.get $i) (i64.const 4096)))
+          (br_if $touch (i64.lt_u (local.get $i) (i64.extend_i32_u (i32.mul (memory.size) (i32.const 65536))))))
+        (loop $forever (br $forever))))
     ;; echo: status byte 0 just before the request
     (i32.store8 (i32.const 4095) (i32.const 0))
     (call $respond (i32.const 4095) (i32.add (local.get $n) (i32.const 1)))))
