@@ -349,7 +349,7 @@ class Broker:
         batch = self.outbox.get(link)
         if batch is None:
             batch = self.outbox[link] = [link.identity, W_REQUEST]
-        batch += (encode_request_header(request.ticket, budget_ms, request.service.name, request.key),
+        batch += (encode_request_header(request.ticket, left_ms, request.service.name, request.key),
                   request.body)
 
     def send_outbox(self) -> None:

@@ -30,7 +30,9 @@ it replaces. Every message counts as a heartbeat.
     HEARTBEAT  [W_HEARTBEAT]
     DISCONNECT [W_DISCONNECT]    finish what you hold, reply, exit
 
-  request_header: u64 ticket, u32 timeout_ms, u16 len(service), service, key
+  request_header: u64 ticket, u32 left_ms, u16 len(service), service, key
+                  (left_ms: what is left of the request's deadline when sent; the
+                  guest gets the smaller of that, less the wait, and the app's timeout_ms)
   reply_header:   u64 ticket, u16 status, fault (ASCII, empty on success)
 
 A worker takes at most `capacity` requests at once (credit-based flow): the
@@ -213,14 +215,14 @@ def worker_identity(slot: int, generation: int) -> bytes:
     return b"w%d.%d" % (slot, generation)
 
 
-def encode_request_header(ticket: int, timeout_ms: int, service: bytes, key: bytes | None) -> bytes:
-    return _REQUEST_HEADER.pack(ticket, timeout_ms, len(service)) + service + (key or b"")
+def encode_request_header(ticket: int, left_ms: int, service: bytes, key: bytes | None) -> bytes:
+    return _REQUEST_HEADER.pack(ticket, left_ms, len(service)) + service + (key or b"")
 
 
 def decode_request_header(header: bytes) -> tuple[int, int, bytes, bytes | None]:
-    ticket, timeout_ms, service_len = _REQUEST_HEADER.unpack_from(header)
+    ticket, left_ms, service_len = _REQUEST_HEADER.unpack_from(header)
     end = _REQUEST_HEADER.size + service_len
-    return ticket, timeout_ms, header[_REQUEST_HEADER.size:end], header[end:] or None
+    return ticket, left_ms, header[_REQUEST_HEADER.size:end], header[end:] or None
 
 
 def encode_reply_header(ticket: int, status: int, fault: bytes = b"") -> bytes:

@@ -88,8 +88,8 @@ class WorkerLoop:
             if command == W_REQUEST:
                 now = time.monotonic()
                 for i in range(1, len(frames) - 1, 2):
-                    ticket, timeout_ms, service, key = decode_request_header(frames[i])
-                    self.jobs.append(Job(ticket, now + timeout_ms / 1000, service, key, frames[i + 1]))
+                    ticket, left_ms, service, key = decode_request_header(frames[i])
+                    self.jobs.append(Job(ticket, now + left_ms / 1000, service, key, frames[i + 1]))
             elif command == W_DISCONNECT:
                 self.leaving = True
             elif command != W_HEARTBEAT:
@@ -105,7 +105,9 @@ class WorkerLoop:
         elif left_ms <= 0:
             result = outcome.expired()
         else:
-            result = guest.run(job.key, job.body, left_ms)
+            # Time spent waiting here counts against the request's deadline,
+            # never against the guest's own timeout_ms.
+            result = guest.run(job.key, job.body, min(left_ms, guest.app.timeout_ms))
         self.handled += 1
         self.send([W_REPLY, encode_reply_header(job.ticket, result.status, result.fault), result.body])
         if result.status is Status.OK or result.status is Status.GUEST_ERROR:

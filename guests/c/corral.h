@@ -1,0 +1,164 @@
+/* corral.h: write a corral/1 guest in freestanding C, in one file.
+ *
+ *     #include "corral.h"
+ *
+ *     static corral_reply handle(const uint8_t *request, uint32_t len) {
+ *         return corral_ok(request, len);
+ *     }
+ *     CORRAL_HANDLER(handle)
+ *     // optional, run once after instantiation: CORRAL_INIT(setup)
+ *
+ * Build (guests/build.py does this for the examples):
+ *
+ *     python -m ziglang cc --target=wasm32-freestanding -O2 -nostdlib \
+ *         -mbulk-memory -Wl,--no-entry -o guest.wasm guest.c
+ *
+ * Memory: wasm32-freestanding has no malloc, so this header keeps a bump
+ * arena above __heap_base. corral_alloc empties it and then takes the
+ * request buffer from it; the handler takes its response (and any scratch
+ * space, via corral_arena_alloc) from it too. Everything in the arena is
+ * therefore gone at the next request: keep state that must last in
+ * globals, which live in the module's data and keep their values for as
+ * long as the instance lives.
+ *
+ * Faults: freestanding C has no abort() and nothing to unwind. corral_abort()
+ * is __builtin_trap(), a Wasm `unreachable` (wasi-libc's abort() is the
+ * same): corral answers 502 and never enters the instance again. Report
+ * errors the caller should see with corral_error() (status 1, 422).
+ *
+ * Include it in exactly one .c file: it defines functions and exports.
+ */
+#ifndef CORRAL_H
+#define CORRAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define CORRAL_STATUS_OK 0
+#define CORRAL_STATUS_ERROR 1
+
+/* A response: (ptr << 32) | len of status byte + body, as corral_handle returns. */
+typedef struct {
+    int64_t packed;
+} corral_reply;
+
+typedef corral_reply (*corral_handler)(const uint8_t *request, uint32_t len);
+
+#define corral_abort() __builtin_trap()
+
+/* Set by the linker: the first address above the stack and static data. */
+extern unsigned char __heap_base;
+
+static uint32_t corral__top;           /* the arena's next free address */
+static uint32_t corral__request;       /* the buffer corral_alloc handed out */
+static uint32_t corral__request_size;
+
+/* The answer when there is no memory left even for an error message. */
+static const char corral__oom_reply[] = "\001out of memory";
+
+static inline void corral__reset(void) {
+    corral__top = (uint32_t)(uintptr_t)&__heap_base;
+}
+
+/* n bytes from the arena, 8-byte aligned, valid until the next request;
+ * 0 when memory cannot grow (e.g. at the app's max_memory_mib). */
+static inline void *corral_arena_alloc(uint32_t n) {
+    if (corral__top == 0)
+        corral__reset();
+    uint64_t start = ((uint64_t)corral__top + 7) & ~(uint64_t)7;
+    uint64_t end = start + n;
+    uint64_t have = (uint64_t)__builtin_wasm_memory_size(0) * 65536;
+    if (end >= ((uint64_t)1 << 32))
+        return 0;
+    if (end > have) {
+        size_t pages = (size_t)((end - have + 65535) / 65536);
+        if (__builtin_wasm_memory_grow(0, pages) == (size_t)-1)
+            return 0;
+    }
+    corral__top = (uint32_t)end;
+    return (void *)(uintptr_t)start;
+}
+
+static inline corral_reply corral__pack(const void *ptr, uint32_t len) {
+    corral_reply reply = {(int64_t)(((uint64_t)(uintptr_t)ptr << 32) | len)};
+    return reply;
+}
+
+static inline corral_reply corral__out_of_memory(void) {
+    return corral__pack(corral__oom_reply, sizeof corral__oom_reply - 1);
+}
+
+/* A reply with room for len body bytes after the status byte: fill them
+ * through *body. When out of memory, *body is 0 and the reply is an error. */
+static inline corral_reply corral_reply_alloc(uint8_t status, uint32_t len, uint8_t **body) {
+    uint8_t *out = len < UINT32_MAX ? corral_arena_alloc(len + 1) : 0;
+    if (!out) {
+        *body = 0;
+        return corral__out_of_memory();
+    }
+    out[0] = status;
+    *body = out + 1;
+    return corral__pack(out, len + 1);
+}
+
+static inline corral_reply corral_reply_bytes(uint8_t status, const void *data, uint32_t len) {
+    uint8_t *body;
+    corral_reply reply = corral_reply_alloc(status, len, &body);
+    if (body)
+        __builtin_memcpy(body, data, len); /* memory.copy, with -mbulk-memory */
+    return reply;
+}
+
+/* 200: the body is len bytes at data (copied). */
+static inline corral_reply corral_ok(const void *data, uint32_t len) {
+    return corral_reply_bytes(CORRAL_STATUS_OK, data, len);
+}
+
+/* 422: the body is the NUL-terminated UTF-8 message. */
+static inline corral_reply corral_error(const char *message) {
+    uint32_t len = 0;
+    while (message[len])
+        len++;
+    return corral_reply_bytes(CORRAL_STATUS_ERROR, message, len);
+}
+
+static inline int32_t corral__alloc(int32_t len) {
+    corral__reset(); /* the previous request and response are done with */
+    corral__request = 0;
+    if (len < 0)
+        return 0;
+    /* at least one byte, so that every request has its own address */
+    uint8_t *buffer = corral_arena_alloc(len ? (uint32_t)len : 1);
+    if (!buffer)
+        return 0;
+    corral__request = (uint32_t)(uintptr_t)buffer;
+    corral__request_size = (uint32_t)len;
+    return (int32_t)corral__request;
+}
+
+static inline int64_t corral__handle(corral_handler handler, int32_t ptr, int32_t len) {
+    uint32_t request = corral__request;
+    corral__request = 0; /* one request per corral_alloc */
+    if (request == 0 || (uint32_t)ptr != request || len < 0 || (uint32_t)len > corral__request_size)
+        return corral_error("corral_handle: the request is not in the buffer corral_alloc returned").packed;
+    return handler((const uint8_t *)(uintptr_t)request, (uint32_t)len).packed;
+}
+
+/* Export fn (corral_reply fn(const uint8_t *request, uint32_t len)) as the
+ * guest's handler, with corral_alloc beside it. */
+#define CORRAL_HANDLER(fn)                                                        \
+    __attribute__((export_name("corral_alloc"))) int32_t corral_alloc(int32_t len) { \
+        return corral__alloc(len);                                                \
+    }                                                                             \
+    __attribute__((export_name("corral_handle"))) int64_t corral_handle(int32_t ptr, \
+                                                                        int32_t len) { \
+        return corral__handle(fn, ptr, len);                                      \
+    }
+
+/* Export fn (void fn(void)) as corral_init, run once after instantiation. */
+#define CORRAL_INIT(fn)                                          \
+    __attribute__((export_name("corral_init"))) void corral_init(void) { \
+        fn();                                                    \
+    }
+
+#endif /* CORRAL_H */

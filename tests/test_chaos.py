@@ -1,0 +1,157 @@
+"""Chaos: healthy load while guests fail in every way and workers are SIGKILLed.
+
+At the end every healthy request got 200 with its own body, every faulty
+request got its own status, every worker that aborted under on_abort =
+"respawn" was replaced, the daemon's pid never changed and nothing is left
+behind when it stops.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from harness import FAULTS, GUESTS
+from supervisor.client import NoReply
+
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
+
+CHAOS_SECONDS = 20
+HEALTHY_CLIENTS = 3
+IN_FLIGHT = 8
+
+# body -> expected status (the faults guest, DESIGN section 2's table)
+FAULT_KINDS = {
+    b"ok": 200, b"error": 422, b"panic": 500, b"throw": 500, b"unreachable": 502, b"oob": 502,
+    b"div0": 502, b"recurse": 502, b"grow": 502, b"growsoft": 422, b"badptr": 502, b"badlen": 502,
+    b"empty": 502, b"badstatus": 502, b"loop": 504,
+}
+ABORTS = {b"unreachable", b"oob", b"div0", b"recurse", b"grow", b"badptr", b"badlen", b"empty",
+          b"badstatus", b"loop"}
+
+
+def test_chaos(start_daemon):
+    daemon = start_daemon(
+        {"echo": {"module": GUESTS / "echo.wat"},
+         "faults": {"module": FAULTS, "max_memory_mib": 16, "timeout_ms": 300},   # on_abort = respawn
+         "faults_inproc": {"module": FAULTS, "max_memory_mib": 16, "timeout_ms": 300,
+                           "on_abort": "reinstantiate"}},
+        supervisor={"workers": 3, "heartbeat_ms": 200},
+        # Generous budget, short period: this test is about isolation, not the circuit breaker.
+        restart={"intensity": 100000, "period_s": 1})
+    daemon_pid = daemon.status()["pid"]
+    stop = threading.Event()
+    problems: list[str] = []
+    healthy_done = [0] * HEALTHY_CLIENTS
+    fault_replies: list[tuple[str, bytes, int, bytes]] = []
+    killed: list[int] = []
+
+    def healthy(n: int) -> None:
+        client = daemon.client()
+        pending: dict[bytes, bytes] = {}
+        i = 0
+        while not stop.is_set() or pending:
+            while not stop.is_set() and len(pending) < IN_FLIGHT:
+                body = f"healthy {n}/{i} {random.random()}".encode()
+                pending[client.send("echo", body, idempotent=True)] = body
+                i += 1
+            try:
+                reply = client.recv(timeout=30)
+            except NoReply:
+                problems.append(f"client {n}: {len(pending)} healthy requests got no reply in 30 s")
+                return
+            body = pending.pop(reply.request_id, None)
+            if body is None:
+                problems.append(f"client {n}: a reply to an id it never sent: {reply}")
+            elif reply.status != 200 or reply.body != body:
+                problems.append(f"client {n}: sent {body!r}, got {reply.status} {reply.body[:80]!r}")
+            else:
+                healthy_done[n] += 1
+
+    def faulty(service: str) -> None:
+        client = daemon.client()
+        # Every kind once per round, in a new order each round: a body never
+        # repeats often enough within period_s to be quarantined.
+        rounds = (body for _ in iter(int, 1) for body in random.sample(list(FAULT_KINDS), len(FAULT_KINDS)))
+        while not stop.is_set():
+            body = next(rounds)
+            try:
+                # idempotent: a faulty request caught in a SIGKILL runs again rather than
+                # reporting the kill, so its own status is what comes back
+                reply = client.call(service, body, idempotent=True, timeout=30)
+            except NoReply:
+                problems.append(f"{service}: no reply to {body!r}")
+                return
+            fault_replies.append((service, body, reply.status, reply.body))
+            time.sleep(0.05)
+
+    def killer() -> None:
+        while not stop.wait(0.8):
+            pids = [w["pid"] for w in daemon.status()["workers"] if w["state"] == "ready"]
+            if len(pids) > 1:
+                victim = random.choice(pids)
+                os.kill(victim, signal.SIGKILL)
+                killed.append(victim)
+
+    threads = [threading.Thread(target=healthy, args=(n,)) for n in range(HEALTHY_CLIENTS)]
+    threads += [threading.Thread(target=faulty, args=(s,)) for s in ("faults", "faults_inproc")]
+    threads.append(threading.Thread(target=killer))
+    for thread in threads:
+        thread.start()
+    time.sleep(CHAOS_SECONDS)
+    stop.set()
+    for thread in threads:
+        thread.join(90)
+    assert not any(t.is_alive() for t in threads), "a chaos thread is stuck"
+
+    assert not problems, problems[:10]
+    assert min(healthy_done) > 100, healthy_done
+    assert killed, "the killer thread killed nobody"
+    kinds_seen = {body for _, body, _, _ in fault_replies}
+    assert kinds_seen == set(FAULT_KINDS), kinds_seen
+    wrong = [(s, b, st, d[:80]) for s, b, st, d in fault_replies if st != FAULT_KINDS[b]]
+    assert not wrong, wrong[:10]
+
+    # Every abort under on_abort = "respawn" retired its worker and a new generation took its slot.
+    events = daemon.events()
+    aborted = [e for e in events if e.get("event") == "request.failed" and e.get("service") == "faults"
+               and e.get("status") in (502, 504) and e.get("fault") not in (None, "crash")]
+    assert aborted
+    for event in aborted:
+        slot, generation = map(int, event["worker"][1:].split("."))
+        left = [e for e in events if e.get("pid") == event["pid"]
+                and e.get("event") in ("worker.retiring", "worker.killed")]
+        assert left, f"worker {event['worker']} aborted but did not retire"
+        assert any(e.get("event") == "worker.spawned" and e.get("worker", "").split(".") ==
+                   [str(slot), str(g)] for e in events for g in range(generation + 1, generation + 200)), \
+            f"no new worker in slot {slot} after {event['worker']} aborted"
+
+    # A request that is not idempotent, in flight on a killed worker, gets 502 naming the signal.
+    client = daemon.client()
+    victim = daemon.worker_pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    request = None
+    while time.monotonic() < deadline:
+        request = client.send("echo", b"doomed")
+        time.sleep(0.1)
+        status = daemon.status()
+        holders = [w for w in status["workers"] if w["pid"] == victim and w["in_flight"]]
+        if holders:
+            break
+        assert client.wait(request, timeout=10).status == 200   # went to another worker
+        request = None
+    assert request is not None, "could not get a request in flight on the stopped worker"
+    os.kill(victim, signal.SIGKILL)
+    reply = client.wait(request, timeout=10)
+    assert reply.status == 502 and b"signal 9" in reply.body
+
+    assert daemon.status()["pid"] == daemon_pid
+    pids_seen = set(daemon.seen_workers)
+    assert daemon.stop() == 0
+    assert not daemon.leftover_processes(), f"workers outlived the daemon (seen: {sorted(pids_seen)})"
