@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import FAULTS, GUESTS, Daemon
+from harness import FAULTS, GUESTS, Daemon, load_guest_builder
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +17,16 @@ def cache_dir():
     path = Path(tempfile.mkdtemp(prefix="crl-cache-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def built_guests() -> dict[str, Path]:
+    """The Rust and C example guests, compiled from source (guests/build.py)."""
+    build = load_guest_builder()
+    try:
+        return build.build_all()
+    except (build.ToolchainMissing, build.BuildFailed) as error:
+        pytest.fail(str(error), pytrace=False)
 
 
 def example_apps() -> dict:

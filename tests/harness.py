@@ -8,6 +8,7 @@ daemon, its workers, the directory.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -26,6 +27,14 @@ from supervisor.client import Client, Reply
 REPO = Path(__file__).resolve().parent.parent
 GUESTS = REPO / "guests"
 FAULTS = GUESTS / "faults" / "faults.wat"
+
+
+def load_guest_builder():
+    """guests/build.py as a module (guests/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("corral_guest_build", GUESTS / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def toml_value(value) -> str:

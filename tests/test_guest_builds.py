@@ -12,26 +12,18 @@ from pathlib import Path
 import pytest
 import wasmtime
 
+from harness import load_guest_builder
+
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 
 
-def load_build_script():
-    spec = importlib.util.spec_from_file_location("corral_guests_build", ROOT / "guests" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build = load_build_script()
+build = load_guest_builder()
 
 
 @pytest.fixture(scope="session")
-def built():
-    try:
-        return build.build_all()
-    except (build.ToolchainMissing, build.BuildFailed) as error:
-        pytest.fail(str(error), pytrace=False)
+def built(built_guests):
+    return built_guests
 
 
 @pytest.fixture(scope="session")
