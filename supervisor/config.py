@@ -6,7 +6,9 @@ all, each naming the file, the key and what is wrong.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -265,6 +267,13 @@ def parse(doc: dict[str, Any], file: Path) -> Config:
         sup["frontend"] = endpoints
     if "control" in sup and (message := endpoint_problem(sup["control"])):
         reader.problem("[supervisor] control", message)
+    for name, lookup in (("user", pwd.getpwnam), ("group", grp.getgrnam)):
+        value = sup.get(name, "")
+        if value and not value.isdigit():
+            try:
+                lookup(value)
+            except KeyError:
+                reader.problem(f"[supervisor] {name}", f"no such {name}: {value!r}")
     supervisor = SupervisorSettings(**sup)
 
     restart = RestartSettings(**reader.read("restart", reader.table(doc, "restart"), _RESTART_KEYS))

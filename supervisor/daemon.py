@@ -33,7 +33,7 @@ from supervisor.config import Config, ConfigError
 from supervisor.control import Control
 from supervisor.notify import Notifier
 from supervisor.pool import Pool, WorkerProcess, WorkerState, describe_exit, kill_stale_workers
-from workers import modules
+from workers import modules, oslimits
 from workers.spec import AppSpec, WorkerSpec
 
 EX_CONFIG = 78      # sysexits.h: configuration error (systemd: RestartPreventExitStatus=78)
@@ -92,6 +92,7 @@ class Daemon:
             self.context.destroy(linger=0)
             shutil.rmtree(self.run_dir, ignore_errors=True)
             return EX_UNAVAILABLE
+        self.hand_run_dir_to_worker_user(config)
         self.use_config(config, spec_inputs)
         self.install_signals()
         self.log.info("daemon.started", pid=os.getpid(), config=str(self.config_path),
@@ -125,6 +126,20 @@ class Daemon:
         if problems:
             raise ConfigError(problems)
         return specs
+
+    def hand_run_dir_to_worker_user(self, config: Config) -> None:
+        """Workers that drop to `user` must still reach the backend socket."""
+        sup = config.supervisor
+        if os.getuid() != 0 or not (sup.user or sup.group):
+            if sup.user or sup.group:
+                self.log.warning("daemon.not_root", detail="user/group ignored: not started as root")
+            return
+        uid, gid = oslimits.resolve(sup.user, sup.group)
+        os.chown(self.run_dir, uid, gid)
+        os.chown(self.run_dir / "workers.sock", uid, gid)
+        # Let the user through the runtime directory (search only, no listing).
+        runtime = self.run_dir.parent
+        os.chmod(runtime, runtime.stat().st_mode & 0o777 | 0o011)
 
     def use_config(self, config: Config, apps: list[AppSpec]) -> None:
         self.config = config
@@ -233,6 +248,9 @@ class Daemon:
                 self.pool.vacate(worker, respawn=not self.stopping)
 
     def worker_ready(self, worker: WorkerProcess, link) -> None:
+        if worker.state is WorkerState.STOPPING:
+            self.broker.retire(link)  # told to leave before it could hear it
+            return
         if worker.state is not WorkerState.STARTING:
             return
         self.pool.mark_ready(worker)
@@ -324,8 +342,13 @@ class Daemon:
             self.pool.remove_slot(slot)
             if worker is not None:
                 self.release(worker, "scaled down")
+            if self.rolling and self.rolling[0] == slot:
+                if self.rolling[1] is not None:
+                    self.release(self.rolling[1], "scaled down")
+                self.rolling = None
         self.roll = deque(s for s in self.roll if s < workers)
         self.pool.fill(range(workers))
+        self.roll_next()
         if not quiet:
             self.log.info("daemon.scaled", workers=workers, before=old)
         return {"ok": True, "workers": workers}

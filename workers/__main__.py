@@ -1,8 +1,14 @@
-"""Entry of a worker process: `python -m workers SPEC --slot N --generation G`.
+"""Entry of a worker process: `python -m workers SPEC --slot N --generation G --parent PID`.
 
 Started by the daemon's pool, never by hand: it connects to the broker's
 backend named in SPEC, announces itself READY and serves until told to
 leave, or retires after an abort.
+
+Order matters: the parent-death signal and resource limits come first; the
+compiled modules are loaded (from the daemon's own cache: trusted) and every
+import done while the worker may still be root; then privileges are dropped
+and no new ones allowed, and only then is guest code run (start functions,
+corral_init).
 """
 
 from __future__ import annotations
@@ -22,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-requests", type=int, default=0)
     args = parser.parse_args(argv)
 
-    # Limits first, before any guest code is loaded.
     from workers import oslimits
+    oslimits.die_with_parent(args.parent)
     from workers.spec import WorkerSpec
     spec = WorkerSpec.load(args.spec)
-    oslimits.apply(args.parent, spec.max_open_files, spec.user, spec.group)
+    oslimits.limit_resources(spec.max_open_files)
 
     from supervisor import logs
     from workers.host import Host
@@ -35,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     log = logs.get(worker=f"{args.slot}.{args.generation}", pid=os.getpid())
     try:
         host = Host(spec)
+        oslimits.drop_privileges(spec.user, spec.group)
+        oslimits.die_with_parent(args.parent)  # a change of credentials clears it
         host.warm()
     except Exception as exc:  # the daemon validated the modules; this is the environment
         log.error("worker.start_failed", error=f"{type(exc).__name__}: {exc}")

@@ -29,31 +29,34 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def drop_privileges(user: str, group: str) -> None:
-    """Become `user`/`group` when started as root (names or numeric ids)."""
-    if os.getuid() != 0 or not (user or group):
-        return
-    import grp
-    import pwd
-    if group:
-        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-        os.setgroups([])
-        os.setgid(gid)
-    if user:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-        if not group:
-            os.setgroups([])
-            os.setgid(entry.pw_gid)
-        os.setuid(entry.pw_uid)
-
-
-def apply(parent_pid: int, max_open_files: int, user: str = "", group: str = "") -> None:
-    die_with_parent(parent_pid)
+def limit_resources(max_open_files: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = max_open_files if hard == resource.RLIM_INFINITY else min(max_open_files, hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-    drop_privileges(user, group)
-    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
     # A worker leaves on the broker's word; SIGINT from a terminal goes to the daemon.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def drop_privileges(user: str, group: str) -> None:
+    """Become `user`/`group` when started as root (names or numeric ids), then
+    forbid gaining privileges again (no setuid binaries, no file capabilities)."""
+    if os.getuid() == 0 and (user or group):
+        uid, gid = resolve(user, group)
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+
+
+def resolve(user: str, group: str) -> tuple[int, int]:
+    """The uid and gid of a configured user and group (the user's own group by default)."""
+    import grp
+    import pwd
+    entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user) if user else None
+    uid = entry.pw_uid if entry else os.getuid()
+    if group:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    else:
+        gid = entry.pw_gid if entry else os.getgid()
+    return uid, gid

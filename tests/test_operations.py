@@ -1,0 +1,253 @@
+"""Operating the daemon: reload, drain, the control verbs, recycling, OS limits."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import GUESTS
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Load:
+    """Client threads sending requests continuously, recording every reply."""
+
+    def __init__(self, daemon, service: str, clients: int = 3, in_flight: int = 4, **meta):
+        self.daemon = daemon
+        self.service = service
+        self.meta = meta
+        self.in_flight = in_flight
+        self.stop = threading.Event()
+        self.replies: list[tuple[bytes, int, bytes, float]] = []   # (body, status, reply body, time)
+        self.problems: list[str] = []
+        self.threads = [threading.Thread(target=self.run, args=(n,)) for n in range(clients)]
+
+    def __enter__(self) -> "Load":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(60)
+
+    def run(self, n: int) -> None:
+        client = self.daemon.client()
+        pending: dict[bytes, bytes] = {}
+        i = 0
+        while not self.stop.is_set() or pending:
+            while not self.stop.is_set() and len(pending) < self.in_flight:
+                body = b"%d-%d" % (n, i)
+                pending[client.send(self.service, body, **self.meta)] = body
+                i += 1
+            try:
+                reply = client.recv(timeout=30)
+            except TimeoutError:
+                self.problems.append(f"{len(pending)} requests unanswered after 30 s")
+                return
+            body = pending.pop(reply.request_id)
+            self.replies.append((body, reply.status, reply.body, time.monotonic()))
+
+    def failures(self) -> list:
+        return [r for r in self.replies if r[1] != 200] + self.problems
+
+
+# --- reload ----------------------------------------------------------------------
+
+def test_reload_under_load_loses_nothing_and_applies_changes(start_daemon, tmp_path):
+    module = tmp_path / "greeter.wat"
+    module.write_text((GUESTS / "echo.wat").read_text())
+    daemon = start_daemon({"greeter": {"module": module}, "echo": {"module": GUESTS / "echo.wat"}})
+    before = daemon.status()
+    with Load(daemon, "echo") as load:
+        time.sleep(0.5)
+        # Change the greeter's module (now a counter) and add an app, then SIGHUP.
+        module.write_text((GUESTS / "counter.wat").read_text())
+        daemon.doc["apps"]["calc"] = {"module": GUESTS / "calc.wat"}
+        daemon.write_config()
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for(lambda: daemon.status()["config_generation"] == 2, what="the reload to start")
+        after = daemon.wait_ready(timeout=30)
+        time.sleep(0.5)
+    assert not load.failures(), load.failures()[:5]
+    assert len(load.replies) > 200
+    assert all(reply == body for body, _, reply, _ in load.replies)
+    old_pids = {w["pid"] for w in before["workers"]}
+    assert old_pids.isdisjoint(w["pid"] for w in after["workers"] if w["state"] == "ready")
+    daemon.wait_for(lambda: old_pids.isdisjoint(w["pid"] for w in daemon.status()["workers"]),
+                    what="the old workers gone")
+    assert daemon.call("greeter", b"").body == b"1"          # the changed module
+    assert daemon.call("calc", b'{"call": "add", "args": [1, 2]}').body == b'{"results": [3]}'
+    assert any(e["event"] == "reload.done" for e in daemon.events())
+
+
+def test_a_bad_config_on_reload_is_logged_and_the_old_one_keeps_serving(start_daemon):
+    daemon = start_daemon()
+    pids = daemon.worker_pids()
+    daemon.config_path.write_text(daemon.config_path.read_text() + "\n[supervisor.oops]\n")
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_for(lambda: daemon.events("reload.config_invalid"), what="the reload refused")
+    assert daemon.call("echo", b"still").body == b"still"
+    assert daemon.worker_pids() == pids
+    assert daemon.status()["config_generation"] == 1
+
+
+def test_reload_removes_apps(start_daemon):
+    daemon = start_daemon()
+    del daemon.doc["apps"]["calc"]
+    daemon.write_config()
+    reply = daemon.control_request("reload")
+    assert reply["ok"], reply
+    daemon.wait_ready(timeout=30)
+    assert daemon.call("calc", b'{"call": "add", "args": [1, 2]}').status == 404
+    assert daemon.call("echo", b"x").status == 200
+
+
+# --- drain -------------------------------------------------------------------------
+
+def test_sigterm_under_load_finishes_requests_in_flight_and_exits_0(start_daemon):
+    daemon = start_daemon({"faults": {"module": GUESTS / "faults" / "faults.wat", "timeout_ms": 3000},
+                           "echo": {"module": GUESTS / "echo.wat"}}, supervisor={"graceful_timeout_s": 8})
+    pids = daemon.worker_pids()
+    client = daemon.client()
+    slow = [client.send("faults", b"slow") for _ in range(4)]   # ~0.25 s each, 2 per worker
+    daemon.wait_for(lambda: daemon.status()["in_flight"] >= 2, what="requests in flight")
+    started = time.monotonic()
+    daemon.process.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    refused = client.call("echo", b"late", timeout=5)
+    replies = client.gather(slow, timeout=10)
+    assert [r.status for r in replies.values()] == [200] * 4
+    assert refused.status == 503 and b"draining" in refused.body
+    assert daemon.process.wait(15) == 0
+    assert time.monotonic() - started < 8
+    assert not daemon.leftover_processes()
+    assert {e["pid"] for e in daemon.events("worker.exited")} >= set(pids)
+
+
+def test_a_drain_that_outlasts_graceful_timeout_answers_503_and_exits(start_daemon):
+    daemon = start_daemon({"faults": {"module": GUESTS / "faults" / "faults.wat", "timeout_ms": 60000}},
+                          supervisor={"graceful_timeout_s": 3, "workers": 1})
+    client = daemon.client()
+    stuck = client.send("faults", b"loop", deadline_ms=60000)
+    daemon.wait_for(lambda: daemon.status()["in_flight"] == 1, what="the loop in flight")
+    started = time.monotonic()
+    daemon.process.send_signal(signal.SIGTERM)
+    reply = client.wait(stuck, timeout=10)
+    assert reply.status == 503
+    assert daemon.process.wait(10) == 0
+    assert time.monotonic() - started < 3 + 1.5
+    assert not daemon.leftover_processes()
+
+
+# --- control verbs -----------------------------------------------------------------
+
+def test_scale_up_and_down(start_daemon):
+    daemon = start_daemon()
+    assert daemon.control_request("scale", {"workers": 4})["ok"]
+    status = daemon.wait_ready(timeout=30, workers=4)
+    assert len([w for w in status["workers"] if w["state"] == "ready"]) == 4
+    assert daemon.control_request("scale", {"workers": 1})["ok"]
+    daemon.wait_for(lambda: len(daemon.status()["workers"]) == 1, what="scaled down to one")
+    assert daemon.call("echo", b"one").body == b"one"
+    assert not daemon.control_request("scale", {"workers": 0})["ok"]
+
+
+def test_restart_one_worker_then_all_gracefully_under_load(start_daemon):
+    daemon = start_daemon()
+    first = {w["slot"]: w["pid"] for w in daemon.status()["workers"]}
+    with Load(daemon, "echo") as load:
+        assert daemon.control_request("restart", {"slots": [0]})["ok"]
+        daemon.wait_for(lambda: {w["slot"]: w["pid"] for w in daemon.status()["workers"]
+                                 if w["state"] == "ready"}.get(0) not in (None, first[0])
+                        and len(daemon.status()["workers"]) == 2, what="slot 0 replaced")
+        second = {w["slot"]: w["pid"] for w in daemon.status()["workers"]}
+        assert second[1] == first[1]
+        assert daemon.control_request("restart")["ok"]
+        daemon.wait_for(lambda: len(daemon.status()["workers"]) == 2 and
+                        set(w["pid"] for w in daemon.status()["workers"]).isdisjoint(second.values()),
+                        what="every worker replaced")
+    assert not load.failures(), load.failures()[:5]
+    assert len(load.replies) > 100
+
+
+def test_cli_admin_verbs(start_daemon):
+    daemon = start_daemon()
+    def corral(*args):
+        return subprocess.run([sys.executable, "-m", "supervisor", *args, "-c", str(daemon.config_path)],
+                              capture_output=True, text=True, timeout=30, env=daemon.env)
+    assert corral("scale", "3").returncode == 0
+    daemon.wait_ready(workers=3)
+    assert corral("restart", "2").returncode == 0
+    assert corral("reload").returncode == 0
+    daemon.wait_ready()
+    failed = corral("restart", "9")
+    assert failed.returncode == 1 and "slots" in failed.stderr
+
+
+def test_control_socket_is_owner_only(shared_daemon):
+    mode = os.stat(shared_daemon.control[len("ipc://"):]).st_mode & 0o777
+    assert mode == 0o600
+
+
+def test_a_second_daemon_on_the_same_control_endpoint_refuses_to_start(start_daemon, cache_dir):
+    from harness import Daemon
+    first = start_daemon()
+    second = Daemon({"echo": {"module": GUESTS / "echo.wat"}}, cache_dir,
+                    supervisor={"control": first.control})
+    try:
+        second.start(wait=False)
+        assert second.process.wait(30) == 69
+        assert first.call("echo", b"ok").body == b"ok"
+    finally:
+        second.cleanup()
+
+
+# --- recycling ---------------------------------------------------------------------------
+
+def test_max_requests_recycles_workers_without_losing_requests(start_daemon):
+    daemon = start_daemon(supervisor={"workers": 2, "max_requests": 50, "max_requests_jitter": 10})
+    first = set(daemon.worker_pids())
+    client = daemon.client()
+    for batch in range(6):
+        ids = {client.send("echo", b"%d-%d" % (batch, i)): b"%d-%d" % (batch, i) for i in range(40)}
+        replies = client.gather(list(ids), timeout=30)
+        assert all(r.status == 200 and r.body == ids[i] for i, r in replies.items())
+    daemon.wait_for(lambda: first.isdisjoint(daemon.worker_pids()), what="recycled workers")
+    assert any(e.get("reason") == "max_requests" for e in daemon.events("worker.retiring"))
+
+
+# --- OS limits of the workers --------------------------------------------------------------
+
+def test_workers_run_with_os_limits(start_daemon):
+    daemon = start_daemon(supervisor={"max_open_files": 1000})
+    for pid in daemon.worker_pids():
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert "NoNewPrivs:\t1" in status
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        core = [line for line in limits.splitlines() if line.startswith("Max core file size")][0]
+        assert core.split()[4:6] == ["0", "0"]
+        files = [line for line in limits.splitlines() if line.startswith("Max open files")][0]
+        assert files.split()[3:5] == ["1000", "1000"]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="dropping privileges needs root")
+def test_workers_drop_to_the_configured_user(start_daemon):
+    daemon = start_daemon(supervisor={"user": "nobody"}, wait=False)
+    daemon.root.chmod(0o711)   # as /run is: the user may pass through to its socket
+    daemon.wait_ready()
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    for pid in daemon.worker_pids():
+        assert os.stat(f"/proc/{pid}").st_uid == nobody.pw_uid
+    assert daemon.call("echo", b"as nobody").body == b"as nobody"
