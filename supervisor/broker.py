@@ -29,6 +29,7 @@ import zmq
 
 from supervisor import protocol
 from supervisor.circuit import Health
+from supervisor.metrics import Histogram
 from supervisor.config import AppSettings, Config
 from supervisor.protocol import (MMI_PREFIX, MMI_SERVICE, STATUS_FRAMES, W_DISCONNECT, W_HEARTBEAT,
                                  W_READY, W_REPLY, W_REQUEST, W_RETIRING, Dialect, Malformed, Status,
@@ -81,6 +82,7 @@ class Service:
     affinity: dict[bytes, "WorkerLink"] = field(default_factory=dict)  # key -> its worker
     links: list["WorkerLink"] = field(default_factory=list)  # the workers that serve it
     statuses: Counter = field(default_factory=Counter)
+    latency: Histogram = field(default_factory=Histogram)
 
     @property
     def keyed(self) -> bool:
@@ -270,6 +272,7 @@ class Broker:
         """Send a request's one reply and close its ledger entry."""
         request.state = State.DONE
         self.ledger.pop(request.ticket, None)
+        request.service.latency.observe(time.monotonic() - request.received)
         request.service.statuses[status] += 1
         self.counts[status] += 1
         self.send_client(reply_frames(request.dialect, request.client, request.request_id,

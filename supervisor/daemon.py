@@ -31,6 +31,7 @@ from supervisor import logs, paths
 from supervisor.broker import Broker, Event
 from supervisor.config import Config, ConfigError
 from supervisor.control import Control
+from supervisor.metrics import MetricsServer
 from supervisor.notify import Notifier
 from supervisor.pool import Pool, WorkerProcess, WorkerState, describe_exit, kill_stale_workers
 from workers import modules, oslimits
@@ -83,12 +84,15 @@ class Daemon:
         self.pool = Pool(self.log, self.run_dir, config.restart.backoff_initial_ms / 1000,
                          config.restart.backoff_max_ms / 1000)
         self.context = zmq.Context()
+        self.metrics = None
         try:
             self.broker = Broker(self.context, config, f"ipc://{self.run_dir / 'workers.sock'}", self.log)
             self.control = Control(self.context, config.supervisor.control, self)
-        except zmq.ZMQError as exc:
-            self.log.error("daemon.bind_failed", error=str(exc),
-                           frontend=list(config.supervisor.frontend), control=config.supervisor.control)
+            if config.metrics.listen:
+                self.metrics = MetricsServer(config.metrics.listen, self)
+        except (zmq.ZMQError, OSError) as exc:
+            self.log.error("daemon.bind_failed", error=str(exc), frontend=list(config.supervisor.frontend),
+                           control=config.supervisor.control, metrics=config.metrics.listen)
             self.context.destroy(linger=0)
             shutil.rmtree(self.run_dir, ignore_errors=True)
             return EX_UNAVAILABLE
@@ -244,7 +248,7 @@ class Daemon:
                 self.pool.retiring(worker, detail[0], self.config.supervisor.graceful_timeout_s)
                 self.pool.vacate(worker, respawn=not self.stopping)
             elif event is Event.SILENT:
-                self.pool.kill(worker, detail[0])
+                self.pool.kill(worker, detail[0], kind=detail[0].replace(" ", "_"))
                 self.pool.vacate(worker, respawn=not self.stopping)
 
     def worker_ready(self, worker: WorkerProcess, link) -> None:
@@ -306,7 +310,7 @@ class Daemon:
         for worker, rss in self.pool.rss_over(limit * 1024 * 1024):
             cause = f"rss limit: {rss // 1048576} MiB over max_rss_mib = {limit}"
             self.broker.worker_gone(worker.identity, cause)
-            self.pool.kill(worker, cause)
+            self.pool.kill(worker, cause, kind="rss_limit")
             self.pool.vacate(worker, respawn=not self.stopping)
 
     # --- reload, scale, restart ------------------------------------------
@@ -413,6 +417,8 @@ class Daemon:
         while self.pool.processes and time.monotonic() < deadline:
             self.pool.reap()
             time.sleep(0.01)
+        if self.metrics is not None:
+            self.metrics.close()
         self.broker.close()
         self.control.close()
         self.context.term()

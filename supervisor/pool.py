@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -46,6 +47,7 @@ class WorkerProcess:
     ready_at: float | None = None
     kill_at: float | None = None   # SIGKILL when still here at this time
     cause: str | None = None       # why the daemon is making it leave
+    exit_kind: str = "crashed"     # for metrics: why it exited, in one word
     standby: bool = False
     psutil: psutil.Process | None = None
 
@@ -83,6 +85,7 @@ class Pool:
         self.generations: dict[int, int] = {}
         self.failures: dict[int, int] = {}                 # consecutive start failures per slot
         self.respawn_at: dict[int, float] = {}             # vacant slots and when to fill them
+        self.exits: Counter = Counter()                    # exit kinds, for metrics
         self.spec_path: Path | None = None
         self.config_generation = 0
         self.max_requests = 0
@@ -161,6 +164,7 @@ class Pool:
     def retiring(self, worker: WorkerProcess, reason: str, timeout_s: float) -> None:
         worker.state = WorkerState.RETIRING
         worker.cause = f"retired ({reason})"
+        worker.exit_kind = reason
         worker.kill_at = time.monotonic() + timeout_s
         self.log.warning("worker.retiring", worker=worker.name, pid=worker.pid, reason=reason)
 
@@ -170,12 +174,15 @@ class Pool:
             return
         worker.state = WorkerState.STOPPING
         worker.cause = cause
+        worker.exit_kind = "stopped"
         worker.kill_at = time.monotonic() + timeout_s
         self.log.info("worker.stopping", worker=worker.name, pid=worker.pid, cause=cause)
 
-    def kill(self, worker: WorkerProcess, cause: str) -> None:
+    def kill(self, worker: WorkerProcess, cause: str, kind: str | None = None) -> None:
         if worker.state is WorkerState.KILLED:
             return
+        if kind is not None:
+            worker.exit_kind = kind
         worker.state = WorkerState.KILLED
         worker.cause = worker.cause or cause
         worker.kill_at = None
@@ -199,6 +206,7 @@ class Pool:
             if worker is None:
                 continue
             worker.process.returncode = os.waitstatus_to_exitcode(status)
+            self.exits[worker.exit_kind] += 1
             self.log.info("worker.exited", worker=worker.name, pid=pid,
                           how=describe_exit(worker.process.returncode), cause=worker.cause)
             exited.append((worker, worker.process.returncode))

@@ -251,3 +251,43 @@ def test_workers_drop_to_the_configured_user(start_daemon):
     for pid in daemon.worker_pids():
         assert os.stat(f"/proc/{pid}").st_uid == nobody.pw_uid
     assert daemon.call("echo", b"as nobody").body == b"as nobody"
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_metrics_endpoint_counts_this_tests_requests(start_daemon):
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    port = free_port()
+    daemon = start_daemon({"echo": {"module": GUESTS / "echo.wat"},
+                           "faults": {"module": GUESTS / "faults" / "faults.wat", "on_abort": "respawn"}},
+                          extra={"metrics": {"listen": f"127.0.0.1:{port}"}})
+    client = daemon.client()
+    client.gather([client.send("echo", b"x") for _ in range(25)], timeout=30)
+    assert client.call("faults", b"error").status == 422
+    assert client.call("faults", b"unreachable").status == 502
+    assert client.call("nowhere", b"").status == 404
+    daemon.wait_for(lambda: [e for e in daemon.events("worker.exited") if "abort" in (e.get("cause") or "")],
+                    what="the aborted worker's exit")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert samples[("corral_requests_total", (("service", "echo"), ("status", "200")))] == 25
+    assert samples[("corral_requests_total", (("service", "faults"), ("status", "422")))] == 1
+    assert samples[("corral_requests_total", (("service", "faults"), ("status", "502")))] == 1
+    assert samples[("corral_rejected_total", (("status", "404"),))] == 1
+    assert samples[("corral_request_duration_seconds_count", (("service", "echo"),))] == 25
+    assert samples[("corral_request_duration_seconds_bucket", (("le", "+Inf"), ("service", "echo")))] == 25
+    assert samples[("corral_worker_exits_total", (("cause", "abort"),))] == 1
+    assert samples[("corral_circuit_open", (("service", "echo"), ("state", "closed")))] == 0
+    assert samples[("corral_queue_depth", (("service", "echo"),))] == 0
+    assert samples[("corral_workers", (("state", "ready"),))] >= 1

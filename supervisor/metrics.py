@@ -1,0 +1,118 @@
+"""Prometheus metrics in the text exposition format, on `[metrics] listen`.
+
+The arbiter loop owns every number; a small HTTP thread renders them on
+each scrape from copies taken under the GIL (builtin dict and list copies
+are atomic), so the loop never waits for a scraper.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Daemon
+
+# Seconds from the broker receiving a request to its reply leaving.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Histogram:
+    __slots__ = ("counts", "sum", "count")
+
+    def __init__(self):
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+
+def render(daemon: "Daemon") -> str:
+    broker, pool = daemon.broker, daemon.pool
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_text: str) -> None:
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+
+    services = list(broker.services.items())
+    family("corral_requests_total", "counter", "Requests answered, by service and status.")
+    for name, service in services:
+        for status, count in sorted(dict(service.statuses).items()):
+            out.append(f'corral_requests_total{{service="{name.decode()}",status="{int(status)}"}} {count}')
+    family("corral_rejected_total", "counter", "Requests refused before reaching a service queue, by status.")
+    per_service = {}
+    for _, service in services:
+        for status, count in dict(service.statuses).items():
+            per_service[status] = per_service.get(status, 0) + count
+    for status, count in sorted(dict(broker.counts).items()):
+        if count - per_service.get(status, 0):
+            out.append(f'corral_rejected_total{{status="{int(status)}"}} {count - per_service.get(status, 0)}')
+    family("corral_request_duration_seconds", "histogram",
+           "Time from the broker receiving a request to its reply, by service.")
+    for name, service in services:
+        histogram = service.latency
+        counts, total, count = list(histogram.counts), histogram.sum, histogram.count
+        cumulative = 0
+        for bound, n in zip(LATENCY_BUCKETS, counts):
+            cumulative += n
+            out.append(f'corral_request_duration_seconds_bucket{{service="{name.decode()}",le="{bound}"}} {cumulative}')
+        out.append(f'corral_request_duration_seconds_bucket{{service="{name.decode()}",le="+Inf"}} {count}')
+        out.append(f'corral_request_duration_seconds_sum{{service="{name.decode()}"}} {total}')
+        out.append(f'corral_request_duration_seconds_count{{service="{name.decode()}"}} {count}')
+    family("corral_queue_depth", "gauge", "Requests waiting for a worker, by service.")
+    for name, service in services:
+        out.append(f'corral_queue_depth{{service="{name.decode()}"}} {len(service.queue)}')
+    family("corral_circuit_open", "gauge", "1 while a service's circuit is open or half-open.")
+    for name, service in services:
+        state = service.health.circuit.value
+        out.append(f'corral_circuit_open{{service="{name.decode()}",state="{state}"}} {int(state != "closed")}')
+    family("corral_in_flight", "gauge", "Requests in the broker's ledger (queued or on a worker).")
+    out.append(f"corral_in_flight {len(broker.ledger)}")
+    family("corral_worker_exits_total", "counter", "Worker processes that exited, by cause.")
+    for cause, count in sorted(dict(pool.exits).items()):
+        out.append(f'corral_worker_exits_total{{cause="{cause}"}} {count}')
+    family("corral_workers", "gauge", "Worker processes, by state.")
+    states: dict[str, int] = {}
+    for worker in list(pool.processes.values()):
+        states[worker.state.value] = states.get(worker.state.value, 0) + 1
+    for state, count in sorted(states.items()):
+        out.append(f'corral_workers{{state="{state}"}} {count}')
+    return "\n".join(out) + "\n"
+
+
+class MetricsServer:
+    """GET /metrics on a thread of its own."""
+
+    def __init__(self, listen: str, daemon: "Daemon"):
+        host, _, port = listen.rpartition(":")
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404, "only /metrics is served here")
+                    return
+                body = render(daemon).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args) -> None:
+                pass  # scrapes are not events
+
+        self.server = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
