@@ -31,10 +31,10 @@ from supervisor import protocol
 from supervisor.circuit import Health
 from supervisor.metrics import Histogram
 from supervisor.config import AppSettings, Config
-from supervisor.protocol import (MMI_PREFIX, MMI_SERVICE, STATUS_FRAMES, W_DISCONNECT, W_HEARTBEAT,
-                                 W_READY, W_REPLY, W_REQUEST, W_RETIRING, Dialect, Malformed, Status,
-                                 decode_reply_header, decode_tickets, encode_request_header,
-                                 reply_frames)
+from supervisor.protocol import (MMI_PREFIX, MMI_SERVICE, NOBLOCK, STATUS_BY_CODE, STATUS_FRAMES,
+                                 W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_RETIRING,
+                                 Dialect, Malformed, Status, decode_reply_header, decode_tickets,
+                                 encode_request_header, recv_frames, reply_frames, send_frames)
 
 # Drain at most this many messages from one socket per loop turn, so that
 # neither side can starve the other (or the timers).
@@ -188,7 +188,7 @@ class Broker:
         now = time.monotonic()
         for _ in range(BATCH):
             try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(socket, NOBLOCK)
             except zmq.Again:
                 return
             if len(frames) < 2:
@@ -260,7 +260,7 @@ class Broker:
 
     def send_client(self, frames: list[bytes]) -> None:
         try:
-            self.frontend.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self.frontend, frames, NOBLOCK)
         except zmq.ZMQError as exc:
             # The client is gone (EHOSTUNREACH) or not reading (EAGAIN): the
             # reply cannot be delivered; nothing else is affected.
@@ -360,7 +360,7 @@ class Broker:
         now = time.monotonic()
         for link, frames in outbox.items():
             try:
-                self.backend.send_multipart(frames, zmq.NOBLOCK)
+                send_frames(self.backend, frames, NOBLOCK)
                 link.last_sent = now
             except zmq.ZMQError as exc:
                 if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
@@ -394,7 +394,7 @@ class Broker:
         now = time.monotonic()
         for _ in range(BATCH):
             try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(socket, NOBLOCK)
             except zmq.Again:
                 return
             identity = frames[0]
@@ -434,7 +434,7 @@ class Broker:
             if request is None or ledger.get(ticket) is not request:
                 continue  # already answered (its worker was declared dead)
             link.handled += 1
-            status = Status(status)
+            status = STATUS_BY_CODE[status]
             service = request.service
             if fault:
                 link.faults += 1
@@ -491,7 +491,7 @@ class Broker:
 
     def send_worker(self, link: WorkerLink, frames: list[bytes]) -> bool:
         try:
-            self.backend.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self.backend, frames, NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise

@@ -18,7 +18,8 @@ import zmq
 
 from supervisor.protocol import (W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_RETIRING,
                                  RetireReason, Status, decode_request_header, encode_json,
-                                 encode_reply_header, encode_tickets, worker_identity)
+                                 encode_reply_header, encode_tickets, readable, recv_frames, send_frames,
+                                 worker_identity)
 from workers import outcome
 from workers.host import Host
 from workers.spec import WorkerSpec
@@ -82,8 +83,8 @@ class WorkerLoop:
     def receive(self) -> None:
         """Take every message waiting on the socket, without blocking."""
         socket = self.socket
-        while socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            frames = socket.recv_multipart()
+        while readable(socket):
+            frames = recv_frames(socket)
             command = frames[0]
             if command == W_REQUEST:
                 now = time.monotonic()
@@ -121,7 +122,7 @@ class WorkerLoop:
         return None
 
     def send(self, frames: list[bytes]) -> None:
-        self.socket.send_multipart(frames)
+        send_frames(self.socket, frames)
         self.last_sent = time.monotonic()
 
     def idle(self) -> None:
