@@ -151,11 +151,13 @@ def status_verb(args: argparse.Namespace) -> int:
     print(f"requests: {status['in_flight']} in flight; by status "
           + (", ".join(f"{k}: {v}" for k, v in status["statuses"].items()) or "none yet"))
     print(f"\nworkers ({len(status['workers'])} of {status['workers_target']} wanted):")
-    print(f"  {'slot':>4} {'gen':>4} {'pid':>8} {'state':<9} {'requests':>9} {'faults':>6} {'rss MiB':>8}")
+    print(f"  {'slot':>4} {'gen':>4} {'pid':>8} {'state':<9} {'requests':>9} {'faults':>6} {'rss MiB':>8}"
+          f" {'cpu %':>6}")
     for w in status["workers"]:
         rss = f"{w['rss_bytes'] / 1048576:.1f}" if w["rss_bytes"] else "-"
+        cpu = f"{w['cpu_percent']:.0f}" if w["cpu_percent"] is not None else "-"
         print(f"  {w['slot']:>4} {w['generation']:>4} {w['pid']:>8} {w['state']:<9} {w['requests']:>9} "
-              f"{w['faults']:>6} {rss:>8}")
+              f"{w['faults']:>6} {rss:>8} {cpu:>6}")
     print("\nservices:")
     print(f"  {'name':<20} {'instances':<12} {'circuit':<10} {'queued':>6}  statuses")
     for s in status["services"]:

@@ -53,6 +53,9 @@ class SupervisorSettings:
     cache_dir: str = ""  # compiled-module cache; default under XDG/systemd dirs
     # Worker OS limits.
     max_open_files: int = 4096
+    # RLIMIT_AS of workers; 0: none. Set, it makes wasmtime reserve only the
+    # memory guests use (with explicit bounds checks) so that the limit fits.
+    max_address_space_mib: int = 0
     user: str = ""  # drop to this user/group when started as root
     group: str = ""
 
@@ -138,6 +141,7 @@ _SUPERVISOR_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "standby": (_INT, _between(0, 16)),
     "cache_dir": (_STR, None),
     "max_open_files": (_INT, _between(64, 1 << 20)),
+    "max_address_space_mib": (_INT, lambda v: None if v == 0 or v >= 512 else "must be 0 (no limit) or at least 512"),
     "user": (_STR, None),
     "group": (_STR, None),
 }

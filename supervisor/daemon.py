@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import zmq
 
 from supervisor import config as config_module
@@ -112,11 +113,12 @@ class Daemon:
 
     def compile(self, config: Config) -> list[AppSpec]:
         """Compile (or find in the cache) every module; ConfigError names the bad ones."""
-        engine = modules.make_engine()
+        bounded = config.supervisor.max_address_space_mib > 0
+        engine = modules.make_engine(bounded)
         specs, problems = [], []
         for app in config.apps.values():
             try:
-                module, artifact = modules.compile_cached(engine, app.module, self.cache_dir)
+                module, artifact = modules.compile_cached(engine, app.module, self.cache_dir, bounded)
                 info = modules.inspect(module)
                 if info.min_memory_bytes > app.max_memory_mib * 1024 * 1024:
                     raise modules.ModuleProblem(
@@ -154,7 +156,9 @@ class Daemon:
                           capacity=sup.pipeline, restart_intensity=config.restart.intensity,
                           restart_period_s=config.restart.period_s, log_level=config.logging.level,
                           log_format=config.logging.format, cache_dir=str(self.cache_dir),
-                          max_open_files=sup.max_open_files, user=sup.user, group=sup.group, apps=apps)
+                          max_open_files=sup.max_open_files,
+                          max_address_space_mib=sup.max_address_space_mib, user=sup.user, group=sup.group,
+                          apps=apps)
         spec_path = self.run_dir / f"spec-{self.config_generation}.json"
         spec.dump(spec_path)
         self.pool.use_spec(spec_path, self.config_generation, sup.max_requests, sup.max_requests_jitter)
@@ -438,18 +442,19 @@ class Daemon:
         workers = []
         for worker in sorted(self.pool.processes.values(), key=lambda w: (w.slot, w.generation)):
             link = links.get(worker.identity)
-            rss = None
+            rss = cpu = None
             if worker.psutil is not None:
                 try:
                     rss = worker.psutil.memory_info().rss
-                except Exception:
+                    cpu = worker.psutil.cpu_percent(None)  # since the last status
+                except psutil.Error:
                     pass
             workers.append({"slot": worker.slot, "generation": worker.generation, "pid": worker.pid,
                             "state": worker.state.value, "config_generation": worker.config_generation,
                             "requests": link.handled if link else 0,
                             "in_flight": len(link.inflight) if link else 0,
                             "faults": link.faults if link else 0,
-                            "rss_bytes": rss,
+                            "rss_bytes": rss, "cpu_percent": cpu,
                             "uptime_s": round(time.monotonic() - worker.started, 3)})
         services = []
         for name, service in self.broker.services.items():

@@ -291,3 +291,20 @@ def test_metrics_endpoint_counts_this_tests_requests(start_daemon):
     assert samples[("corral_circuit_open", (("service", "echo"), ("state", "closed")))] == 0
     assert samples[("corral_queue_depth", (("service", "echo"),))] == 0
     assert samples[("corral_workers", (("state", "ready"),))] >= 1
+
+
+def test_an_address_space_limit_with_bounded_memories(start_daemon):
+    daemon = start_daemon({"faults": {"module": GUESTS / "faults" / "faults.wat", "max_memory_mib": 64,
+                                      "on_abort": "reinstantiate", "instances": "keyed"}},
+                          supervisor={"max_address_space_mib": 3072, "workers": 1})
+    pid = daemon.worker_pids()[0]
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    line = [l for l in limits.splitlines() if l.startswith("Max address space")][0]
+    assert line.split()[3:5] == [str(3072 << 20)] * 2
+    client = daemon.client()
+    # 40 keyed instances: with default reservations (4 GiB+ each) they could not fit in 3 GiB.
+    for key in range(40):
+        assert client.call("faults", b"count", key=str(key)).body == b"1"
+    assert client.call("faults", b"growsoft", key="0").status == 422
+    assert client.call("faults", b"oob", key="1").status == 502
+    assert daemon.worker_pids() == [pid]

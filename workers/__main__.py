@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     oslimits.die_with_parent(args.parent)
     from workers.spec import WorkerSpec
     spec = WorkerSpec.load(args.spec)
-    oslimits.limit_resources(spec.max_open_files)
+    oslimits.limit_resources(spec.max_open_files, spec.max_address_space_mib)
 
     from supervisor import logs
     from workers.host import Host

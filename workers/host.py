@@ -50,10 +50,10 @@ class Guest:
     """One app: its compiled module and its live instances (one, or one per key)."""
 
     def __init__(self, engine: wasmtime.Engine, app: AppSpec, cache_dir: Path,
-                 restart_intensity: int, restart_period_s: float):
+                 restart_intensity: int, restart_period_s: float, bounded: bool):
         self.app = app
         self.engine = engine
-        module = modules.load_artifact(engine, Path(app.artifact), Path(app.module), cache_dir)
+        module = modules.load_artifact(engine, Path(app.artifact), Path(app.module), cache_dir, bounded)
         self.info = modules.inspect(module)
         linker = wasmtime.Linker(engine)
         if self.info.uses_wasi:
@@ -122,10 +122,11 @@ class Host:
     """Every app of the worker's spec, on one engine."""
 
     def __init__(self, spec: WorkerSpec):
-        self.engine = modules.make_engine()
+        bounded = spec.max_address_space_mib > 0
+        self.engine = modules.make_engine(bounded)
         cache_dir = Path(spec.cache_dir)
         self.guests = {app.name.encode(): Guest(self.engine, app, cache_dir, spec.restart_intensity,
-                                                spec.restart_period_s)
+                                                spec.restart_period_s, bounded)
                        for app in spec.apps}
         EpochTicker(self.engine).start()
 

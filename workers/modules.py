@@ -17,17 +17,31 @@ from pathlib import Path
 import wasmtime
 
 WASI_MODULE = "wasi_snapshot_preview1"
-# Engine settings that change compiled code: part of the cache key.
-_ENGINE_FLAGS = "epoch_interruption=1;wasm_exceptions=1;opt=speed"
 _WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 
 
-def make_engine() -> wasmtime.Engine:
+def make_engine(bounded: bool = False) -> wasmtime.Engine:
+    """The engine of supervisor and workers alike (compiled code depends on it).
+
+    `bounded`: for workers under an address-space limit (RLIMIT_AS). By
+    default wasmtime reserves gigabytes of address space per linear memory
+    and elides bounds checks with guard pages; bounded engines reserve only
+    what a memory uses, with explicit bounds checks (a little slower).
+    """
     config = wasmtime.Config()
     config.epoch_interruption = True
     config.wasm_exceptions = True
     config.cranelift_opt_level = "speed"
+    if bounded:
+        config.memory_reservation = 0
+        config.memory_guard_size = 0
+        config.memory_reservation_for_growth = 1 << 20
     return wasmtime.Engine(config)
+
+
+def _engine_flags(bounded: bool) -> str:
+    """Engine settings that change compiled code: part of the cache key."""
+    return f"wasmtime={_WASMTIME_VERSION};epoch=1;exceptions=1;opt=speed;bounded={int(bounded)}"
 
 
 class ModuleProblem(Exception):
@@ -73,19 +87,22 @@ def inspect(module: wasmtime.Module) -> ModuleInfo:
                       uses_wasi=bool(imports), min_memory_bytes=min_memory)
 
 
-def cache_path(cache_dir: Path, source: bytes) -> Path:
+def cache_path(cache_dir: Path, source: bytes, bounded: bool = False) -> Path:
     digest = hashlib.sha256(source)
-    digest.update(f"\0wasmtime={_WASMTIME_VERSION};{_ENGINE_FLAGS}".encode())
+    digest.update(b"\0" + _engine_flags(bounded).encode())
     return cache_dir / f"{digest.hexdigest()}.cwasm"
 
 
-def compile_cached(engine: wasmtime.Engine, source_path: Path, cache_dir: Path) -> tuple[wasmtime.Module, Path]:
-    """Load the compiled module from the cache, compiling and storing it on a miss."""
+def compile_cached(engine: wasmtime.Engine, source_path: Path, cache_dir: Path,
+                   bounded: bool = False) -> tuple[wasmtime.Module, Path]:
+    """Load the compiled module from the cache, compiling and storing it on a miss.
+
+    `bounded` must be what `engine` was made with."""
     try:
         source = source_path.read_bytes()
     except OSError as exc:
         raise ModuleProblem(f"cannot read {source_path}: {exc.strerror}") from None
-    artifact = cache_path(cache_dir, source)
+    artifact = cache_path(cache_dir, source, bounded)
     if artifact.is_file():
         try:
             return wasmtime.Module.deserialize_file(engine, str(artifact)), artifact
@@ -104,9 +121,10 @@ def compile_cached(engine: wasmtime.Engine, source_path: Path, cache_dir: Path) 
     return module, artifact
 
 
-def load_artifact(engine: wasmtime.Engine, artifact: Path, source_path: Path, cache_dir: Path) -> wasmtime.Module:
+def load_artifact(engine: wasmtime.Engine, artifact: Path, source_path: Path, cache_dir: Path,
+                  bounded: bool = False) -> wasmtime.Module:
     """A worker's way in: deserialize what the supervisor compiled, or compile if it is gone."""
     try:
         return wasmtime.Module.deserialize_file(engine, str(artifact))
     except wasmtime.WasmtimeError:
-        return compile_cached(engine, source_path, cache_dir)[0]
+        return compile_cached(engine, source_path, cache_dir, bounded)[0]

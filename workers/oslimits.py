@@ -29,8 +29,11 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def limit_resources(max_open_files: int) -> None:
+def limit_resources(max_open_files: int, max_address_space_mib: int = 0) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if max_address_space_mib:
+        limit = max_address_space_mib * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = max_open_files if hard == resource.RLIM_INFINITY else min(max_open_files, hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))

@@ -34,6 +34,7 @@ class WorkerSpec:
     log_format: str
     cache_dir: str
     max_open_files: int
+    max_address_space_mib: int = 0
     user: str = ""
     group: str = ""
     apps: list[AppSpec] = field(default_factory=list)
