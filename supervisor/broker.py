@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ class WorkerLink:
     backlog: deque[Request] = field(default_factory=deque)  # keyed requests waiting for this worker
     keys: set[tuple[bytes, bytes]] = field(default_factory=set)
     last_assigned: float = 0.0
+    parked: bool = False   # a standby worker: serves nothing until unparked
     handled: int = 0
     faults: int = 0
 
@@ -133,6 +135,7 @@ class Broker:
         # twice the limit is read, so that it can be answered 413.
         self.frontend.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_body + 65536)
         self.frontend.setsockopt(zmq.LINGER, 1000)  # so the last replies of a drain leave
+        self.frontend_endpoints = sup.frontend
         for endpoint in sup.frontend:
             self.frontend.bind(endpoint)
         self.backend = context.socket(zmq.ROUTER)
@@ -178,8 +181,9 @@ class Broker:
             service.links = []
         for link in self.links.values():
             link.services = [services[s.name] for s in link.services if s.name in services]
-            for service in link.services:
-                service.links.append(link)
+            if not link.parked:
+                for service in link.services:
+                    service.links.append(link)
 
     # --- frontend ------------------------------------------------------------
 
@@ -417,14 +421,21 @@ class Broker:
             info = json.loads(frames[2])
             link = WorkerLink(identity, int(info["pid"]), int(info["capacity"]),
                               [self.services[n.encode()] for n in info["services"]
-                               if n.encode() in self.services], now)
+                               if n.encode() in self.services], now, parked=bool(info.get("standby")))
         except (IndexError, ValueError, KeyError, TypeError) as exc:
             self.log.error("worker.bad_ready", worker=identity.decode(errors="replace"), error=str(exc))
             return
         self.links[identity] = link
-        for service in link.services:
-            service.links.append(link)
+        if not link.parked:
+            self.unpark(link)
         self.events.append((Event.READY, link))
+
+    def unpark(self, link: WorkerLink) -> None:
+        """Let a worker take requests (a standby worker when it is promoted)."""
+        link.parked = False
+        for service in link.services:
+            if link not in service.links:
+                service.links.append(link)
 
     def on_replies(self, link: WorkerLink, frames: list[bytes], now: float) -> None:
         ledger = self.ledger
@@ -565,3 +576,9 @@ class Broker:
     def close(self) -> None:
         self.frontend.close()
         self.backend.close(linger=0)
+        for endpoint in self.frontend_endpoints:
+            if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+                try:
+                    os.unlink(endpoint[len("ipc://"):])
+                except OSError:
+                    pass

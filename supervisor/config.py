@@ -171,16 +171,16 @@ _LISTEN = re.compile(r"^([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d+)$")
 
 
 def endpoint_problem(endpoint: str) -> str | None:
-    """Why `endpoint` is not a usable tcp:// or ipc:// endpoint, or None."""
+    """Why `endpoint` is not a well-formed tcp:// or ipc:// endpoint, or None.
+
+    An ipc:// directory need not exist yet: systemd creates RuntimeDirectory
+    when the service starts; `corral run` names it if binding fails."""
     if endpoint.startswith("ipc://"):
         where = endpoint[len("ipc://"):]
-        if not where:
+        if not where or where == "@":
             return "ipc:// endpoint has no path"
-        if where.startswith("@"):  # Linux abstract namespace
-            return None
-        parent = Path(where).parent
-        if not parent.is_dir():
-            return f"directory {str(parent)!r} of ipc endpoint does not exist"
+        if len(where.encode()) > 107:
+            return "ipc:// path is longer than a unix socket allows (107 bytes)"
         return None
     match = _TCP_ENDPOINT.match(endpoint)
     if match:

@@ -10,7 +10,9 @@
 
 Signals are queued by their handlers and handled here in the loop, never in
 the handler (gunicorn's arbiter does the same): SIGCHLD reaps, SIGHUP
-reloads, SIGTERM and SIGINT drain (a second one stops at once).
+reloads, SIGTERM and SIGINT drain (a second one stops at once). The one
+other thread compiles a reloaded config's modules and hands the result back
+through the same wake-up pipe.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import time
 from collections import deque
 from dataclasses import replace
@@ -34,7 +37,8 @@ from supervisor.config import Config, ConfigError
 from supervisor.control import Control
 from supervisor.metrics import MetricsServer
 from supervisor.notify import Notifier
-from supervisor.pool import Pool, WorkerProcess, WorkerState, describe_exit, kill_stale_workers
+from supervisor.pool import (STANDBY_BASE, Pool, WorkerProcess, WorkerState, describe_exit,
+                             kill_stale_workers)
 from workers import modules, oslimits
 from workers.spec import AppSpec, WorkerSpec
 
@@ -63,6 +67,9 @@ class Daemon:
         self.next_rss = 0.0
         self.next_status = 0.0
         self.next_tick = 0.0
+        self.compiling: threading.Thread | None = None   # a reload's compile thread
+        self.reload_result: tuple[Config, list[AppSpec]] | ConfigError | None = None
+        self.reload_again = False
 
     # --- start -------------------------------------------------------------
 
@@ -105,6 +112,7 @@ class Daemon:
                       control=config.supervisor.control, workers=config.supervisor.workers,
                       apps=sorted(config.apps))
         self.pool.fill(range(config.supervisor.workers))
+        self.pool.fill(self.standby_slots())
         try:
             self.loop()
         finally:
@@ -198,6 +206,8 @@ class Daemon:
                 self.control.serve()
             if self.wakeup_read.fileno() in ready:
                 self.drain_wakeup()
+                if self.reload_result is not None:
+                    self.finish_reload()
             while self.signals:
                 self.handle_signal(self.signals.popleft())
             broker.dispatch()
@@ -237,8 +247,20 @@ class Daemon:
     def reap(self) -> None:
         for worker, returncode in self.pool.reap():
             self.broker.worker_gone(worker.identity, worker.cause or describe_exit(returncode))
-            keep = not self.stopping and worker.slot < self.config.supervisor.workers
-            self.pool.vacate(worker, respawn=keep)
+            self.vacate(worker)
+
+    def vacate(self, worker: WorkerProcess) -> None:
+        """The worker no longer serves its slot: promote a standby into it, or respawn one."""
+        slot = worker.slot
+        sup = self.config.supervisor
+        wanted = not self.stopping and (slot < sup.workers or STANDBY_BASE <= slot < STANDBY_BASE + sup.standby)
+        serving = self.pool.slots.get(slot) is worker and slot < STANDBY_BASE
+        self.pool.vacate(worker, respawn=wanted)
+        if serving and wanted:
+            promoted = self.pool.promote(slot)
+            link = self.broker.links.get(promoted.identity) if promoted else None
+            if link is not None:
+                self.broker.unpark(link)
 
     def handle_broker_events(self) -> None:
         events, self.broker.events = self.broker.events, []
@@ -250,10 +272,10 @@ class Daemon:
                 self.worker_ready(worker, link)
             elif event is Event.RETIRING:
                 self.pool.retiring(worker, detail[0], self.config.supervisor.graceful_timeout_s)
-                self.pool.vacate(worker, respawn=not self.stopping)
+                self.vacate(worker)
             elif event is Event.SILENT:
                 self.pool.kill(worker, detail[0], kind=detail[0].replace(" ", "_"))
-                self.pool.vacate(worker, respawn=not self.stopping)
+                self.vacate(worker)
 
     def worker_ready(self, worker: WorkerProcess, link) -> None:
         if worker.state is WorkerState.STOPPING:
@@ -315,35 +337,83 @@ class Daemon:
             cause = f"rss limit: {rss // 1048576} MiB over max_rss_mib = {limit}"
             self.broker.worker_gone(worker.identity, cause)
             self.pool.kill(worker, cause, kind="rss_limit")
-            self.pool.vacate(worker, respawn=not self.stopping)
+            self.vacate(worker)
 
     # --- reload, scale, restart ------------------------------------------
 
     def reload(self) -> dict:
+        """SIGHUP or `corral reload`: validate now, compile in a thread, then roll the workers.
+
+        Compiling a large module can take seconds; the loop keeps serving,
+        heartbeating and pinging the watchdog meanwhile."""
+        if self.compiling is not None:
+            self.reload_again = True
+            return {"ok": True, "queued": True}
         self.notifier.reloading()
         self.log.info("reload.started", config=str(self.config_path))
         try:
             config = config_module.with_defaults(config_module.load(self.config_path))
-            apps = self.compile(config)
         except ConfigError as exc:
-            for problem in exc.problems:
-                self.log.error("reload.config_invalid", problem=problem)
-            self.notifier.ready(self.status_line())
+            self.reload_refused(exc)
             return {"ok": False, "problems": exc.problems}
-        fixed = ("frontend", "control")
-        for name in fixed:
+        self.compiling = threading.Thread(target=self.compile_for_reload, args=(config,),
+                                          name="reload-compile", daemon=True)
+        self.compiling.start()
+        return {"ok": True, "compiling": True}
+
+    def compile_for_reload(self, config: Config) -> None:
+        """In the compile thread: hand the loop a (config, apps) or a ConfigError, and wake it."""
+        try:
+            self.reload_result = (config, self.compile(config))
+        except ConfigError as exc:
+            self.reload_result = exc
+        except Exception as exc:  # never let a reload kill the daemon
+            self.reload_result = ConfigError([f"{config.path}: compiling failed: {exc}"])
+        try:
+            self.wakeup_write.send(b"r")
+        except OSError:
+            pass
+
+    def finish_reload(self) -> None:
+        result, self.reload_result, self.compiling = self.reload_result, None, None
+        if self.stopping:
+            return
+        if isinstance(result, ConfigError):
+            self.reload_refused(result)
+        else:
+            self.apply_config(*result)
+        if self.reload_again:
+            self.reload_again = False
+            self.reload()
+
+    def reload_refused(self, exc: ConfigError) -> None:
+        for problem in exc.problems:
+            self.log.error("reload.config_invalid", problem=problem)
+        self.notifier.ready(self.status_line())
+
+    def apply_config(self, config: Config, apps: list[AppSpec]) -> None:
+        for name in ("frontend", "control"):
             if getattr(config.supervisor, name) != getattr(self.config.supervisor, name):
                 self.log.warning("reload.needs_restart", key=f"supervisor.{name}")
         logs.configure(config.logging.level, config.logging.format)
         self.use_config(config, apps)
         self.broker.configure(config)
-        self.reloading = True
         self.scale(config.supervisor.workers, quiet=True)
-        self.restart_slots(list(range(config.supervisor.workers)))
-        return {"ok": True, "config_generation": self.config_generation}
+        for slot in [s for s in self.pool.slots if s >= STANDBY_BASE and s not in self.standby_slots()]:
+            worker = self.pool.slots.get(slot)
+            self.pool.remove_slot(slot)
+            if worker is not None:
+                self.release(worker, "standby no longer wanted")
+        self.pool.fill(self.standby_slots())
+        # Only now: roll_next() ends the reload (READY=1) when nothing is left to roll.
+        self.reloading = True
+        self.restart_slots(list(range(config.supervisor.workers)) + list(self.standby_slots()))
+
+    def standby_slots(self) -> range:
+        return range(STANDBY_BASE, STANDBY_BASE + self.config.supervisor.standby)
 
     def scale(self, workers: int, quiet: bool = False) -> dict:
-        old = max([s for s, w in self.pool.slots.items()] + [-1]) + 1
+        old = max(self.pool.serving_slots() + [-1]) + 1
         self.config = _with_workers(self.config, workers)
         for slot in range(workers, old):
             worker = self.pool.slots.get(slot)
@@ -449,8 +519,10 @@ class Daemon:
                     cpu = worker.psutil.cpu_percent(None)  # since the last status
                 except psutil.Error:
                     pass
-            workers.append({"slot": worker.slot, "generation": worker.generation, "pid": worker.pid,
-                            "state": worker.state.value, "config_generation": worker.config_generation,
+            state = "standby" if worker.standby and worker.state is WorkerState.READY else worker.state.value
+            workers.append({"slot": worker.slot, "identity": worker.identity.decode(),
+                            "generation": worker.generation, "pid": worker.pid,
+                            "state": state, "config_generation": worker.config_generation,
                             "requests": link.handled if link else 0,
                             "in_flight": len(link.inflight) if link else 0,
                             "faults": link.faults if link else 0,

@@ -6,6 +6,11 @@ A worker that leaves its slot (it retired, died, or was killed) is replaced
 at once, unless the slot is crash-looping: workers that die before they
 become ready are respawned after a backoff that doubles each time.
 
+Standby slots (numbered from STANDBY_BASE) hold workers that are started and
+ready but take no requests; when a serving slot is vacated, a ready standby
+is promoted into it at once (keeping its routing id) and its standby slot is
+refilled: an abort costs no capacity while a new process starts.
+
 Every state change is logged: spawned, ready, retiring, stopping, killed,
 exited (with its code or signal).
 """
@@ -27,6 +32,8 @@ import psutil
 
 from supervisor.protocol import worker_identity
 
+STANDBY_BASE = 1000
+
 
 class WorkerState(str, Enum):
     STARTING = "starting"
@@ -38,7 +45,7 @@ class WorkerState(str, Enum):
 
 @dataclass(eq=False)
 class WorkerProcess:
-    slot: int
+    slot: int                      # the slot it fills now
     generation: int
     config_generation: int
     process: subprocess.Popen
@@ -48,8 +55,16 @@ class WorkerProcess:
     kill_at: float | None = None   # SIGKILL when still here at this time
     cause: str | None = None       # why the daemon is making it leave
     exit_kind: str = "crashed"     # for metrics: why it exited, in one word
-    standby: bool = False
     psutil: psutil.Process | None = None
+    home: int = -1                 # the slot it was spawned for: part of its routing id
+
+    def __post_init__(self) -> None:
+        if self.home < 0:
+            self.home = self.slot
+
+    @property
+    def standby(self) -> bool:
+        return self.slot >= STANDBY_BASE
 
     @property
     def pid(self) -> int:
@@ -57,11 +72,11 @@ class WorkerProcess:
 
     @property
     def identity(self) -> bytes:
-        return worker_identity(self.slot, self.generation)
+        return worker_identity(self.home, self.generation)
 
     @property
     def name(self) -> str:
-        return f"{self.slot}.{self.generation}"
+        return f"{self.home}.{self.generation}"
 
 
 def describe_exit(returncode: int) -> str:
@@ -109,6 +124,8 @@ class Pool:
         command = [sys.executable, "-m", "workers", str(self.spec_path), "--slot", str(slot),
                    "--generation", str(generation), "--parent", str(os.getpid()),
                    "--max-requests", str(max_requests)]
+        if slot >= STANDBY_BASE:
+            command.append("--standby")
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         worker = WorkerProcess(slot, generation, self.config_generation, process, time.monotonic())
         try:
@@ -141,6 +158,19 @@ class Pool:
             self.log.warning("worker.respawn_backoff", slot=worker.slot, failures=failures,
                              delay_ms=int(delay * 1000))
         self.respawn_at[worker.slot] = time.monotonic() + delay
+
+    def promote(self, slot: int) -> WorkerProcess | None:
+        """Move a ready standby worker into the vacant serving `slot`; refill its standby slot."""
+        for home, worker in self.slots.items():
+            if home >= STANDBY_BASE and worker is not None and worker.state is WorkerState.READY:
+                self.slots[home] = None
+                self.respawn_at[home] = time.monotonic()
+                worker.slot = slot
+                self.slots[slot] = worker
+                self.respawn_at.pop(slot, None)
+                self.log.info("worker.promoted", worker=worker.name, pid=worker.pid, slot=slot)
+                return worker
+        return None
 
     def remove_slot(self, slot: int) -> None:
         self.slots.pop(slot, None)
@@ -240,6 +270,9 @@ class Pool:
             if rss > limit_bytes:
                 over.append((worker, rss))
         return over
+
+    def serving_slots(self) -> list[int]:
+        return sorted(s for s in self.slots if s < STANDBY_BASE)
 
     def all_ready(self, slots: int) -> bool:
         return all((w := self.slots.get(s)) is not None and w.state is WorkerState.READY

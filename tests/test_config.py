@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,8 @@ def test_frontend_may_list_several_endpoints(tmp_path):
     ("[supervisor]\nworkers = true\n", "[supervisor] workers", "must be an integer"),
     ("[supervisor]\nfrontend = \"http://localhost:80\"\n", "[supervisor] frontend", "not a tcp://"),
     ("[supervisor]\nfrontend = \"tcp://127.0.0.1:99999\"\n", "[supervisor] frontend", "out of range"),
-    ("[supervisor]\nfrontend = \"ipc:///no/such/dir/x.sock\"\n", "[supervisor] frontend", "does not exist"),
+    ("[supervisor]\nfrontend = \"ipc://\"\n", "[supervisor] frontend", "has no path"),
+    ("[supervisor]\nfrontend = \"ipc:///" + "x" * 120 + "\"\n", "[supervisor] frontend", "longer"),
     ("[supervisor]\ncontrol = \"udp://x\"\n", "[supervisor] control", "not a tcp://"),
     ("[supervisor]\ngraceful_timeout_s = -1\n", "[supervisor] graceful_timeout_s", "greater than 0"),
     ("[restart]\nintensity = 1.5\n", "[restart] intensity", "must be an integer"),
@@ -148,6 +150,16 @@ def test_corral_check_names_file_key_and_problem(tmp_path, text, words):
     assert run.returncode == EX_CONFIG, run.stdout
     assert str(tmp_path / "corral.toml") in run.stderr
     assert words in run.stderr, run.stderr
+
+
+def test_corral_run_names_an_endpoint_it_cannot_bind(tmp_path):
+    path = write(tmp_path, f'[supervisor]\nfrontend = "ipc:///no/such/dir/f.sock"\n'
+                           f'control = "ipc://{tmp_path}/c.sock"\ncache_dir = "{tmp_path}/cache"\n' + ECHO)
+    run = subprocess.run([sys.executable, "-m", "supervisor", "run", "-c", str(path)],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "RUNTIME_DIRECTORY": str(tmp_path / "run")})
+    assert run.returncode == 69
+    assert "daemon.bind_failed" in run.stderr and "/no/such/dir/f.sock" in run.stderr
 
 
 def test_corral_run_exits_with_the_config_error_code(tmp_path):

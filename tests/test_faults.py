@@ -355,3 +355,24 @@ def _alive(pid: int) -> bool:
             return stat.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_standby_worker_takes_the_place_of_an_aborted_one_at_once(start_daemon):
+    daemon = start_daemon({"faults": faults_app()}, supervisor={"workers": 1, "standby": 1})
+    status = daemon.wait_for(lambda: (s := daemon.status()) and
+                             [w for w in s["workers"] if w["state"] == "standby"] and s,
+                             what="the standby ready")
+    standby = [w for w in status["workers"] if w["state"] == "standby"][0]
+    serving = [w for w in status["workers"] if w["state"] == "ready"][0]
+    client = daemon.client()
+    assert client.call("faults", b"count").body == b"1"
+    assert client.call("faults", b"unreachable").status == 502
+    assert client.call("faults", b"count").body == b"1"        # a fresh instance, in the standby
+    promoted = [e for e in daemon.events("worker.promoted")]
+    assert promoted and promoted[0]["pid"] == standby["pid"] and promoted[0]["slot"] == serving["slot"]
+    after = daemon.wait_for(lambda: (s := daemon.status()) and
+                            [w for w in s["workers"] if w["state"] == "standby"] and s,
+                            what="a new standby")
+    states = {w["pid"]: w["state"] for w in after["workers"]}
+    assert states[standby["pid"]] == "ready"
+    assert [w for w in after["workers"] if w["state"] == "standby"][0]["pid"] not in (standby["pid"], serving["pid"])

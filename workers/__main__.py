@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generation", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True, help="the daemon's pid")
     parser.add_argument("--max-requests", type=int, default=0)
+    parser.add_argument("--standby", action="store_true", help="wait to be promoted: take no requests")
     args = parser.parse_args(argv)
 
     from workers import oslimits
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the daemon validated the modules; this is the environment
         log.error("worker.start_failed", error=f"{type(exc).__name__}: {exc}")
         return 3
-    return WorkerLoop(spec, args.slot, args.generation, host, log, args.max_requests).run()
+    return WorkerLoop(spec, args.slot, args.generation, host, log, args.max_requests, args.standby).run()
 
 
 if __name__ == "__main__":

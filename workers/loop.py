@@ -38,13 +38,14 @@ class Job:
 
 class WorkerLoop:
     def __init__(self, spec: WorkerSpec, slot: int, generation: int, host: Host, log,
-                 max_requests: int = 0):
+                 max_requests: int = 0, standby: bool = False):
         self.spec = spec
         self.host = host
         self.log = log
         self.identity = worker_identity(slot, generation)
         self.heartbeat_s = spec.heartbeat_ms / 1000
         self.max_requests = max_requests
+        self.standby = standby  # the broker sends nothing until the daemon promotes it
         self.parent = os.getppid()
         self.jobs: deque[Job] = deque()
         self.last_sent = 0.0
@@ -62,7 +63,8 @@ class WorkerLoop:
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         self.send([W_READY, encode_json({"pid": os.getpid(), "capacity": self.spec.capacity,
-                                         "services": [g.decode() for g in self.host.guests]})])
+                                         "services": [g.decode() for g in self.host.guests],
+                                         "standby": self.standby})])
         self.log.info("worker.ready", services=len(self.host.guests))
         idle_timeout_ms = self.spec.heartbeat_ms
         while True:
