@@ -24,9 +24,12 @@ def configure(level: str = "info", format: str = "json") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        # Not cached: a reload may change level and format, and every logger
+        # already handed out must follow (nothing logs on the hot path).
+        cache_logger_on_first_use=False,
     )
 
 
 def get(**context) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger().bind(**context)
+    """A logger carrying `context`; it follows later calls of configure()."""
+    return structlog.get_logger(**context)

@@ -12,7 +12,7 @@ import time
 import pytest
 import zmq
 
-from harness import REPO
+from harness import GUESTS, REPO
 from supervisor.client import Client
 
 pytestmark = pytest.mark.timeout(60)
@@ -256,3 +256,27 @@ def test_default_config_serves_the_example_guests(tmp_path):
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
+
+
+def test_per_request_instances_start_fresh_every_time(start_daemon):
+    daemon = start_daemon({"counter": {"module": GUESTS / "counter.wat", "instances": "per-request"},
+                           "shared": {"module": GUESTS / "counter.wat", "instances": "reuse"}},
+                          supervisor={"workers": 1})
+    client = daemon.client()
+    assert [client.call("counter", b"incr").body for _ in range(3)] == [b"1", b"1", b"1"]
+    assert [client.call("shared", b"incr").body for _ in range(3)] == [b"1", b"2", b"3"]
+
+
+def test_wasm_binary_modules_are_served_like_wat(start_daemon, tmp_path):
+    import wasmtime
+    (tmp_path / "echo.wasm").write_bytes(wasmtime.wat2wasm((GUESTS / "echo.wat").read_text()))
+    daemon = start_daemon({"echo": {"module": tmp_path / "echo.wasm"}}, supervisor={"workers": 1})
+    assert daemon.call("echo", b"binary").body == b"binary"
+
+
+def test_console_log_format(start_daemon):
+    daemon = start_daemon(logging={"format": "console", "level": "debug"}, supervisor={"workers": 1})
+    daemon.call("nope", b"")
+    text = daemon.log_path.read_text()
+    assert "worker.ready" in text and "request.rejected" in text
+    assert not text.lstrip().startswith("{")
