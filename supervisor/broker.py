@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import struct
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -29,18 +30,18 @@ from enum import Enum
 import zmq
 
 from supervisor import protocol
-from supervisor.circuit import Health
+from supervisor.circuit import Circuit, Health
 from supervisor.metrics import Histogram
 from supervisor.config import AppSettings, Config
-from supervisor.protocol import (MMI_PREFIX, MMI_SERVICE, NOBLOCK, STATUS_BY_CODE, STATUS_FRAMES,
-                                 W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_RETIRING,
-                                 Dialect, Malformed, Status, decode_reply_header, decode_tickets,
-                                 encode_request_header, recv_frames, reply_frames, send_frames)
+from supervisor.protocol import (MAX_KEY, MMI_PREFIX, MMI_SERVICE, NATIVE, NOBLOCK, STATUS_BY_CODE,
+                                 STATUS_FRAMES, W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST,
+                                 W_RETIRING, Dialect, Malformed, Status, iter_replies, recv_frame,
+                                 recv_frames, recv_payload, reply_frames, request_record, send_frames)
 
 # Drain at most this many messages from one socket per loop turn, so that
 # neither side can starve the other (or the timers).
 BATCH = 256
-DEFAULT_DEADLINE_MS = 30_000
+DEFAULT_DEADLINE_S = 30.0
 
 
 class State(Enum):
@@ -88,6 +89,11 @@ class Service:
     @property
     def keyed(self) -> bool:
         return self.app.instances == "keyed"
+
+    @property
+    def open(self) -> bool:
+        """Takes requests without a look at its circuit, quarantine or key (the fast path)."""
+        return not self.keyed and self.health.circuit is Circuit.CLOSED and not self.health.quarantined_until
 
 
 @dataclass(eq=False)
@@ -149,10 +155,11 @@ class Broker:
         self.ledger: dict[int, Request] = {}
         self.next_ticket = 1
         self.waiting: set[Service] = set()     # services with a non-empty queue
+        self.backlogged: set[WorkerLink] = set()  # links holding keyed requests not yet sent
         self.outbox: dict[WorkerLink, list[bytes]] = {}
         self.events: list[tuple] = []
         self.draining = False
-        self.counts: Counter = Counter()       # by status, for status and metrics
+        self.rejected: Counter = Counter()     # refused before reaching a queue, by status
         self.dropped_replies = 0
         self.configure(config)
 
@@ -197,13 +204,23 @@ class Broker:
                 return
             if len(frames) < 2:
                 continue  # nothing after the routing id: nothing to answer
+            # The common case first: a native request without meta, for a
+            # healthy service that is not keyed, queued at once.
+            if len(frames) == 6 and frames[1] == NATIVE and not frames[4]:
+                service = self.services.get(frames[3])
+                if (service is not None and service.open and not self.draining
+                        and len(frames[5]) <= self.max_body and len(service.queue) < self.max_queue):
+                    self.enqueue(frames[0], Dialect.NATIVE, frames[2], service, None, frames[5],
+                                 now + DEFAULT_DEADLINE_S, service.app.idempotent, now, False)
+                    continue
             self.intake(frames[0], frames[1:], now)
 
     def intake(self, client: bytes, frames: list[bytes], now: float) -> None:
+        """Any request: parse it, admit it or answer it."""
         try:
             parsed = protocol.parse_client(frames, self.keyed)
         except Malformed as bad:
-            self.counts[bad.status] += 1
+            self.rejected[bad.status] += 1
             self.log.info("request.rejected", status=int(bad.status), detail=bad.detail,
                           dialect=bad.dialect.value if bad.dialect else None)
             self.send_client(reply_frames(bad.dialect or Dialect.NATIVE, client, bad.request_id,
@@ -212,8 +229,8 @@ class Broker:
         reject, probe = self.admit(parsed, now)
         if reject is not None:
             status, detail = reject
-            self.counts[status] += 1
-            if status is not Status.OK:
+            if status is not Status.OK:  # mmi.service answers are not refusals
+                self.rejected[status] += 1
                 self.log.info("request.rejected", status=int(status),
                               service=parsed.service[:128].decode(errors="replace"),
                               request_id=parsed.request_id[:64].decode(errors="replace"),
@@ -222,12 +239,20 @@ class Broker:
                                           STATUS_FRAMES[status], detail))
             return
         service = self.services[parsed.service]
+        deadline = now + (parsed.deadline_ms / 1000 if parsed.deadline_ms else DEFAULT_DEADLINE_S)
+        idempotent = service.app.idempotent if parsed.idempotent is None else parsed.idempotent
+        key = parsed.key if service.keyed else None  # other modes have one instance per worker
+        self.enqueue(client, parsed.dialect, parsed.request_id, service, key, parsed.body, deadline,
+                     idempotent, now, probe)
+
+    def enqueue(self, client: bytes, dialect: Dialect, request_id: bytes, service: Service,
+                key: bytes | None, body: bytes, deadline: float, idempotent: bool, now: float,
+                probe: bool) -> None:
+        """Open the request's ledger entry and queue it for a worker."""
         ticket = self.next_ticket
         self.next_ticket = ticket + 1
-        deadline_ms = parsed.deadline_ms or DEFAULT_DEADLINE_MS
-        idempotent = service.app.idempotent if parsed.idempotent is None else parsed.idempotent
-        request = Request(ticket, client, parsed.dialect, parsed.request_id, service, parsed.key,
-                          parsed.body, now + deadline_ms / 1000, idempotent, now, probe)
+        request = Request(ticket, client, dialect, request_id, service, key, body, deadline,
+                          idempotent, now, probe)
         self.ledger[ticket] = request
         service.queue.append(request)
         self.waiting.add(service)
@@ -247,6 +272,8 @@ class Broker:
             return (Status.UNAVAILABLE, b"the daemon is draining: no new requests"), False
         if service.keyed and not request.key:
             return (Status.BAD_REQUEST, b"keyed service: the request needs a key"), False
+        if service.keyed and len(request.key) > MAX_KEY:
+            return (Status.BAD_REQUEST, b"key longer than 65535 bytes"), False
         if service.health.quarantined(request.body, now):
             return (Status.ABORT, b"quarantined: this request aborted instances repeatedly"), False
         if len(service.queue) >= self.max_queue:
@@ -272,22 +299,28 @@ class Broker:
                 raise
             self.dropped_replies += 1
 
-    def finish(self, request: Request, status: Status, body: bytes) -> None:
+    def finish(self, request: Request, status: Status, body: bytes, now: float | None = None) -> None:
         """Send a request's one reply and close its ledger entry."""
         request.state = State.DONE
         self.ledger.pop(request.ticket, None)
-        request.service.latency.observe(time.monotonic() - request.received)
-        request.service.statuses[status] += 1
-        self.counts[status] += 1
-        self.send_client(reply_frames(request.dialect, request.client, request.request_id,
-                                      STATUS_FRAMES[status], body))
+        service = request.service
+        service.latency.observe((now or time.monotonic()) - request.received)
+        service.statuses[status] += 1
+        if request.dialect is Dialect.NATIVE:
+            frames = [request.client, NATIVE, request.request_id, STATUS_FRAMES[status], body]
+        else:
+            frames = reply_frames(request.dialect, request.client, request.request_id,
+                                  STATUS_FRAMES[status], body)
+        self.send_client(frames)
 
     # --- dispatch ------------------------------------------------------------
 
     def dispatch(self) -> None:
         """Hand queued requests to workers with free credit, then send the batches."""
-        for link in self.links.values():
-            if link.backlog and link.free > 0 and not link.retiring:
+        if not self.waiting and not self.backlogged:
+            return
+        for link in list(self.backlogged):
+            if link.free > 0 and not link.retiring:
                 self.drain_backlog(link)
         for service in list(self.waiting):
             queue = service.queue
@@ -333,6 +366,7 @@ class Broker:
             self.assign(link, request)
         else:
             link.backlog.append(request)
+            self.backlogged.add(link)
         return True
 
     def drain_backlog(self, link: WorkerLink) -> None:
@@ -340,6 +374,8 @@ class Broker:
             request = link.backlog.popleft()
             if request.state is State.QUEUED:
                 self.assign(link, request)
+        if not link.backlog:
+            self.backlogged.discard(link)
 
     def assign(self, link: WorkerLink, request: Request) -> None:
         now = time.monotonic()
@@ -355,29 +391,24 @@ class Broker:
         link.last_assigned = now
         batch = self.outbox.get(link)
         if batch is None:
-            batch = self.outbox[link] = [link.identity, W_REQUEST]
-        batch += (encode_request_header(request.ticket, left_ms, request.service.name, request.key),
-                  request.body)
+            batch = self.outbox[link] = [W_REQUEST]
+        batch += request_record(request.ticket, left_ms, request.service.name, request.key, request.body)
 
     def send_outbox(self) -> None:
         outbox, self.outbox = self.outbox, {}
-        now = time.monotonic()
-        for link, frames in outbox.items():
-            try:
-                send_frames(self.backend, frames, NOBLOCK)
-                link.last_sent = now
-            except zmq.ZMQError as exc:
-                if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
-                    raise
-                # Never delivered: these requests never started, so they go
-                # back to the queue whatever their idempotency; the worker is gone.
-                undelivered = [protocol.decode_request_header(h)[0] for h in frames[2::2]]
-                for ticket in reversed(undelivered):
-                    request = link.inflight.pop(ticket, None)
-                    if request is not None:
-                        self.requeue(request)
-                self.worker_gone(link.identity, "unreachable")
-                self.events.append((Event.SILENT, link, "unreachable"))
+        for link, pieces in outbox.items():
+            payload = b"".join(pieces)
+            if self.send_worker(link, payload):
+                continue
+            # Never delivered: these requests never started, so they go back
+            # to the queue whatever their idempotency; the worker is gone.
+            undelivered = [ticket for ticket, *_ in protocol.iter_requests(payload)]
+            for ticket in reversed(undelivered):
+                request = link.inflight.pop(ticket, None)
+                if request is not None:
+                    self.requeue(request)
+            self.worker_gone(link.identity, "unreachable")
+            self.events.append((Event.SILENT, link, "unreachable"))
 
     def requeue(self, request: Request) -> None:
         """Put a request that never started back at the head of its queue."""
@@ -398,27 +429,27 @@ class Broker:
         now = time.monotonic()
         for _ in range(BATCH):
             try:
-                frames = recv_frames(socket, NOBLOCK)
+                identity = recv_frame(socket, NOBLOCK)
             except zmq.Again:
                 return
-            identity = frames[0]
-            command = frames[1] if len(frames) > 1 else b""
+            payload = recv_payload(socket)  # a ROUTER message always has a frame after the id
+            command = payload[:1]
             link = self.links.get(identity)
             if link is not None:
                 link.last_seen = now
             if command == W_REPLY and link is not None:
-                self.on_replies(link, frames, now)
+                self.on_replies(link, payload, now)
             elif command == W_READY:
-                self.on_ready(identity, frames, now)
+                self.on_ready(identity, payload, now)
             elif command == W_RETIRING and link is not None:
-                self.on_retiring(link, frames)
+                self.on_retiring(link, payload)
             elif command != W_HEARTBEAT:
                 self.log.warning("worker.unexpected_message", worker=identity.decode(errors="replace"),
-                                 command=command[:8].hex())
+                                 command=command.hex())
 
-    def on_ready(self, identity: bytes, frames: list[bytes], now: float) -> None:
+    def on_ready(self, identity: bytes, payload: bytes, now: float) -> None:
         try:
-            info = json.loads(frames[2])
+            info = json.loads(payload[1:])
             link = WorkerLink(identity, int(info["pid"]), int(info["capacity"]),
                               [self.services[n.encode()] for n in info["services"]
                                if n.encode() in self.services], now, parked=bool(info.get("standby")))
@@ -437,10 +468,9 @@ class Broker:
             if link not in service.links:
                 service.links.append(link)
 
-    def on_replies(self, link: WorkerLink, frames: list[bytes], now: float) -> None:
+    def on_replies(self, link: WorkerLink, payload: bytes, now: float) -> None:
         ledger = self.ledger
-        for i in range(2, len(frames) - 1, 2):
-            ticket, status, fault = decode_reply_header(frames[i])
+        for ticket, status, fault, body in iter_replies(payload):
             request = link.inflight.pop(ticket, None)
             if request is None or ledger.get(ticket) is not request:
                 continue  # already answered (its worker was declared dead)
@@ -452,7 +482,7 @@ class Broker:
                 self.log.warning("request.failed", request_id=request.request_id[:64].decode(errors="replace"),
                                  ticket=ticket, service=service.name.decode(), status=int(status),
                                  fault=fault.decode(), worker=link.identity.decode(), pid=link.pid,
-                                 detail=frames[i + 1][:200].decode(errors="replace"))
+                                 detail=body[:200].decode(errors="replace"))
                 if status in protocol.FAULTS:
                     service.health.record_abort(request.body, now, request.probe)
                 elif request.probe:
@@ -462,16 +492,15 @@ class Broker:
                     service.health.record_verdict(now)
                 self.log.info("request.failed", request_id=request.request_id[:64].decode(errors="replace"),
                               service=service.name.decode(), status=int(status), worker=link.identity.decode(),
-                              detail=frames[i + 1][:200].decode(errors="replace"))
+                              detail=body[:200].decode(errors="replace"))
             elif request.probe:
                 service.health.record_verdict(now)
-            self.finish(request, status, frames[i + 1])
+            self.finish(request, status, body, now)
 
-    def on_retiring(self, link: WorkerLink, frames: list[bytes]) -> None:
+    def on_retiring(self, link: WorkerLink, payload: bytes) -> None:
         try:
-            reason = json.loads(frames[2]).get("reason", "?")
-            tickets = decode_tickets(frames[3])
-        except (IndexError, ValueError, AttributeError):
+            reason, tickets = protocol.parse_retiring(payload)
+        except (IndexError, struct.error):
             reason, tickets = "?", []
         for ticket in reversed(tickets):  # handed back, never started: re-dispatch
             request = link.inflight.pop(ticket, None)
@@ -486,7 +515,7 @@ class Broker:
         link.retiring = True
         self.release(link)
         self.outbox.pop(link, None)
-        self.send_worker(link, [link.identity, W_DISCONNECT])
+        self.send_worker(link, W_DISCONNECT)
 
     def release(self, link: WorkerLink) -> None:
         """Let go of a worker's keys and its backlog (they find other workers)."""
@@ -499,10 +528,11 @@ class Broker:
             request = link.backlog.pop()
             if request.state is State.QUEUED:
                 self.requeue(request)
+        self.backlogged.discard(link)
 
-    def send_worker(self, link: WorkerLink, frames: list[bytes]) -> bool:
+    def send_worker(self, link: WorkerLink, payload: bytes) -> bool:
         try:
-            send_frames(self.backend, frames, NOBLOCK)
+            send_frames(self.backend, [link.identity, payload], NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise
@@ -541,7 +571,7 @@ class Broker:
         """Heartbeats to workers, silent workers, requests expired in the queue."""
         for link in list(self.links.values()):
             if now - link.last_sent >= self.heartbeat_s:
-                self.send_worker(link, [link.identity, W_HEARTBEAT])
+                self.send_worker(link, W_HEARTBEAT)
             allowed = link.last_seen + self.liveness_s
             if link.inflight:
                 # A worker inside a guest call cannot answer; it runs one request at
@@ -567,6 +597,13 @@ class Broker:
         """At the end of a drain: every request still open gets 503."""
         for request in list(self.ledger.values()):
             self.finish(request, Status.UNAVAILABLE, detail)
+
+    def totals(self) -> Counter:
+        """Every reply sent, by status: the services' and the broker's own refusals."""
+        totals = Counter(self.rejected)
+        for service in self.services.values():
+            totals.update(service.statuses)
+        return totals
 
     @property
     def queued(self) -> int:

@@ -67,6 +67,7 @@ class Daemon:
         self.next_rss = 0.0
         self.next_status = 0.0
         self.next_tick = 0.0
+        self.next_timer = 0.0    # the earliest of the timers below and the pool's
         self.compiling: threading.Thread | None = None   # a reload's compile thread
         self.reload_result: tuple[Config, list[AppSpec]] | ConfigError | None = None
         self.reload_again = False
@@ -191,43 +192,38 @@ class Daemon:
     def loop(self) -> None:
         broker = self.broker
         poller = zmq.Poller()
-        poller.register(broker.frontend, zmq.POLLIN)
-        poller.register(broker.backend, zmq.POLLIN)
-        poller.register(self.control.socket, zmq.POLLIN)
-        poller.register(self.wakeup_read, zmq.POLLIN)
         frontend, backend, control = broker.frontend, broker.backend, self.control.socket
+        wakeup = self.wakeup_read.fileno()
+        for item in (frontend, backend, control, wakeup):
+            poller.register(item, zmq.POLLIN)
         while True:
-            ready = dict(poller.poll(self.poll_timeout_ms()))
-            if backend in ready:
-                broker.on_backend()
-            if frontend in ready:
-                broker.on_frontend()
-            if control in ready:
-                self.control.serve()
-            if self.wakeup_read.fileno() in ready:
-                self.drain_wakeup()
-                if self.reload_result is not None:
-                    self.finish_reload()
-            while self.signals:
-                self.handle_signal(self.signals.popleft())
+            now = time.monotonic()
+            timeout = max(0, min(1000, int((self.next_timer - now) * 1000) + 1))
+            for item, _ in poller.poll(timeout):
+                if item is backend:
+                    broker.on_backend()
+                elif item is frontend:
+                    broker.on_frontend()
+                elif item is control:
+                    self.control.serve()
+                    self.next_timer = 0.0  # a verb may have started or stopped workers
+                elif item == wakeup:
+                    self.drain_wakeup()
+            if self.signals or self.reload_result is not None:
+                self.handle_signals()
             broker.dispatch()
             if broker.events:
                 self.handle_broker_events()
-            if self.timers(time.monotonic()):
+            now = time.monotonic()
+            if now >= self.next_timer and self.timers(now):
                 return
 
-    def poll_timeout_ms(self) -> int:
-        now = time.monotonic()
-        times = [self.next_tick, self.next_rss, self.next_status]
-        pool_due = self.pool.next_due()
-        if pool_due is not None:
-            times.append(pool_due)
-        watchdog = self.notifier.next_watchdog()
-        if watchdog is not None:
-            times.append(watchdog)
-        if self.stopping:
-            times.append(self.stop_deadline)
-        return max(0, min(1000, int((min(times) - now) * 1000) + 1))
+    def handle_signals(self) -> None:
+        while self.signals:
+            self.handle_signal(self.signals.popleft())
+        if self.reload_result is not None:
+            self.finish_reload()
+        self.next_timer = 0.0  # what the signal changed may be due at once
 
     def drain_wakeup(self) -> None:
         try:
@@ -264,6 +260,7 @@ class Daemon:
 
     def handle_broker_events(self) -> None:
         events, self.broker.events = self.broker.events, []
+        self.next_timer = 0.0  # kills and respawns may have been scheduled
         for event, link, *detail in events:
             worker = self.pool.by_identity(link.identity)
             if worker is None:
@@ -310,12 +307,12 @@ class Daemon:
     # --- timers ------------------------------------------------------------
 
     def timers(self, now: float) -> bool:
-        """Run what is due; True when the daemon is done."""
+        """Run what is due, note when the next thing is; True when the daemon is done."""
         if now >= self.next_tick:
             self.broker.tick(now)
             if self.broker.events:
                 self.handle_broker_events()
-            fast = self.broker.waiting or any(l.backlog for l in self.broker.links.values())
+            fast = self.broker.waiting or self.broker.backlogged
             self.next_tick = now + (0.01 if fast else self.broker.heartbeat_s / 2)
         self.pool.due(now)
         if now >= self.next_rss:
@@ -327,7 +324,15 @@ class Daemon:
             for service in self.broker.services.values():
                 service.health.forget_old(now)
         self.notifier.watchdog(now)
-        return self.stopping and self.stop_progress(now)
+        if self.stopping and self.stop_progress(now):
+            return True
+        times = [self.next_tick, self.next_rss, self.next_status]
+        for when in (self.pool.next_due(), self.notifier.next_watchdog(),
+                     self.stop_deadline if self.stopping else None):
+            if when is not None:
+                times.append(when)
+        self.next_timer = min(times)
+        return False
 
     def check_rss(self) -> None:
         limit = self.config.supervisor.max_rss_mib
@@ -505,7 +510,8 @@ class Daemon:
     def status_line(self) -> str:
         ready = sum(1 for w in self.pool.processes.values() if w.state is WorkerState.READY)
         return (f"{ready}/{self.config.supervisor.workers} workers ready, "
-                f"{len(self.broker.ledger)} requests open, {self.broker.counts[200]} served")
+                f"{len(self.broker.ledger)} requests open, "
+                f"{sum(s.statuses[200] for s in self.broker.services.values())} served")
 
     def status(self) -> dict:
         links = self.broker.links
@@ -541,7 +547,7 @@ class Daemon:
                 "state": "stopping" if self.stopping else "reloading" if self.reloading else "running",
                 "workers_target": self.config.supervisor.workers, "workers": workers,
                 "services": services, "in_flight": len(self.broker.ledger),
-                "statuses": {str(int(k)): v for k, v in sorted(self.broker.counts.items())},
+                "statuses": {str(int(k)): v for k, v in sorted(self.broker.totals().items())},
                 "dropped_replies": self.broker.dropped_replies}
 
 

@@ -47,13 +47,8 @@ def render(daemon: "Daemon") -> str:
         for status, count in sorted(dict(service.statuses).items()):
             out.append(f'corral_requests_total{{service="{name.decode()}",status="{int(status)}"}} {count}')
     family("corral_rejected_total", "counter", "Requests refused before reaching a service queue, by status.")
-    per_service = {}
-    for _, service in services:
-        for status, count in dict(service.statuses).items():
-            per_service[status] = per_service.get(status, 0) + count
-    for status, count in sorted(dict(broker.counts).items()):
-        if count - per_service.get(status, 0):
-            out.append(f'corral_rejected_total{{status="{int(status)}"}} {count - per_service.get(status, 0)}')
+    for status, count in sorted(dict(broker.rejected).items()):
+        out.append(f'corral_rejected_total{{status="{int(status)}"}} {count}')
     family("corral_request_duration_seconds", "histogram",
            "Time from the broker receiving a request to its reply, by service.")
     for name, service in services:

@@ -18,27 +18,29 @@ after the client's routing id tells them apart:
 
 Worker protocol, on the backend ROUTER. Workers are DEALERs whose routing id
 is b"w<slot>.<generation>", so a respawned worker is never taken for the one
-it replaces. Every message counts as a heartbeat.
+it replaces. Every message is one frame: a command byte and its payload
+(numbers in network order). Every message counts as a heartbeat.
 
   worker -> broker
-    READY      [W_READY, json {"pid", "capacity", "services"}]
-    REPLY      [W_REPLY, reply_header, body, reply_header, body, ...]
-    HEARTBEAT  [W_HEARTBEAT]
-    RETIRING   [W_RETIRING, json {"reason"}, handed_back]  handed_back: packed u64 tickets
+    READY      W_READY json {"pid", "capacity", "services", "standby"}
+    REPLY      W_REPLY (u64 ticket, u16 status, u8 len, u32 len, fault, body)*
+    HEARTBEAT  W_HEARTBEAT
+    RETIRING   W_RETIRING u8 len, reason, u64 ticket*    (tickets handed back)
   broker -> worker
-    REQUEST    [W_REQUEST, request_header, body, request_header, body, ...]
-    HEARTBEAT  [W_HEARTBEAT]
-    DISCONNECT [W_DISCONNECT]    finish what you hold, reply, exit
+    REQUEST    W_REQUEST (u64 ticket, u32 left_ms, u16 len, u16 len, u32 len,
+                          service, key, body)*
+    HEARTBEAT  W_HEARTBEAT
+    DISCONNECT W_DISCONNECT    finish what you hold, reply, exit
 
-  request_header: u64 ticket, u32 left_ms, u16 len(service), service, key
-                  (left_ms: what is left of the request's deadline when sent; the
-                  guest gets the smaller of that, less the wait, and the app's timeout_ms)
-  reply_header:   u64 ticket, u16 status, fault (ASCII, empty on success)
+  left_ms: what is left of the request's deadline when it was sent; the guest
+  gets the smaller of that (less the time it waited in the worker) and the
+  app's timeout_ms.
 
 A worker takes at most `capacity` requests at once (credit-based flow): the
-broker sends only to workers with free credit. After an abort with
-on_abort = "respawn" a worker replies to the aborting request, hands back
-the requests it holds but has not started (RETIRING), and exits.
+broker sends only to workers with free credit, in batches. After an abort
+with on_abort = "respawn" a worker replies to the aborting request, hands
+back the requests it holds but has not started (RETIRING), waits for
+DISCONNECT, hands back anything that came meanwhile, and exits.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ _RCVMORE = int(zmq.RCVMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 NOBLOCK = int(zmq.NOBLOCK)
+
+
+def recv_frame(socket: zmq.Socket, flags: int = 0) -> bytes:
+    """One frame, whatever follows it."""
+    return _recv(socket, flags)
 
 
 def readable(socket: zmq.Socket) -> bool:
@@ -233,6 +240,8 @@ def reply_frames(dialect: Dialect, client: bytes, request_id: bytes, status: byt
 
 
 # --- worker protocol ----------------------------------------------------------
+# One frame per message (after the worker's routing id): a command byte, then
+# its payload. Requests and replies travel in batches of records.
 
 W_READY = b"\x01"
 W_REQUEST = b"\x02"
@@ -241,9 +250,10 @@ W_HEARTBEAT = b"\x04"
 W_DISCONNECT = b"\x05"
 W_RETIRING = b"\x06"
 
-_REQUEST_HEADER = struct.Struct("!QIH")
-_REPLY_HEADER = struct.Struct("!QH")
+_REQUEST_RECORD = struct.Struct("!QIHHI")   # ticket, left_ms, len(service), len(key), len(body)
+_REPLY_RECORD = struct.Struct("!QHBI")      # ticket, status, len(fault), len(body)
 _TICKETS = struct.Struct("!Q")
+MAX_KEY = 0xFFFF
 
 
 class RetireReason(str, Enum):
@@ -257,32 +267,62 @@ def worker_identity(slot: int, generation: int) -> bytes:
     return b"w%d.%d" % (slot, generation)
 
 
-def encode_request_header(ticket: int, left_ms: int, service: bytes, key: bytes | None) -> bytes:
-    return _REQUEST_HEADER.pack(ticket, left_ms, len(service)) + service + (key or b"")
+def request_record(ticket: int, left_ms: int, service: bytes, key: bytes | None,
+                   body: bytes) -> tuple[bytes, ...]:
+    """The pieces of one request record; a batch is W_REQUEST + the joined pieces."""
+    key = key or b""
+    return _REQUEST_RECORD.pack(ticket, left_ms, len(service), len(key), len(body)), service, key, body
 
 
-def decode_request_header(header: bytes) -> tuple[int, int, bytes, bytes | None]:
-    ticket, left_ms, service_len = _REQUEST_HEADER.unpack_from(header)
-    end = _REQUEST_HEADER.size + service_len
-    return ticket, left_ms, header[_REQUEST_HEADER.size:end], header[end:] or None
+def iter_requests(payload: bytes):
+    """(ticket, left_ms, service, key or None, body) for each record of a W_REQUEST payload."""
+    unpack, size, at, end = _REQUEST_RECORD.unpack_from, _REQUEST_RECORD.size, 1, len(payload)
+    while at < end:
+        ticket, left_ms, service_len, key_len, body_len = unpack(payload, at)
+        at += size
+        service = payload[at:at + service_len]
+        at += service_len
+        key = payload[at:at + key_len] if key_len else None
+        at += key_len
+        yield ticket, left_ms, service, key, payload[at:at + body_len]
+        at += body_len
 
 
-def encode_reply_header(ticket: int, status: int, fault: bytes = b"") -> bytes:
-    return _REPLY_HEADER.pack(ticket, status) + fault
+def reply_record(ticket: int, status: int, fault: bytes, body: bytes) -> tuple[bytes, ...]:
+    """The pieces of one reply record; a batch is W_REPLY + the joined pieces."""
+    return _REPLY_RECORD.pack(ticket, status, len(fault), len(body)), fault, body
 
 
-def decode_reply_header(header: bytes) -> tuple[int, int, bytes]:
-    ticket, status = _REPLY_HEADER.unpack_from(header)
-    return ticket, status, header[_REPLY_HEADER.size:]
+def iter_replies(payload: bytes):
+    """(ticket, status, fault, body) for each record of a W_REPLY payload."""
+    unpack, size, at, end = _REPLY_RECORD.unpack_from, _REPLY_RECORD.size, 1, len(payload)
+    while at < end:
+        ticket, status, fault_len, body_len = unpack(payload, at)
+        at += size
+        fault = payload[at:at + fault_len]
+        at += fault_len
+        yield ticket, status, fault, payload[at:at + body_len]
+        at += body_len
 
 
-def encode_tickets(tickets: list[int]) -> bytes:
-    return b"".join(_TICKETS.pack(t) for t in tickets)
+def retiring_message(reason: str, tickets: list[int]) -> bytes:
+    encoded = reason.encode()
+    return W_RETIRING + bytes([len(encoded)]) + encoded + b"".join(_TICKETS.pack(t) for t in tickets)
 
 
-def decode_tickets(packed: bytes) -> list[int]:
-    return [t for (t,) in _TICKETS.iter_unpack(packed)]
+def parse_retiring(payload: bytes) -> tuple[str, list[int]]:
+    length = payload[1]
+    reason = payload[2:2 + length].decode(errors="replace")
+    return reason, [t for (t,) in _TICKETS.iter_unpack(payload[2 + length:])]
 
 
 def encode_json(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
+
+
+def recv_payload(socket: zmq.Socket, flags: int = 0) -> bytes:
+    """One single-frame message; stray extra frames (never sent by corral) are dropped."""
+    payload = _recv(socket, flags)
+    while _get(socket, _RCVMORE):
+        _recv(socket)
+    return payload

@@ -280,3 +280,15 @@ def test_console_log_format(start_daemon):
     text = daemon.log_path.read_text()
     assert "worker.ready" in text and "request.rejected" in text
     assert not text.lstrip().startswith("{")
+
+
+def test_a_key_sent_to_a_service_that_is_not_keyed_is_ignored(start_daemon):
+    daemon = start_daemon({"shared": {"module": GUESTS / "counter.wat"}}, supervisor={"workers": 1})
+    client = daemon.client()
+    counts = [client.call("shared", b"incr", key=key).body for key in ("a", "b", "c")]
+    assert counts == [b"1", b"2", b"3"]   # one instance, whatever the key
+
+
+def test_an_oversized_key_is_a_bad_request(shared_daemon):
+    reply = shared_daemon.call("counter", b"incr", key="k" * 70000)
+    assert reply.status == 400 and b"key" in reply.body

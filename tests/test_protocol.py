@@ -54,13 +54,16 @@ def test_replies_use_the_framing_of_the_request():
         [b"c", b"", b"MDPC02", b"\x04", b"200", b"b"]
 
 
-def test_worker_headers_round_trip():
-    header = protocol.encode_request_header(2**40 + 3, 1500, b"svc", b"key\x00bytes")
-    assert protocol.decode_request_header(header) == (2**40 + 3, 1500, b"svc", b"key\x00bytes")
-    assert protocol.decode_request_header(protocol.encode_request_header(1, 2, b"s", None)) == (1, 2, b"s", None)
-    assert protocol.decode_reply_header(protocol.encode_reply_header(9, 502, b"unreachable")) == \
-        (9, 502, b"unreachable")
-    assert protocol.decode_tickets(protocol.encode_tickets([1, 2**63, 5])) == [1, 2**63, 5]
+def test_worker_records_round_trip():
+    batch = protocol.W_REQUEST + b"".join(
+        protocol.request_record(2**40 + 3, 1500, b"svc", b"key\x00bytes", b"body one")
+        + protocol.request_record(7, 2, b"s", None, b""))
+    assert list(protocol.iter_requests(batch)) == [(2**40 + 3, 1500, b"svc", b"key\x00bytes", b"body one"),
+                                                   (7, 2, b"s", None, b"")]
+    replies = protocol.W_REPLY + b"".join(protocol.reply_record(9, 502, b"unreachable", b"detail")
+                                          + protocol.reply_record(10, 200, b"", b"x" * 70000))
+    assert list(protocol.iter_replies(replies)) == [(9, 502, b"unreachable", b"detail"), (10, 200, b"", b"x" * 70000)]
+    assert protocol.parse_retiring(protocol.retiring_message("abort", [1, 2**63, 5])) == ("abort", [1, 2**63, 5])
 
 
 def test_worker_identity_carries_slot_and_generation():

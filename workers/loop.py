@@ -1,10 +1,19 @@
 """The worker's socket loop: take requests from the broker, run them, reply, heartbeat.
 
 The worker runs one request at a time, in the order the broker sent them
-(which keeps requests for one key in arrival order), and sends each reply as
-soon as its call returns: a reply is never held behind a slower request.
-While a guest runs, the worker cannot answer; the broker knows that and
-judges a busy worker by the longest call it may be running (DESIGN 4b).
+(which keeps requests for one key in arrival order). It takes new messages
+only when it has run everything it holds: the broker never sends more than
+the worker's capacity, so nothing waits on the socket that could run sooner.
+
+Replies go back in batches, one message for several requests, as long as
+the guests are fast: before a request whose guest has taken longer than
+SLOW_CALL_S recently, and whenever nothing is left to run, the pending
+replies are sent first, so a reply is not held behind a slow call (except
+once, the first time a fast guest turns slow).
+
+While a guest runs the worker cannot answer; the broker judges a busy
+worker by the longest call it may be running (DESIGN 4b). When idle, it
+heartbeats every heartbeat_ms, whatever the broker sends meanwhile.
 """
 
 from __future__ import annotations
@@ -16,15 +25,16 @@ from dataclasses import dataclass
 
 import zmq
 
-from supervisor.protocol import (W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_RETIRING,
-                                 RetireReason, Status, decode_request_header, encode_json,
-                                 encode_reply_header, encode_tickets, readable, recv_frames, send_frames,
-                                 worker_identity)
+from supervisor.protocol import (NOBLOCK, W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST,
+                                 RetireReason, Status, encode_json, iter_requests, readable,
+                                 recv_payload, reply_record, retiring_message, worker_identity)
 from workers import outcome
-from workers.host import Host
-from workers.spec import WorkerSpec
+from workers.host import Guest, Host
 
-LINGER_MS = 2000  # long enough for the last replies to leave; the broker is local
+LINGER_MS = 2000       # long enough for the last replies to leave; the broker is local
+SLOW_CALL_S = 0.001    # a guest call this long sends the pending replies first, for a while
+SLOW_MEMORY_S = 30.0   # how long a guest counts as slow after a slow call
+MAX_BATCH = 64         # replies per message at most
 
 
 @dataclass(slots=True)
@@ -37,7 +47,7 @@ class Job:
 
 
 class WorkerLoop:
-    def __init__(self, spec: WorkerSpec, slot: int, generation: int, host: Host, log,
+    def __init__(self, spec, slot: int, generation: int, host: Host, log,
                  max_requests: int = 0, standby: bool = False):
         self.spec = spec
         self.host = host
@@ -48,9 +58,12 @@ class WorkerLoop:
         self.standby = standby  # the broker sends nothing until the daemon promotes it
         self.parent = os.getppid()
         self.jobs: deque[Job] = deque()
+        self.replies: list[bytes] = [W_REPLY]
+        self.pending = 0
         self.last_sent = 0.0
         self.handled = 0
         self.leaving = False  # the broker said DISCONNECT: finish what we hold, then exit
+        self.slow_at: dict[bytes, float] = {}   # service -> when its guest was last slow
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.ROUTING_ID, self.identity)
@@ -59,50 +72,60 @@ class WorkerLoop:
         self.socket.connect(spec.backend)
 
     def run(self) -> int:
-        socket = self.socket
-        poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
-        self.send([W_READY, encode_json({"pid": os.getpid(), "capacity": self.spec.capacity,
+        self.send(W_READY + encode_json({"pid": os.getpid(), "capacity": self.spec.capacity,
                                          "services": [g.decode() for g in self.host.guests],
-                                         "standby": self.standby})])
-        self.log.info("worker.ready", services=len(self.host.guests))
-        idle_timeout_ms = self.spec.heartbeat_ms
+                                         "standby": self.standby}))
+        self.log.info("worker.ready", services=len(self.host.guests), standby=self.standby)
         while True:
             if not self.jobs:
+                self.flush()
                 if self.leaving:
                     return self.exit("disconnect")
-                if not poller.poll(idle_timeout_ms):
-                    self.idle()
-                    continue
-            self.receive()
-            if self.jobs:
-                retire = self.run_one()
-                if retire is not None:
-                    return self.retire(retire)
-                if self.max_requests and self.handled >= self.max_requests:
-                    return self.retire(RetireReason.MAX_REQUESTS)
+                self.wait_for_work()
+                continue
+            retire = self.run_one(self.jobs.popleft())
+            if retire is not None:
+                return self.retire(retire)
+            if self.max_requests and self.handled >= self.max_requests:
+                self.flush()
+                return self.retire(RetireReason.MAX_REQUESTS)
 
-    def receive(self) -> None:
-        """Take every message waiting on the socket, without blocking."""
-        socket = self.socket
-        while readable(socket):
-            frames = recv_frames(socket)
-            command = frames[0]
-            if command == W_REQUEST:
-                now = time.monotonic()
-                for i in range(1, len(frames) - 1, 2):
-                    ticket, left_ms, service, key = decode_request_header(frames[i])
-                    self.jobs.append(Job(ticket, now + left_ms / 1000, service, key, frames[i + 1]))
-            elif command == W_DISCONNECT:
-                self.leaving = True
-            elif command != W_HEARTBEAT:
-                self.log.warning("worker.unknown_command", command=command.hex())
+    def wait_for_work(self) -> None:
+        """Block until a message comes or a heartbeat is due; take every message waiting."""
+        due = self.last_sent + self.heartbeat_s - time.monotonic()
+        if due > 0:
+            self.socket.setsockopt(zmq.RCVTIMEO, max(1, int(due * 1000)))
+            try:
+                self.handle(recv_payload(self.socket))
+            except zmq.Again:
+                pass
+            while readable(self.socket):
+                self.handle(recv_payload(self.socket, NOBLOCK))
+        if time.monotonic() - self.last_sent >= self.heartbeat_s and not self.jobs:
+            if os.getppid() != self.parent:
+                self.log.error("worker.orphaned")
+                os._exit(1)
+            self.send(W_HEARTBEAT)
 
-    def run_one(self) -> RetireReason | None:
-        job = self.jobs.popleft()
-        now = time.monotonic()
-        left_ms = int((job.deadline - now) * 1000)
+    def handle(self, payload: bytes) -> None:
+        command = payload[:1]
+        if command == W_REQUEST:
+            now = time.monotonic()
+            jobs = self.jobs
+            for ticket, left_ms, service, key, body in iter_requests(payload):
+                jobs.append(Job(ticket, now + left_ms / 1000, service, key, body))
+        elif command == W_DISCONNECT:
+            self.leaving = True
+        elif command != W_HEARTBEAT:
+            self.log.warning("worker.unknown_command", command=command.hex())
+
+    def run_one(self, job: Job) -> RetireReason | None:
         guest = self.host.guests.get(job.service)
+        started = time.monotonic()
+        if self.pending and (self.pending >= MAX_BATCH or started - self.slow_at.get(job.service, -1e9)
+                             < SLOW_MEMORY_S):
+            self.flush()
+        left_ms = int((job.deadline - started) * 1000)
         if guest is None:
             result = outcome.Outcome(Status.NOT_FOUND, b"this worker does not serve " + job.service)
         elif left_ms <= 0:
@@ -111,10 +134,17 @@ class WorkerLoop:
             # Time spent waiting here counts against the request's deadline,
             # never against the guest's own timeout_ms.
             result = guest.run(job.key, job.body, min(left_ms, guest.app.timeout_ms))
+            if time.monotonic() - started > SLOW_CALL_S:
+                self.slow_at[job.service] = time.monotonic()
         self.handled += 1
-        self.send([W_REPLY, encode_reply_header(job.ticket, result.status, result.fault), result.body])
+        self.replies += reply_record(job.ticket, result.status, result.fault, result.body)
+        self.pending += 1
         if result.status is Status.OK or result.status is Status.GUEST_ERROR:
             return None
+        self.flush()  # a fault is news: send it now
+        return self.fault(job, guest, result)
+
+    def fault(self, job: Job, guest: Guest | None, result: outcome.Outcome) -> RetireReason | None:
         self.log.warning("request.fault", ticket=job.ticket, service=job.service.decode(),
                          status=int(result.status), fault=result.fault.decode(),
                          detail=result.body[:200].decode(errors="replace"),
@@ -123,33 +153,35 @@ class WorkerLoop:
             return guest.abort_escalates(time.monotonic())
         return None
 
-    def send(self, frames: list[bytes]) -> None:
-        send_frames(self.socket, frames)
-        self.last_sent = time.monotonic()
+    def flush(self) -> None:
+        if self.pending:
+            self.send(b"".join(self.replies))
+            self.replies = [W_REPLY]
+            self.pending = 0
 
-    def idle(self) -> None:
-        if os.getppid() != self.parent:
-            self.log.error("worker.orphaned")
-            os._exit(1)
-        if time.monotonic() - self.last_sent >= self.heartbeat_s:
-            self.send([W_HEARTBEAT])
+    def send(self, payload: bytes) -> None:
+        self.socket.send(payload, copy=len(payload) < 65536)
+        self.last_sent = time.monotonic()
 
     def retire(self, reason: RetireReason) -> int:
         """Leave after a fault: hand back what has not started, wait for the broker's word."""
         self.log.warning("worker.retiring", reason=reason.value, handed_back=len(self.jobs))
         self.hand_back(reason)
         deadline = time.monotonic() + max(10 * self.heartbeat_s, 5.0)
+        self.socket.setsockopt(zmq.RCVTIMEO, int(self.heartbeat_s * 1000))
         while not self.leaving and time.monotonic() < deadline:
-            if self.socket.poll(int(self.heartbeat_s * 1000)):
-                self.receive()
-                if self.jobs:  # sent before the broker saw RETIRING
-                    self.hand_back(reason)
+            try:
+                self.handle(recv_payload(self.socket))
+            except zmq.Again:
+                continue
+            if self.jobs:  # sent before the broker saw RETIRING
+                self.hand_back(reason)
         return self.exit(reason.value)
 
     def hand_back(self, reason: RetireReason) -> None:
         tickets = [job.ticket for job in self.jobs]
         self.jobs.clear()
-        self.send([W_RETIRING, encode_json({"reason": reason.value}), encode_tickets(tickets)])
+        self.send(retiring_message(reason.value, tickets))
 
     def exit(self, reason: str) -> int:
         self.socket.close(linger=LINGER_MS)
