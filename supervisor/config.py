@@ -44,7 +44,7 @@ class SupervisorSettings:
     max_queue: int = 10000
     max_message_kib: int = 16384
     # Beyond DESIGN: requests a worker may hold at once (credit-based flow).
-    pipeline: int = 4
+    pipeline: int = 16
     # Planned recycling (gunicorn's max_requests / max_requests_jitter); 0: off.
     max_requests: int = 0
     max_requests_jitter: int = 0

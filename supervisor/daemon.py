@@ -37,6 +37,7 @@ from supervisor.config import Config, ConfigError
 from supervisor.control import Control
 from supervisor.metrics import MetricsServer
 from supervisor.notify import Notifier
+from supervisor.tuning import quiet_garbage_collector
 from supervisor.pool import (STANDBY_BASE, Pool, WorkerProcess, WorkerState, describe_exit,
                              kill_stale_workers)
 from workers import modules, oslimits
@@ -114,6 +115,7 @@ class Daemon:
                       apps=sorted(config.apps))
         self.pool.fill(range(config.supervisor.workers))
         self.pool.fill(self.standby_slots())
+        quiet_garbage_collector()
         try:
             self.loop()
         finally:

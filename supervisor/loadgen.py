@@ -326,7 +326,7 @@ class Result:
     stray: int
     statuses: Counter
     elapsed_s: float
-    latencies_ms: list[float]  # ordered
+    latencies_ms: array        # ordered (an array, not a list: nothing for the GC to walk)
     max_lag_ms: float = 0.0
     late_sends: int = 0
     errors: list[str] = field(default_factory=list)
@@ -397,7 +397,7 @@ def merge(stats: list[ClientStats], **fields) -> Result:
     elapsed_ns = (max(s.ended_ns for s in ran) - min(s.started_ns for s in ran)) if ran else 0
     return Result(sent=sum(s.sent for s in stats), received=sum(s.received for s in stats),
                   stray=sum(s.stray for s in stats), statuses=statuses, elapsed_s=elapsed_ns / 1e9,
-                  latencies_ms=sorted(v / 1e6 for v in latencies),
+                  latencies_ms=array("d", sorted(v / 1e6 for v in latencies)),
                   max_lag_ms=max((s.max_lag_ns for s in stats), default=0) / 1e6,
                   late_sends=sum(s.late_sends for s in stats),
                   errors=[s.error for s in stats if s.error], **fields)
@@ -483,7 +483,12 @@ def _client_run(endpoint: str, frame: Framing, requests: int, concurrency: int, 
 
 
 def _process_main(conn, args: tuple, ready_barrier, go_event, counts) -> None:
-    # A forked child: its own context, made here, after the fork.
+    # A forked child: it dies with its parent, and makes its own context, here, after the fork.
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)   # PR_SET_PDEATHSIG, SIGKILL (Linux)
+    except (OSError, AttributeError):
+        pass
     context = zmq.Context()
     try:
         endpoint, frame, requests, concurrency, rate, timeout_s, warmup, slot = args

@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the daemon validated the modules; this is the environment
         log.error("worker.start_failed", error=f"{type(exc).__name__}: {exc}")
         return 3
+    from supervisor.tuning import quiet_garbage_collector
+    quiet_garbage_collector()
     return WorkerLoop(spec, args.slot, args.generation, host, log, args.max_requests, args.standby).run()
 
 

@@ -27,7 +27,8 @@ import zmq
 
 from supervisor.protocol import (NOBLOCK, W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST,
                                  RetireReason, Status, encode_json, iter_requests, readable,
-                                 recv_payload, reply_record, retiring_message, worker_identity)
+                                 recv_payload, reply_record, retiring_message, send_frames,
+                                 worker_identity)
 from workers import outcome
 from workers.host import Guest, Host
 
@@ -160,7 +161,7 @@ class WorkerLoop:
             self.pending = 0
 
     def send(self, payload: bytes) -> None:
-        self.socket.send(payload, copy=len(payload) < 65536)
+        send_frames(self.socket, (payload,))
         self.last_sent = time.monotonic()
 
     def retire(self, reason: RetireReason) -> int:

@@ -1,0 +1,1050 @@
+#!/usr/bin/env python3
+"""corral against its baselines, in one go, on this machine (DESIGN section 8; issue 5).
+
+    python bench/run.py                  everything (about 50 s on 2 cores)
+    python bench/run.py --quick          everything, small (about 10 s): the CI smoke run
+    python bench/run.py --throughput     only some sections: --throughput --half-load
+                                         --host --instantiate --abort (any combination)
+
+Sections (see bench/README.md for what each number means):
+
+  throughput   the same closed-loop load (one load generator, supervisor/loadgen.py)
+               against (a) a bare pyzmq ROUTER echo in one process, (b) the C
+               zmq.proxy with as many Python REP echo workers as corral has workers,
+               (c) the real corral daemon serving guests/echo.wat; req/s, p50, p99,
+               and the ratios c/a and c/b
+  half-load    an open-loop (fixed-rate) load at half of (c)'s measured maximum,
+               against all three: p50/p90/p99 (the target: corral's p99 <= 2 ms)
+  host         host overhead per Wasm call: corral's call path (Guest.run,
+               CorralEntry.handle_request) against wasmtime-py's Func.__call__ +
+               Memory.read/write doing the same corral/1 request by hand
+  instantiate  the time to make a fresh instance of the echo guest (Guest.instantiate)
+  abort        abort-to-serving-again through the real daemon, for on_abort =
+               "reinstantiate" (keyed counter guest) and "respawn" (workers = 1)
+
+Everything it starts runs in its own process group under one private
+directory in /tmp; all of it is stopped and removed at the end, on an error,
+on Ctrl-C, SIGTERM and SIGHUP (and if this script is SIGKILLed, its children
+die with it: parent-death signal; the next run removes the directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))   # measure this checkout, installed or not
+
+import zmq  # noqa: E402
+
+from supervisor import loadgen  # noqa: E402
+
+GUESTS = REPO / "guests"
+ECHO = GUESTS / "echo.wat"
+COUNTER = GUESTS / "counter.wat"
+BASELINES = Path(__file__).resolve().parent / "baselines.py"
+SECTIONS = ("throughput", "half-load", "host", "instantiate", "abort")
+P99_TARGET_MS = 2.0
+
+
+class BenchError(Exception):
+    """Something the benchmark needs did not happen (a server did not start, a daemon failed)."""
+
+
+# --- processes: each in its own group, all stopped at the end ----------------------------
+
+class Processes:
+    """Every process the benchmark starts, each the leader of a new process group."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+        self.env.pop("NOTIFY_SOCKET", None)
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], log: Path | None = None, pipe: bool = False,
+              env: dict | None = None, death_signal: int = signal.SIGKILL) -> subprocess.Popen:
+        """Start a process as the leader of a new process group. `death_signal` reaches it if
+        this script dies without cleaning up (SIGKILL cannot be caught): no orphans even then."""
+        stdout = subprocess.PIPE if pipe else (open(log, "ab") if log else subprocess.DEVNULL)
+        try:
+            process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stdout,
+                                       stderr=subprocess.STDOUT if log else None,
+                                       env={**self.env, **(env or {})}, cwd=self.root,
+                                       start_new_session=True,
+                                       preexec_fn=lambda: _die_with_parent(death_signal))
+        finally:
+            if log:
+                stdout.close()
+        self.started.append(process)
+        return process
+
+    def start_ready(self, args: list[str], timeout: float = 15.0) -> subprocess.Popen:
+        """Start a baseline server and wait for its "ready" line."""
+        process = self.start(args, pipe=True)
+        selector = selectors.DefaultSelector()
+        selector.register(process.stdout, selectors.EVENT_READ)
+        try:
+            if not selector.select(timeout):
+                raise BenchError(f"{' '.join(args[1:3])}: not ready within {timeout:g} s")
+            line = process.stdout.readline()
+            if line.strip() != b"ready":
+                raise BenchError(f"{' '.join(args[1:3])}: exited or said {line!r} instead of ready")
+        finally:
+            selector.close()
+        return process
+
+    def stop(self, process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 3.0) -> int | None:
+        """Stop a process and every process in its group; returns its exit code."""
+        try:
+            if process.poll() is None:
+                os.killpg(process.pid, sig)
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+        except ProcessLookupError:
+            pass
+        self.kill_group(process.pid)
+        if process.poll() is None:
+            process.kill()
+        code = process.wait()
+        if process.stdout:
+            process.stdout.close()
+        if process in self.started:
+            self.started.remove(process)
+        return code
+
+    @staticmethod
+    def group_members(pgid: int) -> list[int]:
+        """Live (not zombie) processes of a process group."""
+        import psutil
+        members = []
+        for process in psutil.process_iter(["pid", "status"]):
+            try:
+                if process.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(process.pid) == pgid:
+                    members.append(process.pid)
+            except (ProcessLookupError, psutil.Error):
+                pass
+        return members
+
+    def kill_group(self, pgid: int, grace_s: float = 0.0) -> list[int]:
+        """SIGKILL whatever is still alive in a group after grace_s; returns what was left."""
+        end = time.monotonic() + grace_s
+        left = self.group_members(pgid)
+        while left and time.monotonic() < end:
+            time.sleep(0.05)
+            left = self.group_members(pgid)
+        if left:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            end = time.monotonic() + 2.0
+            while self.group_members(pgid) and time.monotonic() < end:
+                time.sleep(0.02)
+        return left
+
+    def stop_all(self) -> None:
+        for process in reversed(list(self.started)):
+            self.stop(process, timeout=1.0)
+
+
+_libc = None
+
+
+def _die_with_parent(signum: int) -> None:
+    """In the child, before exec: prctl(PR_SET_PDEATHSIG) (Linux; elsewhere nothing)."""
+    global _libc
+    try:
+        import ctypes
+        _libc = _libc or ctypes.CDLL(None, use_errno=True)
+        _libc.prctl(1, int(signum), 0, 0, 0)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Endpoints:
+    """ipc:// paths under the run's directory, or tcp:// on 127.0.0.1 with free ports."""
+
+    def __init__(self, root: Path, transport: str):
+        self.root, self.transport = root, transport
+
+    def __call__(self, name: str) -> str:
+        if self.transport == "ipc":
+            return f"ipc://{self.root / (name + '.sock')}"
+        return f"tcp://127.0.0.1:{free_port()}"
+
+
+# --- the systems under load --------------------------------------------------------------
+
+class EchoServer:
+    """(a) one hop: a Python ROUTER that answers every request itself."""
+    label = "a  pyzmq ROUTER echo, one hop"
+    framing = "native"
+
+    def __init__(self, procs: Processes, endpoints: Endpoints, opts):
+        self.procs, self.endpoint, self.opts = procs, endpoints("echo"), opts
+
+    def start(self) -> None:
+        args = [sys.executable, str(BASELINES), "echo", self.endpoint]
+        if self.opts.baseline_multipart:
+            args.append("--multipart")
+        self.process = self.procs.start_ready(args)
+
+    def roles(self) -> dict[str, list[int]]:
+        return {"server": [self.process.pid]}
+
+    def stop(self) -> None:
+        if getattr(self, "process", None) is not None:
+            self.procs.stop(self.process)
+
+
+class ProxyServer:
+    """(b) the C zmq.proxy (ROUTER to DEALER) in front of N Python REP workers."""
+    framing = "reqrep"
+
+    def __init__(self, procs: Processes, endpoints: Endpoints, opts):
+        self.procs, self.opts = procs, opts
+        self.endpoint, self.backend = endpoints("proxy-front"), endpoints("proxy-back")
+        self.label = f"b  zmq.proxy + {opts.workers} Python REP workers"
+
+    def start(self) -> None:
+        self.proxy = self.procs.start_ready([sys.executable, str(BASELINES), "proxy", self.endpoint,
+                                             self.backend])
+        rep = [sys.executable, str(BASELINES), "rep", self.backend]
+        if self.opts.baseline_multipart:
+            rep.append("--multipart")
+        self.reps = [self.procs.start_ready(rep) for _ in range(self.opts.workers)]
+        # The DEALER backend round-robins over the peers it has: let every REP's
+        # connection complete before the first request (the warm-up follows).
+        time.sleep(0.3)
+
+    def roles(self) -> dict[str, list[int]]:
+        return {"proxy": [self.proxy.pid], "workers": [p.pid for p in self.reps]}
+
+    def stop(self) -> None:
+        for process in getattr(self, "reps", []) + [getattr(self, "proxy", None)]:
+            if process is not None:
+                self.procs.stop(process)
+
+
+class Corral:
+    """(c) the real daemon: `python -m supervisor run -c <temp config>`."""
+    framing = "native"
+
+    def __init__(self, procs: Processes, endpoints: Endpoints, opts, name: str = "corral",
+                 apps: dict | None = None, workers: int | None = None, restart: dict | None = None):
+        self.procs, self.opts, self.name = procs, opts, name
+        self.workers = workers or opts.workers
+        self.dir = procs.root / name
+        self.dir.mkdir()
+        self.endpoint = endpoints(name)
+        self.control = f"ipc://{self.dir / 'control.sock'}"
+        self.log = self.dir / "daemon.log"
+        self.config = self.dir / "corral.toml"
+        self.label = f"c  corral, echo guest, {self.workers} workers"
+        supervisor = {"frontend": self.endpoint, "control": self.control, "workers": self.workers,
+                      "graceful_timeout_s": 5, "cache_dir": str(procs.root / "cache")}
+        supervisor.update(opts.corral_set)
+        self.graceful_s = float(supervisor["graceful_timeout_s"])
+        doc = {"supervisor": supervisor, "restart": restart or {},
+               "apps": apps or {"echo": {"module": str(ECHO)}}}
+        self.config.write_text(toml(doc))
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        # If this script is killed outright, the daemon gets SIGTERM: it drains and takes its workers along.
+        self.process = self.procs.start([sys.executable, "-m", "supervisor", "run", "-c", str(self.config)],
+                                        log=self.log, env={"RUNTIME_DIRECTORY": str(self.dir / "run")},
+                                        death_signal=signal.SIGTERM)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                raise BenchError(f"{self.name}: the daemon exited with {self.process.returncode}:\n"
+                                 f"{self.log_tail()}")
+            try:
+                status = self.status(timeout=1.0)
+            except TimeoutError:
+                continue
+            ready = [w for w in status["workers"] if w["state"] == "ready"]
+            if status["state"] == "running" and len(ready) >= status["workers_target"]:
+                return
+            time.sleep(0.05)
+        raise BenchError(f"{self.name}: not ready within {timeout:g} s:\n{self.log_tail()}")
+
+    def status(self, timeout: float = 5.0) -> dict:
+        """The control endpoint's status verb (what `corral status` shows)."""
+        context = zmq.Context()
+        try:
+            req = context.socket(zmq.REQ)
+            req.setsockopt(zmq.LINGER, 0)
+            req.connect(self.control)
+            req.send_multipart([b"status", b"{}"])
+            if not req.poll(int(timeout * 1000)):
+                raise TimeoutError("no answer on the control endpoint")
+            return json.loads(req.recv())
+        finally:
+            context.destroy(linger=0)
+
+    def roles(self) -> dict[str, list[int]]:
+        members = Processes.group_members(self.process.pid)
+        return {"broker": [self.process.pid], "workers": [p for p in members if p != self.process.pid]}
+
+    def ready_pids(self) -> list[int]:
+        return [w["pid"] for w in self.status()["workers"] if w["state"] == "ready"]
+
+    def stop(self) -> None:
+        """SIGTERM, a drain, exit 0 and nothing left in its process group: else BenchError."""
+        if self.process is None:
+            return
+        process, self.process = self.process, None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(self.graceful_s + 5)
+        except subprocess.TimeoutExpired:
+            code = None
+        left = self.procs.kill_group(process.pid, grace_s=1.0)
+        self.procs.stop(process)
+        if code != 0:
+            raise BenchError(f"{self.name}: after SIGTERM the daemon "
+                             f"{'did not exit in time' if code is None else f'exited with {code}'}:\n"
+                             f"{self.log_tail()}")
+        if left:
+            raise BenchError(f"{self.name}: processes {left} of the daemon were left after it exited "
+                             f"(killed now)")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def toml(doc: dict) -> str:
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        return json.dumps(str(v))
+    lines = []
+    for section, table in doc.items():
+        if section == "apps":
+            for name, app in table.items():
+                lines.append(f"[apps.{name}]")
+                lines += [f"{k} = {value(v)}" for k, v in app.items()]
+        elif table:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+# --- sections ------------------------------------------------------------------------------
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    data: dict = field(default_factory=dict)
+
+    def out(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+
+@dataclass
+class Cpu:
+    """CPU seconds used during one load run: by role of the system under load, by the
+    load generator, and by the whole machine (so what other processes took shows)."""
+    roles: dict[str, float]
+    client: float
+    machine_busy: float
+    wall: float
+
+    def per_request_us(self, requests: int) -> dict[str, float]:
+        out = {role: seconds / requests * 1e6 for role, seconds in self.roles.items()}
+        out["client"] = self.client / requests * 1e6
+        return out
+
+    @property
+    def machine_busy_pct(self) -> float:
+        """How busy the whole machine was, in % of all its cores."""
+        return 100 * self.machine_busy / self.wall / (os.cpu_count() or 1) if self.wall > 0 else 0.0
+
+    @property
+    def others_cores(self) -> float:
+        """Cores' worth of CPU that neither the system nor the load generator used."""
+        ours = sum(self.roles.values()) + self.client
+        return max(0.0, self.machine_busy - ours) / self.wall if self.wall > 0 else 0.0
+
+
+def _cpu_of(pids: list[int]) -> float:
+    import psutil
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _snapshot(system) -> tuple[dict[str, float], float, float, float]:
+    import psutil
+    roles = {role: _cpu_of(pids) for role, pids in system.roles().items()}
+    own = os.times()
+    machine = psutil.cpu_times()
+    busy = machine.user + machine.nice + machine.system + machine.irq + machine.softirq + \
+        getattr(machine, "steal", 0.0)
+    return roles, own.user + own.system + own.children_user + own.children_system, busy, time.monotonic()
+
+
+def load(system, opts, requests: int, rate: float | None = None) -> loadgen.Result:
+    before = _snapshot(system)
+    result = loadgen.run(system.endpoint, b"echo", opts.body.encode(), requests=requests,
+                         concurrency=opts.concurrency, clients=opts.clients, key=None,
+                         progress=opts.progress, framing_name=system.framing, rate=rate)
+    after = _snapshot(system)
+    result.cpu = Cpu({role: after[0][role] - before[0].get(role, 0.0) for role in after[0]},
+                     after[1] - before[1], after[2] - before[2], after[3] - before[3])
+    return result
+
+
+def check(result: loadgen.Result, label: str) -> None:
+    if result.failed:
+        raise BenchError(f"{label}: {result.failed} of {result.requests} requests failed\n{result.report()}")
+
+
+def section_throughput(opts, procs: Processes, endpoints: Endpoints, report: Report) -> float:
+    every = {"a": EchoServer, "b": ProxyServer, "c": Corral}
+    systems = [every[name](procs, endpoints, opts) for name in opts.systems]
+    results: dict[str, list[loadgen.Result]] = {s.label: [] for s in systems}
+    half: dict[str, loadgen.Result] = {}
+    profiles: list[tuple[str, Path]] = []
+    try:
+        for system in systems:
+            system.start()
+        for round_ in range(opts.rounds):
+            for system in systems:
+                result = load(system, opts, opts.requests)
+                check(result, system.label)
+                results[system.label].append(result)
+        med = {label: median_result(rs) for label, rs in results.items()}
+        reference = systems[-1]      # corral, unless --systems leaves it out
+        corral_max = med[reference.label].throughput
+        if opts.run_half_load:
+            rate = corral_max / 2
+            for system in systems:
+                result = load(system, opts, opts.half_requests, rate=rate)
+                check(result, system.label)
+                half[system.label] = result
+        if opts.profile and "c" in opts.systems:
+            profiles = profile_corral(systems[opts.systems.index("c")], opts, procs)
+    finally:
+        errors = []
+        for system in systems:
+            try:
+                system.stop()
+            except BenchError as exc:
+                errors.append(str(exc))
+        if errors and sys.exc_info()[0] is None:
+            raise BenchError("\n".join(errors))
+
+    report.out(f"== Throughput: closed loop, {opts.clients} client(s) x {opts.concurrency} in flight, "
+               f"{opts.requests} requests per run, {opts.rounds} round(s), median round shown")
+    report.out(f"{'system':<40} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}   all rounds req/s")
+    for system in systems:
+        r = med[system.label]
+        rounds = " ".join(f"{x.throughput:,.0f}" for x in results[system.label])
+        report.out(f"{system.label:<40} {r.throughput:>9,.0f} {r.pct(50):>8.3f} {r.pct(99):>8.3f} "
+                   f"{r.max_ms:>8.3f}   {rounds}")
+    report.out("")
+    report.out("CPU per request in the median round (us of CPU time, all processes of each role; "
+               "'others': cores' worth used by\nprocesses outside the benchmark during the run, "
+               "the noise in these figures)")
+    for system in systems:
+        r = med[system.label]
+        per = r.cpu.per_request_us(r.requests)
+        parts = "  ".join(f"{role} {us:.1f}" for role, us in per.items())
+        server = sum(us for role, us in per.items() if role != "client")
+        report.out(f"{system.label:<40} server {server:6.1f}  =  {parts}   machine busy "
+                   f"{r.cpu.machine_busy_pct:.0f}%, others {r.cpu.others_cores:.2f} cores")
+    by_name = {name: med[system.label] for name, system in zip(opts.systems, systems)}
+    report.data["throughput"] = {s.label: {"median": summary(med[s.label]),
+                                           "rounds": [summary(x) for x in results[s.label]]}
+                                 for s in systems}
+    report.data["ratios"] = {}
+    c = by_name.get("c")
+    for name, what in (("a", "one-hop pyzmq echo"), ("b", "zmq.proxy + REP workers")):
+        if c is not None and name in by_name:
+            ratio = c.throughput / by_name[name].throughput
+            report.data["ratios"][f"c/{name}"] = ratio
+            report.out(f"ratio c/{name} = {ratio:.3f}   (corral / {what}, throughput)")
+    if half:
+        rate = corral_max / 2
+        report.out("")
+        report.out(f"== Latency at half of {reference.label[3:].split(',')[0]}'s max load: open loop (fixed schedule), "
+                   f"{rate:,.0f} req/s offered, {opts.half_requests} requests")
+        report.out(f"{'system':<40} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}"
+                   f" {'lag ms':>7} {'CPU us/req':>10} {'busy':>5}")
+        for system in systems:
+            r = half[system.label]
+            per = r.cpu.per_request_us(r.requests)
+            server = sum(us for role, us in per.items() if role != "client")
+            report.out(f"{system.label:<40} {r.throughput:>9,.0f} {r.pct(50):>8.3f} {r.pct(90):>8.3f} "
+                       f"{r.pct(99):>8.3f} {r.max_ms:>8.3f} {r.max_lag_ms:>7.2f} {server:>10.1f} "
+                       f"{r.cpu.machine_busy_pct:>4.0f}%")
+        report.out("(lag: how late the load generator itself sent its latest request; CPU us/req: the "
+                   "system's, client excluded;\n busy: the whole machine, all cores)")
+        if "c" in opts.systems:
+            p99 = half[systems[opts.systems.index("c")].label].pct(99)
+            verdict = "met" if p99 <= P99_TARGET_MS else "NOT met"
+            report.out(f"corral p99 at half load = {p99:.3f} ms   "
+                       f"(target: at most {P99_TARGET_MS:g} ms: {verdict})")
+        report.data["half_load"] = {"offered_req_per_s": rate,
+                                    **{s.label: summary(half[s.label]) for s in systems}}
+    for role, raw in profiles:
+        report.out("")
+        report.out(f"py-spy profile of corral's {role} under the same load (an extra run, not counted "
+                   f"above): {raw.with_suffix('.svg')}")
+        report.out(f"{'self %':>7} {'incl %':>7}  function (most self time first; GIL-holding "
+                   f"C calls count to the line that made them)")
+        for self_pct, incl_pct, name in top_functions(raw, 12):
+            report.out(f"{self_pct:>7.1f} {incl_pct:>7.1f}  {name}")
+    return corral_max
+
+
+def profile_corral(corral: "Corral", opts, procs: Processes) -> list[tuple[str, Path]]:
+    """Run corral's load once more with py-spy sampling the broker and every worker."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        raise BenchError("--profile needs py-spy (pip install py-spy)")
+    opts.profile.mkdir(parents=True, exist_ok=True)
+    roles = corral.roles()
+    targets = [("broker", roles["broker"][0])] + [(f"worker-{i}", pid) for i, pid in enumerate(roles["workers"])]
+    spies = []
+    for role, pid in targets:
+        for fmt, suffix in (("raw", ".txt"), ("flamegraph", ".svg")):
+            out = opts.profile / f"{role}{suffix}"
+            spies.append((role, out, procs.start([spy, "record", "--pid", str(pid), "--rate", "200",
+                                                  "--nonblocking", "--gil", "--format", fmt, "--output", str(out)])))
+    time.sleep(1.0)   # py-spy attaches
+    try:
+        check(load(corral, opts, opts.requests), corral.label)
+    finally:
+        for _, _, process in spies:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGINT)   # py-spy writes its output on SIGINT
+        for _, _, process in spies:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+            procs.stop(process)
+    return [(role, out) for role, out, _ in spies if out.suffix == ".txt" and out.exists()
+            and role in ("broker", "worker-0")]
+
+
+def top_functions(raw: Path, count: int) -> list[tuple[float, float, str]]:
+    """Self and inclusive shares of the functions in a py-spy raw (collapsed stacks) file."""
+    import re
+    from collections import Counter
+    self_time: Counter = Counter()
+    inclusive: Counter = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        samples = int(n)
+        total += samples
+        names = []
+        for frame in stack.split(";"):
+            match = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame)
+            names.append(f"{match.group(1)} ({match.group(2).rsplit('/', 1)[-1]})" if match else frame)
+        self_time[names[-1]] += samples
+        for name in set(names):
+            inclusive[name] += samples
+    if not total:
+        return []
+    return [(100 * n / total, 100 * inclusive[name] / total, name) for name, n in self_time.most_common(count)]
+
+
+def summary(result: loadgen.Result) -> dict:
+    cpu = getattr(result, "cpu", None)
+    extra = {"cpu_us_per_request": cpu.per_request_us(result.requests), "others_cores": cpu.others_cores} \
+        if cpu else {}
+    return {**result.summary(), **extra}
+
+
+def median_result(results: list[loadgen.Result]) -> loadgen.Result:
+    ordered = sorted(results, key=lambda r: r.throughput)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def timed(fn, iterations: int, repeats: int) -> list[float]:
+    """Microseconds per call of fn(), one figure per repeat."""
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        for _ in range(iterations):
+            fn()
+        out.append((time.perf_counter_ns() - start) / iterations / 1000)
+    return out
+
+
+_HOSTS: dict[Path, object] = {}
+
+
+def make_host(cache_dir: Path):
+    """A worker's Host, built from a WorkerSpec as a worker builds it (one per run: each has an
+    epoch ticker thread that lives as long as the process): the echo guest ("reuse") and the
+    counter guest ("keyed", on_abort = "reinstantiate")."""
+    if cache_dir in _HOSTS:
+        return _HOSTS[cache_dir]
+    from workers import modules
+    from workers.host import Host
+    from workers.spec import AppSpec, WorkerSpec
+    engine = modules.make_engine()
+    apps = []
+    for name, path, instances, on_abort in (("echo", ECHO, "reuse", "respawn"),
+                                            ("counter", COUNTER, "keyed", "reinstantiate")):
+        _, artifact = modules.compile_cached(engine, path, cache_dir)
+        apps.append(AppSpec(name=name, module=str(path), artifact=str(artifact), instances=instances,
+                            timeout_ms=1000, max_memory_mib=64, on_abort=on_abort))
+    spec = WorkerSpec(backend="", config_generation=1, heartbeat_ms=500, capacity=4,
+                      restart_intensity=1_000_000, restart_period_s=30.0, log_level="warning",
+                      log_format="json", cache_dir=str(cache_dir), max_open_files=4096, apps=apps)
+    host = Host(spec)
+    host.warm()
+    _HOSTS[cache_dir] = host
+    return host
+
+
+def section_host(opts, root: Path, report: Report) -> None:
+    import wasmtime
+    from workers.outcome import Outcome
+    body = opts.body.encode()
+    host = make_host(root / "cache")
+    guest = host.guests[b"echo"]
+    timeout_ms = 1000
+    entry = guest.instances[None]
+
+    # The same corral/1 request done by hand with wasmtime-py's public API, on the
+    # same engine (epoch interruption on: the deadline is set before each request,
+    # as corral sets it).
+    store = wasmtime.Store(host.engine)
+    store.set_limits(memory_size=64 * 1024 * 1024)
+    instance = guest.pre.instantiate(store)
+    exports = instance.exports(store)
+    alloc, handle, memory = exports["corral_alloc"], exports["corral_handle"], exports["memory"]
+    ticks = timeout_ms // 5 + 1
+
+    def by_hand() -> tuple[int, bytes]:
+        store.set_epoch_deadline(ticks)
+        size = len(body)
+        at = alloc(store, size)
+        memory.write(store, body, at)
+        packed = handle(store, at, size) & 0xFFFFFFFFFFFFFFFF
+        start, length = packed >> 32, packed & 0xFFFFFFFF
+        response = memory.read(store, start, start + length)
+        return response[0], bytes(response[1:])
+
+    def corral_run() -> Outcome:
+        return guest.run(None, body, timeout_ms)
+
+    def corral_entry() -> Outcome:
+        return entry.handle_request(body, timeout_ms)
+
+    def one_func_call() -> int:   # the deadline is set once, before its loop
+        return alloc(store, len(body))
+
+    assert by_hand() == (0, body), by_hand()
+    assert corral_run().body == body and corral_entry().body == body
+    n, reps = opts.host_iterations, opts.reps
+    for fn in (by_hand, corral_run, corral_entry):   # warm up
+        timed(fn, min(n, 1000), 1)
+    rows = [("corral       Guest.run: instance lookup, handle_request, outcome", timed(corral_run, n, reps)),
+            ("corral       CorralEntry.handle_request", timed(corral_entry, n, reps)),
+            ("wasmtime-py  Func.__call__ + Memory.read/write, by hand", timed(by_hand, n, reps))]
+    store.set_epoch_deadline(1 << 40)
+    timed(one_func_call, min(n, 1000), 1)
+    rows.append(("wasmtime-py  one Func.__call__ (corral_alloc), for scale", timed(one_func_call, n, reps)))
+    report.out(f"== Host overhead per Wasm call: echo guest, {len(body)}-byte body, in-process, "
+               f"median of {reps} x {n} requests")
+    report.out(f"{'path':<64} {'us/request':>10} {'min':>8}")
+    for label, times in rows:
+        report.out(f"{label:<64} {statistics.median(times):>10.2f} {min(times):>8.2f}")
+    corral_us, hand_us = statistics.median(rows[0][1]), statistics.median(rows[2][1])
+    report.out(f"ratio by-hand/corral = {hand_us / corral_us:.2f}   "
+               f"(wasmtime-py's public API per request / corral's Guest.run per request)")
+    report.data["host"] = {label: {"median_us": statistics.median(t), "min_us": min(t), "runs_us": t}
+                           for label, t in rows}
+    report.data["host"]["ratio_by_hand_over_corral"] = hand_us / corral_us
+
+
+def section_instantiate(opts, root: Path, report: Report) -> None:
+    host = make_host(root / "cache")
+    guest, counter = host.guests[b"echo"], host.guests[b"counter"]
+    n, reps = opts.instantiate_iterations, opts.reps
+    made = guest.instantiate(1000)
+    assert made.handle_request(b"x", 1000).body == b"x"
+    timed(lambda: guest.instantiate(1000), min(n, 50), 1)   # warm up
+    times = timed(lambda: guest.instantiate(1000), n, reps)
+
+    # In-process, what the worker does on an abort with on_abort = "reinstantiate":
+    # the trapping call (the instance is dropped), then the next call on the key
+    # makes a fresh instance. Against: two ordinary calls on a live instance.
+    keys = iter(range(10**9))
+
+    def trap_then_next() -> None:
+        key = b"%d" % next(keys)
+        counter.run(key, b"", 1000)          # the key's instance exists (not timed apart)
+        start = time.perf_counter_ns()
+        trapped = counter.run(key, b"trap", 1000)
+        fresh = counter.run(key, b"", 1000)
+        elapsed.append((time.perf_counter_ns() - start) / 1000)
+        assert trapped.status == 502 and fresh.body == b"1", (trapped, fresh)
+        del counter.instances[key]
+
+    def two_plain() -> None:
+        key = b"%d" % next(keys)
+        counter.run(key, b"", 1000)
+        start = time.perf_counter_ns()
+        counter.run(key, b"", 1000)
+        counter.run(key, b"", 1000)
+        elapsed.append((time.perf_counter_ns() - start) / 1000)
+        del counter.instances[key]
+
+    rounds = max(50, n // 5)
+    elapsed: list[float] = []
+    for _ in range(rounds):
+        trap_then_next()
+    trap_us = statistics.median(elapsed)
+    elapsed = []
+    for _ in range(rounds):
+        two_plain()
+    plain_us = statistics.median(elapsed)
+
+    report.out(f"== Instance recreation: echo guest, in-process, median of {reps} x {n}")
+    report.out(f"fresh instance = {statistics.median(times):.1f} us   (min {min(times):.1f} us; Guest.instantiate: "
+               f"a new Store, limits, epoch deadline, instance, export handles)")
+    report.out(f"trap + next call on a fresh instance = {trap_us:.1f} us   (counter guest, keyed, Guest.run "
+               f"twice; two ordinary calls: {plain_us:.1f} us; median of {rounds})")
+    report.data["instantiate"] = {"median_us": statistics.median(times), "min_us": min(times),
+                                  "runs_us": times, "trap_then_next_us": trap_us, "two_plain_calls_us": plain_us}
+
+
+def section_abort(opts, procs: Processes, endpoints: Endpoints, report: Report) -> None:
+    from supervisor.client import Client
+    reps = opts.reps
+    # Deliberate traps, repeated: keep the circuit closed (intensity) and the
+    # trapping body out of quarantine (3 aborts within period_s), so that every
+    # repetition walks the same path. Repetitions are spaced well over period_s.
+    restart = {"intensity": 1_000_000, "period_s": 0.01}
+    gap_s = 0.05
+    out: dict[str, dict] = {}
+
+    # on_abort = "reinstantiate": the keyed counter guest (its default), opts.workers workers.
+    daemon = Corral(procs, endpoints, opts, name="abort-reinstantiate", restart=restart,
+                    apps={"counter": {"module": str(COUNTER), "instances": "keyed"}})
+    daemon.start()
+    try:
+        context = zmq.Context()
+        try:
+            with Client(daemon.endpoint, context) as client:
+                trap_ms, plain_ms = [], []
+                for i in range(reps):
+                    key = f"k{i}"
+                    assert client.call("counter", b"", key=key).body == b"1"
+                    assert client.call("counter", b"", key=key).body == b"2"
+                    # Reference: two ordinary requests on the key, sent together.
+                    start = time.perf_counter_ns()
+                    first = client.send("counter", b"", key=key)
+                    second = client.send("counter", b"", key=key)
+                    got = client.gather([first, second], timeout=10)
+                    plain_ms.append((time.perf_counter_ns() - start) / 1e6)
+                    assert got[second].body == b"4", got
+                    # The trap, and the next request on the same key sent right behind it.
+                    start = time.perf_counter_ns()
+                    trap = client.send("counter", b"trap", key=key)
+                    after = client.send("counter", b"", key=key)
+                    got = client.gather([trap, after], timeout=10)
+                    trap_ms.append((time.perf_counter_ns() - start) / 1e6)
+                    if got[trap].status != 502 or got[after].status != 200 or got[after].body != b"1":
+                        raise BenchError(f"reinstantiate: expected 502 then a fresh count of 1, got "
+                                         f"{got[trap]} and {got[after]}")
+                    time.sleep(gap_s)
+        finally:
+            context.destroy(linger=0)
+    finally:
+        daemon.stop()
+    out["reinstantiate"] = {"trap_to_next_answered_ms": trap_ms, "two_plain_requests_ms": plain_ms}
+
+    # on_abort = "respawn": one worker, so the service is served by that worker alone.
+    daemon = Corral(procs, endpoints, opts, name="abort-respawn", workers=1, restart=restart,
+                    apps={"counter": {"module": str(COUNTER), "instances": "keyed", "on_abort": "respawn"},
+                          "echo": {"module": str(ECHO)}})
+    daemon.start()
+    respawn_ms, ready_ms = [], []
+    try:
+        context = zmq.Context()
+        try:
+            with Client(daemon.endpoint, context) as client:
+                for i in range(reps):
+                    before = daemon.ready_pids()
+                    assert client.call("echo", b"x").status == 200
+                    trap = client.call("counter", b"trap", key=f"r{i}", timeout=10)
+                    replied = time.perf_counter_ns()
+                    if trap.status != 502:
+                        raise BenchError(f"respawn: the trap got {trap.status} {trap.body!r}, not 502")
+                    # A request of a service only that worker serves: it waits in the
+                    # broker's queue until the new worker is ready, then is answered.
+                    poll = client.call("echo", b"again", timeout=30)
+                    answered = time.perf_counter_ns()
+                    if poll.status != 200:
+                        raise BenchError(f"respawn: the request after the trap got {poll.status} {poll.body!r}")
+                    respawn_ms.append((answered - replied) / 1e6)
+                    after = daemon.ready_pids()
+                    if not after or set(after) & set(before):
+                        raise BenchError(f"respawn: the worker was not replaced ({before} -> {after})")
+                    time.sleep(gap_s)
+        finally:
+            context.destroy(linger=0)
+        # The pool logs each worker's spawn-to-ready time: the respawned ones are generation > 1.
+        for event in _events(daemon.log, "worker.ready"):
+            if "startup_ms" in event and not str(event.get("worker", "")).endswith(".1"):
+                ready_ms.append(event["startup_ms"])
+    finally:
+        daemon.stop()
+    out["respawn"] = {"trap_reply_to_new_worker_answered_ms": respawn_ms, "worker_startup_ms": ready_ms}
+
+    def stats(values: list[float]) -> str:
+        return f"{statistics.median(values):>9.3f} {min(values):>8.3f} {max(values):>8.3f}"
+
+    report.out(f"== Abort to serving again, through the real daemon ({reps} repetitions)")
+    report.out(f"{'on_abort':<15} {'measured':<58} {'median ms':>9} {'min':>8} {'max':>8}")
+    report.out(f"{'reinstantiate':<15} {'trap sent -> next request on the same key answered':<58} "
+               f"{stats(trap_ms)}")
+    report.out(f"{'  (reference)':<15} {'two ordinary requests on one key, sent together':<58} "
+               f"{stats(plain_ms)}")
+    report.out(f"{'respawn':<15} {'trap reply -> a request answered by the new worker':<58} "
+               f"{stats(respawn_ms)}")
+    if ready_ms:
+        report.out(f"{'  (of which)':<15} {'the new worker process: spawned -> ready (pool log)':<58} "
+                   f"{stats(ready_ms)}")
+    report.data["abort"] = out
+
+
+def _events(log: Path, name: str) -> list[dict]:
+    events = []
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return events
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == name:
+            events.append(event)
+    return events
+
+
+# --- main ----------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    pick = parser.add_argument_group("sections (all when none is named)")
+    for name in SECTIONS:
+        pick.add_argument(f"--{name}", action="store_true", dest=name.replace("-", "_"))
+    parser.add_argument("--quick", action="store_true",
+                        help="small everything (a few thousand requests, few repetitions): a CI smoke run")
+    parser.add_argument("--workers", type=int, default=2, help="corral workers = REP workers of (b) (default 2)")
+    parser.add_argument("-n", "--requests", type=int, help="requests per throughput run (default 60000; quick 3000)")
+    parser.add_argument("--half-requests", type=int, help="requests of each half-load run (default requests/2)")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight per client (default 32)")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="client processes (default 1: on 2 cores a second client mostly takes CPU "
+                             "from the server)")
+    parser.add_argument("--rounds", type=int, help="throughput rounds, a b c interleaved; the median is "
+                                                   "shown (default 3; quick 1)")
+    parser.add_argument("--reps", type=int, help="repetitions of the host, instantiate and abort measures "
+                                                 "(default 7; quick 3)")
+    parser.add_argument("--systems", default="abc",
+                        help="which of a, b, c to load (default abc); half load is half of the last one's max")
+    parser.add_argument("--body", default="hello", help="request body (default 'hello')")
+    parser.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
+                        help="client endpoints of all three systems (default ipc)")
+    parser.add_argument("--set", dest="corral_set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a [supervisor] setting for corral's config, e.g. --set pipeline=8 (repeatable)")
+    parser.add_argument("--baseline-multipart", action="store_true",
+                        help="baseline servers use recv_multipart/send_multipart instead of frame calls")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write every figure as JSON to FILE")
+    parser.add_argument("--progress", action="store_true", help="progress bars on stderr")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="after the throughput rounds, load corral once more under py-spy and write "
+                             "flame graphs (DIR/broker.svg, DIR/worker-N.svg) and collapsed stacks")
+    opts = parser.parse_args(argv)
+    chosen = [name for name in SECTIONS if getattr(opts, name.replace("-", "_"))]
+    opts.sections = chosen or list(SECTIONS)
+    opts.systems = "".join(sorted(set(opts.systems)))
+    if not opts.systems or set(opts.systems) - set("abc"):
+        parser.error("--systems takes letters among a, b, c")
+    quick = opts.quick
+    opts.requests = opts.requests or (3000 if quick else 60000)
+    opts.half_requests = opts.half_requests or max(opts.requests // 2, 500)
+    opts.rounds = opts.rounds or (1 if quick else 3)
+    opts.reps = opts.reps or (3 if quick else 7)
+    opts.host_iterations = 2000 if quick else 10000
+    opts.instantiate_iterations = 100 if quick else 500
+    opts.run_half_load = "half-load" in opts.sections
+    settings = {}
+    for item in opts.corral_set:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            settings[name.strip()] = json.loads(raw)
+        except ValueError:
+            settings[name.strip()] = raw
+    fixed = {"workers": "--workers", "frontend": "--transport", "control": None, "cache_dir": None}
+    for name in set(settings) & set(fixed):
+        parser.error(f"--set {name}: set by the benchmark itself" + (f"; use {fixed[name]}" if fixed[name] else ""))
+    opts.corral_set = settings
+    return opts
+
+
+def remove_stale_dirs() -> None:
+    """Private directories of earlier runs that were killed outright (SIGKILL: no clean-up)."""
+    for path in Path("/tmp").glob("crlb-*-*"):
+        pid = path.name.split("-")[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def machine_line(opts) -> str:
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "?"
+    load1, load5, _ = os.getloadavg()
+    return (f"machine: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, "
+            f"pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()}), wasmtime-py {version('wasmtime')}; "
+            f"transport {opts.transport}; load average {load1:.2f} (1 min), {load5:.2f} (5 min) at start")
+
+
+def busy_others() -> list[str]:
+    """Other processes using a lot of CPU right now (they make every number here noisier)."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    mine = os.getpid()
+    procs = [p for p in psutil.process_iter(["pid", "name"]) if p.pid != mine]
+    for p in procs:
+        try:
+            p.cpu_percent(None)
+        except psutil.Error:
+            pass
+    time.sleep(0.5)
+    busy = []
+    for p in procs:
+        try:
+            cpu = p.cpu_percent(None)
+            if cpu >= 20:
+                busy.append(f"pid {p.pid} {p.info['name']} {cpu:.0f}%")
+        except psutil.Error:
+            pass
+    return busy
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    # SIGTERM and SIGHUP end the run like Ctrl-C does: through every finally below.
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # even when started with SIGINT ignored
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
+
+    remove_stale_dirs()
+    root = Path(tempfile.mkdtemp(prefix=f"crlb-{os.getpid()}-", dir="/tmp"))
+    (root / "cache").mkdir()
+    procs = Processes(root)
+    endpoints = Endpoints(root, opts.transport)
+    report = Report()
+    started = time.monotonic()
+    try:
+        report.out(f"corral bench ({'quick' if opts.quick else 'full'}): sections {', '.join(opts.sections)}")
+        report.out(machine_line(opts))
+        busy = busy_others()
+        if busy:
+            report.out("warning: other processes are busy, the figures will be noisy: " + "; ".join(busy))
+        report.out(f"load: body {len(opts.body.encode())} bytes; corral and (b) with {opts.workers} workers")
+        report.out("")
+        if "throughput" in opts.sections or "half-load" in opts.sections:
+            section_throughput(opts, procs, endpoints, report)
+            report.out("")
+        if "abort" in opts.sections:
+            section_abort(opts, procs, endpoints, report)
+            report.out("")
+        if "host" in opts.sections:
+            section_host(opts, root, report)
+            report.out("")
+        if "instantiate" in opts.sections:
+            section_instantiate(opts, root, report)
+            report.out("")
+        report.out(f"done in {time.monotonic() - started:.1f} s")
+        if opts.json:
+            opts.json.write_text(json.dumps({"argv": sys.argv[1:], **report.data}, indent=1, default=str))
+        return 0
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        print(f"\nbench: interrupted ({str(exc) or 'SIGINT'}); cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # let the clean-up finish
+        procs.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

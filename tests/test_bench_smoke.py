@@ -1,0 +1,81 @@
+"""Smoke tests of the benchmark tools: they run, print what they promise, and clean up.
+
+No timing is asserted: benchmarks are not tests, and these machines are noisy.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from harness import REPO
+
+NUMBER = r"[\d,]+(?:\.\d+)?"
+
+
+def bench_dirs() -> set[Path]:
+    return set(Path("/tmp").glob("crlb-*"))
+
+
+@pytest.mark.timeout(240)
+def test_bench_run_quick_prints_every_table_and_leaves_nothing_behind():
+    before = bench_dirs()
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick"],
+                          cwd=REPO, capture_output=True, text=True, timeout=220)
+    out = done.stdout
+    assert done.returncode == 0, f"exit {done.returncode}\n{out}\n{done.stderr}"
+    # throughput table: one row per system, then both ratios
+    for row in (r"a  pyzmq ROUTER echo, one hop", r"b  zmq\.proxy \+ 2 Python REP workers",
+                r"c  corral, echo guest, 2 workers"):
+        assert len(re.findall(rf"^{row}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}", out, re.M)) == 2, out
+    assert re.search(rf"^ratio c/a = {NUMBER}", out, re.M), out
+    assert re.search(rf"^ratio c/b = {NUMBER}", out, re.M), out
+    # half load, host overhead, instantiation, abort-to-serving
+    assert re.search(rf"^corral p99 at half load = {NUMBER} ms", out, re.M), out
+    assert re.search(rf"^corral\s+Guest\.run.*\s{NUMBER}\s+{NUMBER}$", out, re.M), out
+    assert re.search(rf"^wasmtime-py\s+Func\.__call__ \+ Memory.*\s{NUMBER}\s+{NUMBER}$", out, re.M), out
+    assert re.search(rf"^ratio by-hand/corral = {NUMBER}", out, re.M), out
+    assert re.search(rf"^fresh instance = {NUMBER} us", out, re.M), out
+    assert re.search(rf"^reinstantiate\s+trap sent .*\s{NUMBER}\s+{NUMBER}\s+{NUMBER}$", out, re.M), out
+    assert re.search(rf"^respawn\s+trap reply .*\s{NUMBER}\s+{NUMBER}\s+{NUMBER}$", out, re.M), out
+    # clean-up: no private directory, no process started from one
+    assert bench_dirs() <= before, f"left behind: {bench_dirs() - before}"
+    left = [p.info for p in psutil.process_iter(["pid", "cmdline"])
+            if any("/tmp/crlb-" in part for part in (p.info["cmdline"] or []))]
+    assert not left, f"processes left behind: {left}"
+
+
+def corral_bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "supervisor", "bench", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(120)
+def test_corral_bench_verb_reports_throughput_percentiles_and_statuses(start_daemon):
+    daemon = start_daemon()
+    done = corral_bench("echo", "-n", "2000", "-e", daemon.frontend)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert re.search(rf"throughput\s+{NUMBER} req/s", out), out
+    assert re.search(rf"p50 {NUMBER}\s+p90 {NUMBER}\s+p99 {NUMBER}\s+max {NUMBER}", out), out
+    assert re.search(r"status\s+200: 2000$", out, re.M), out
+    assert re.search(r"failed\s+0$", out, re.M), out
+    assert "2000/2000" in done.stderr   # the progress bar
+
+    # keyed, with more than one client process: every request answered, in order per key
+    done = corral_bench("counter", "", "-n", "600", "--key", "bench", "--clients", "2", "-e", daemon.frontend)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"status\s+200: 600$", done.stdout, re.M), done.stdout
+    # (each client's connection check and warm-up requests count too)
+    assert int(daemon.call("counter", b"get", key="bench").body) >= 600
+
+    # failures are counted and make the exit status non-zero
+    done = corral_bench("nosuch", "-n", "100", "-e", daemon.frontend)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.search(r"status\s+404: 100$", done.stdout, re.M), done.stdout
+    assert re.search(r"failed\s+100$", done.stdout, re.M), done.stdout
