@@ -185,7 +185,7 @@ def bench_verb(args: argparse.Namespace) -> int:
     from supervisor import loadgen
     result = loadgen.run(client_endpoint(args), args.service.encode(), args.body.encode(),
                          requests=args.requests, concurrency=args.concurrency, clients=args.clients,
-                         key=args.key, progress=sys.stderr.isatty() or True)
+                         key=args.key, progress=sys.stderr.isatty())
     print(result.report())
     return 0 if result.failed == 0 else 1
 

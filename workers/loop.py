@@ -70,6 +70,7 @@ class WorkerLoop:
         self.socket.setsockopt(zmq.ROUTING_ID, self.identity)
         self.socket.setsockopt(zmq.RCVHWM, 0)
         self.socket.setsockopt(zmq.SNDHWM, 0)
+        self.socket.setsockopt(zmq.RCVTIMEO, max(1, spec.heartbeat_ms // 2))
         self.socket.connect(spec.backend)
 
     def run(self) -> int:
@@ -92,16 +93,17 @@ class WorkerLoop:
                 return self.retire(RetireReason.MAX_REQUESTS)
 
     def wait_for_work(self) -> None:
-        """Block until a message comes or a heartbeat is due; take every message waiting."""
-        due = self.last_sent + self.heartbeat_s - time.monotonic()
-        if due > 0:
-            self.socket.setsockopt(zmq.RCVTIMEO, max(1, int(due * 1000)))
-            try:
-                self.handle(recv_payload(self.socket))
-            except zmq.Again:
-                pass
-            while readable(self.socket):
-                self.handle(recv_payload(self.socket, NOBLOCK))
+        """Block until a message comes (or half a heartbeat passes); take every message waiting.
+
+        The receive timeout stays at half the heartbeat interval rather than
+        being set to the exact time left on each wait: one system call fewer
+        per wake-up, and a heartbeat is never more than half an interval late."""
+        try:
+            self.handle(recv_payload(self.socket))
+        except zmq.Again:
+            pass
+        while readable(self.socket):
+            self.handle(recv_payload(self.socket, NOBLOCK))
         if time.monotonic() - self.last_sent >= self.heartbeat_s and not self.jobs:
             if os.getppid() != self.parent:
                 self.log.error("worker.orphaned")
@@ -169,7 +171,6 @@ class WorkerLoop:
         self.log.warning("worker.retiring", reason=reason.value, handed_back=len(self.jobs))
         self.hand_back(reason)
         deadline = time.monotonic() + max(10 * self.heartbeat_s, 5.0)
-        self.socket.setsockopt(zmq.RCVTIMEO, int(self.heartbeat_s * 1000))
         while not self.leaving and time.monotonic() < deadline:
             try:
                 self.handle(recv_payload(self.socket))
