@@ -257,7 +257,8 @@ class Corral:
     framing = "native"
 
     def __init__(self, procs: Processes, endpoints: Endpoints, opts, name: str = "corral",
-                 apps: dict | None = None, workers: int | None = None, restart: dict | None = None):
+                 apps: dict | None = None, workers: int | None = None, restart: dict | None = None,
+                 standby: int = 0):
         self.procs, self.opts, self.name = procs, opts, name
         self.workers = workers or opts.workers
         self.dir = procs.root / name
@@ -269,6 +270,8 @@ class Corral:
         self.label = f"c  corral, echo guest, {self.workers} workers"
         supervisor = {"frontend": self.endpoint, "control": self.control, "workers": self.workers,
                       "graceful_timeout_s": 5, "cache_dir": str(procs.root / "cache")}
+        if standby:
+            supervisor["standby"] = standby
         supervisor.update(opts.corral_set)
         self.graceful_s = float(supervisor["graceful_timeout_s"])
         doc = {"supervisor": supervisor, "restart": restart or {},
@@ -313,6 +316,14 @@ class Corral:
     def roles(self) -> dict[str, list[int]]:
         members = Processes.group_members(self.process.pid)
         return {"broker": [self.process.pid], "workers": [p for p in members if p != self.process.pid]}
+
+    def wait_for_standby(self, timeout: float = 30.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(w["state"] == "standby" for w in self.status()["workers"]):
+                return
+            time.sleep(0.02)
+        raise BenchError(f"{self.name}: no standby worker ready within {timeout:g} s")
 
     def ready_pids(self) -> list[int]:
         return [w["pid"] for w in self.status()["workers"] if w["state"] == "ready"]
@@ -806,10 +817,39 @@ def section_abort(opts, procs: Processes, endpoints: Endpoints, report: Report) 
         daemon.stop()
     out["reinstantiate"] = {"trap_to_next_answered_ms": trap_ms, "two_plain_requests_ms": plain_ms}
 
-    # on_abort = "respawn": one worker, so the service is served by that worker alone.
-    daemon = Corral(procs, endpoints, opts, name="abort-respawn", workers=1, restart=restart,
+    # on_abort = "respawn": one worker, so the service is served by that worker alone;
+    # then again with a standby worker waiting to be promoted into its slot.
+    respawn_ms, ready_ms = _measure_respawn(procs, endpoints, opts, restart, reps, gap_s, standby=0)
+    standby_ms, _ = _measure_respawn(procs, endpoints, opts, restart, reps, gap_s, standby=1)
+    out["respawn"] = {"trap_reply_to_new_worker_answered_ms": respawn_ms, "worker_startup_ms": ready_ms,
+                      "with_standby_ms": standby_ms}
+
+    def stats(values: list[float]) -> str:
+        return f"{statistics.median(values):>9.3f} {min(values):>8.3f} {max(values):>8.3f}"
+
+    report.out(f"== Abort to serving again, through the real daemon ({reps} repetitions)")
+    report.out(f"{'on_abort':<15} {'measured':<58} {'median ms':>9} {'min':>8} {'max':>8}")
+    report.out(f"{'reinstantiate':<15} {'trap sent -> next request on the same key answered':<58} "
+               f"{stats(trap_ms)}")
+    report.out(f"{'  (reference)':<15} {'two ordinary requests on one key, sent together':<58} "
+               f"{stats(plain_ms)}")
+    report.out(f"{'respawn':<15} {'trap reply -> a request answered by the new worker':<58} "
+               f"{stats(respawn_ms)}")
+    if ready_ms:
+        report.out(f"{'  (of which)':<15} {'the new worker process: spawned -> ready (pool log)':<58} "
+                   f"{stats(ready_ms)}")
+    report.out(f"{'respawn':<15} {'with standby = 1: trap reply -> answered by the promoted one':<58} "
+               f"{stats(standby_ms)}")
+    report.data["abort"] = out
+
+
+def _measure_respawn(procs, endpoints, opts, restart: dict, reps: int, gap_s: float,
+                     standby: int) -> tuple[list[float], list[float]]:
+    """Trap reply -> a request answered by another worker, `reps` times (and startup times)."""
+    from supervisor.client import Client
+    daemon = Corral(procs, endpoints, opts, name=f"abort-respawn-{standby}", workers=1, restart=restart,
                     apps={"counter": {"module": str(COUNTER), "instances": "keyed", "on_abort": "respawn"},
-                          "echo": {"module": str(ECHO)}})
+                          "echo": {"module": str(ECHO)}}, standby=standby)
     daemon.start()
     respawn_ms, ready_ms = [], []
     try:
@@ -817,6 +857,8 @@ def section_abort(opts, procs: Processes, endpoints: Endpoints, report: Report) 
         try:
             with Client(daemon.endpoint, context) as client:
                 for i in range(reps):
+                    if standby:
+                        daemon.wait_for_standby()
                     before = daemon.ready_pids()
                     assert client.call("echo", b"x").status == 200
                     trap = client.call("counter", b"trap", key=f"r{i}", timeout=10)
@@ -842,23 +884,7 @@ def section_abort(opts, procs: Processes, endpoints: Endpoints, report: Report) 
                 ready_ms.append(event["startup_ms"])
     finally:
         daemon.stop()
-    out["respawn"] = {"trap_reply_to_new_worker_answered_ms": respawn_ms, "worker_startup_ms": ready_ms}
-
-    def stats(values: list[float]) -> str:
-        return f"{statistics.median(values):>9.3f} {min(values):>8.3f} {max(values):>8.3f}"
-
-    report.out(f"== Abort to serving again, through the real daemon ({reps} repetitions)")
-    report.out(f"{'on_abort':<15} {'measured':<58} {'median ms':>9} {'min':>8} {'max':>8}")
-    report.out(f"{'reinstantiate':<15} {'trap sent -> next request on the same key answered':<58} "
-               f"{stats(trap_ms)}")
-    report.out(f"{'  (reference)':<15} {'two ordinary requests on one key, sent together':<58} "
-               f"{stats(plain_ms)}")
-    report.out(f"{'respawn':<15} {'trap reply -> a request answered by the new worker':<58} "
-               f"{stats(respawn_ms)}")
-    if ready_ms:
-        report.out(f"{'  (of which)':<15} {'the new worker process: spawned -> ready (pool log)':<58} "
-                   f"{stats(ready_ms)}")
-    report.data["abort"] = out
+    return respawn_ms, ready_ms
 
 
 def _events(log: Path, name: str) -> list[dict]:
