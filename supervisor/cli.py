@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--clients", type=int, default=1, help="client sockets (each its own thread)")
     bench.add_argument("-e", "--endpoint")
     bench.add_argument("--key", help="key, for a keyed service")
+    bench.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bar on stderr (default: when stderr is a terminal)")
 
     scale = with_config(verbs.add_parser("scale", help="set the number of workers"))
     scale.add_argument("workers", type=int)
@@ -185,7 +187,8 @@ def bench_verb(args: argparse.Namespace) -> int:
     from supervisor import loadgen
     result = loadgen.run(client_endpoint(args), args.service.encode(), args.body.encode(),
                          requests=args.requests, concurrency=args.concurrency, clients=args.clients,
-                         key=args.key, progress=sys.stderr.isatty())
+                         key=args.key,
+                         progress=sys.stderr.isatty() if args.progress is None else args.progress)
     print(result.report())
     return 0 if result.failed == 0 else 1
 

@@ -58,14 +58,16 @@ def corral_bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess
 @pytest.mark.timeout(120)
 def test_corral_bench_verb_reports_throughput_percentiles_and_statuses(start_daemon):
     daemon = start_daemon()
-    done = corral_bench("echo", "-n", "2000", "-e", daemon.frontend)
+    done = corral_bench("echo", "-n", "2000", "--progress", "-e", daemon.frontend)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert re.search(rf"throughput\s+{NUMBER} req/s", out), out
     assert re.search(rf"p50 {NUMBER}\s+p90 {NUMBER}\s+p99 {NUMBER}\s+max {NUMBER}", out), out
     assert re.search(r"status\s+200: 2000$", out, re.M), out
     assert re.search(r"failed\s+0$", out, re.M), out
-    assert "2000/2000" in done.stderr   # the progress bar
+    assert "2000/2000" in done.stderr   # the progress bar, asked for (stderr is not a terminal here)
+    quiet = corral_bench("echo", "-n", "200", "-e", daemon.frontend)
+    assert quiet.returncode == 0 and "200/200" not in quiet.stderr
 
     # keyed, with more than one client process: every request answered, in order per key
     done = corral_bench("counter", "", "-n", "600", "--key", "bench", "--clients", "2", "-e", daemon.frontend)
