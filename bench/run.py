@@ -54,6 +54,7 @@ if str(REPO) not in sys.path:
 import zmq  # noqa: E402
 
 from supervisor import loadgen  # noqa: E402
+from supervisor.config import to_toml  # noqa: E402
 
 GUESTS = REPO / "guests"
 ECHO = GUESTS / "echo.wat"
@@ -276,7 +277,7 @@ class Corral:
         self.graceful_s = float(supervisor["graceful_timeout_s"])
         doc = {"supervisor": supervisor, "restart": restart or {},
                "apps": apps or {"echo": {"module": str(ECHO)}}}
-        self.config.write_text(toml(doc))
+        self.config.write_text(to_toml(doc))
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> None:
@@ -354,25 +355,6 @@ class Corral:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
-
-
-def toml(doc: dict) -> str:
-    def value(v) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        return json.dumps(str(v))
-    lines = []
-    for section, table in doc.items():
-        if section == "apps":
-            for name, app in table.items():
-                lines.append(f"[apps.{name}]")
-                lines += [f"{k} = {value(v)}" for k, v in app.items()]
-        elif table:
-            lines.append(f"[{section}]")
-            lines += [f"{k} = {value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
 
 
 # --- sections ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ all, each naming the file, the key and what is wrong.
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import re
@@ -335,3 +336,26 @@ def with_defaults(config: Config) -> Config:
         return config
     return replace(config, supervisor=replace(config.supervisor,
                                               control=paths.default_control_endpoint()))
+
+
+def to_toml(doc: dict[str, Any]) -> str:
+    """Write a config document (tables of scalars and lists, and [apps.NAME]
+    tables) as TOML: for tests, benchmarks and tools that generate configs."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(item) for item in v) + "]"
+        return json.dumps(str(v))
+    lines = []
+    for section, table in doc.items():
+        if section == "apps":
+            for name, app in table.items():
+                lines.append(f"[apps.{json.dumps(name) if '.' in name else name}]")
+                lines += [f"{k} = {value(v)}" for k, v in app.items()]
+        elif table:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ import psutil
 import zmq
 
 from supervisor.client import Client, Reply
+from supervisor.config import to_toml
 
 REPO = Path(__file__).resolve().parent.parent
 GUESTS = REPO / "guests"
@@ -35,32 +36,6 @@ def load_guest_builder():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (str, Path)):
-        return json.dumps(str(value))
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(value)
-
-
-def toml(doc: dict) -> str:
-    """A small TOML writer for test configs: tables of scalars, and [apps.NAME] tables."""
-    lines = []
-    for section, table in doc.items():
-        if section == "apps":
-            for name, app in table.items():
-                lines.append(f"[apps.{json.dumps(name) if '.' in name else name}]")
-                lines += [f"{k} = {toml_value(v)}" for k, v in app.items()]
-        else:
-            lines.append(f"[{section}]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
 
 
 class Daemon:
@@ -88,7 +63,7 @@ class Daemon:
         self.seen_workers: set[int] = set()
 
     def write_config(self) -> None:
-        self.config_path.write_text(toml({k: v for k, v in self.doc.items() if v or k == "apps"}))
+        self.config_path.write_text(to_toml(self.doc))
 
     # --- life ----------------------------------------------------------------
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import GUESTS, toml
+from harness import GUESTS
 from supervisor import config
 from supervisor.config import ConfigError
+from supervisor.config import to_toml as toml
 
 EX_CONFIG = 78
 
