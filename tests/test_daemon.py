@@ -292,3 +292,16 @@ def test_a_key_sent_to_a_service_that_is_not_keyed_is_ignored(start_daemon):
 def test_an_oversized_key_is_a_bad_request(shared_daemon):
     reply = shared_daemon.call("counter", b"incr", key="k" * 70000)
     assert reply.status == 400 and b"key" in reply.body
+
+
+def test_wasi_imports_are_provided(start_daemon):
+    daemon = start_daemon({"random": {"module": GUESTS / "faults" / "wasi_random.wat"}},
+                          supervisor={"workers": 1})
+    client = daemon.client()
+    first, second = client.call("random", b"x"), client.call("random", b"y")
+    assert first.status == second.status == 200
+    assert len(first.body) == 16 and first.body != second.body
+    exited = client.call("random", b"exit")
+    assert (exited.status, exited.body) == (502, b"abort: the guest called proc_exit(3)")
+    daemon.wait_for(lambda: daemon.worker_pids(), what="a worker again")
+    assert client.call("random", b"z").status == 200

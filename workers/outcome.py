@@ -6,6 +6,7 @@ DESIGN section 2, in one place:
   a trap with a trap code                    -> 502 abort, instance poisoned
   the epoch interrupt at the deadline        -> 504 deadline, instance poisoned
   the guest breaking the ABI (bad pointers)  -> 502 abort, instance poisoned
+  a WASI guest calling proc_exit             -> 502 abort, instance poisoned
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def from_trap(code: int | None, message: str, exception_pending: bool, timeout_m
     if code == INTERRUPT:
         return Outcome(Status.DEADLINE, b"deadline: interrupted after %d ms" % timeout_ms,
                        b"interrupt", poisoned=True)
+    if code is None and message.startswith("Exited with i32 exit status"):
+        status_code = message.rsplit(" ", 1)[-1]
+        return Outcome(Status.ABORT, f"abort: the guest called proc_exit({status_code})".encode(),
+                       b"exit", poisoned=True)
     name = _TRAP_NAMES.get(code, "trap") if code is not None else "host"
     return Outcome(Status.ABORT, f"abort: trap {name}: {_cause(message) or name}".encode(),
                    name.encode(), poisoned=True)
