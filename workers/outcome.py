@@ -50,8 +50,8 @@ def from_trap(code: int | None, message: str, exception_pending: bool, timeout_m
     if code == INTERRUPT:
         return Outcome(Status.DEADLINE, b"deadline: interrupted after %d ms" % timeout_ms,
                        b"interrupt", poisoned=True)
-    if code is None and message.startswith("Exited with i32 exit status"):
-        status_code = message.rsplit(" ", 1)[-1]
+    if code is None and "Exited with i32 exit status" in message:
+        status_code = message.split("Exited with i32 exit status", 1)[1].split()[0]
         return Outcome(Status.ABORT, f"abort: the guest called proc_exit({status_code})".encode(),
                        b"exit", poisoned=True)
     name = _TRAP_NAMES.get(code, "trap") if code is not None else "host"
