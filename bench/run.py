@@ -442,7 +442,7 @@ def section_throughput(opts, procs: Processes, endpoints: Endpoints, report: Rep
     try:
         for system in systems:
             system.start()
-        for round_ in range(opts.rounds):
+        for _ in range(opts.rounds):
             for system in systems:
                 result = load(system, opts, opts.requests)
                 check(result, system.label)

@@ -31,8 +31,8 @@ import zmq
 
 from supervisor import protocol
 from supervisor.circuit import Circuit, Health
-from supervisor.metrics import Histogram
 from supervisor.config import AppSettings, Config
+from supervisor.metrics import Histogram
 from supervisor.protocol import (MAX_KEY, MMI_PREFIX, MMI_SERVICE, NATIVE, NOBLOCK, STATUS_BY_CODE,
                                  STATUS_FRAMES, W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST,
                                  W_RETIRING, Dialect, Malformed, Status, iter_replies, readable, recv_frame,

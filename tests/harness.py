@@ -110,7 +110,7 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-                raise AssertionError(f"daemon did not stop within {timeout} s:\n{self.log_tail()}")
+                raise AssertionError(f"daemon did not stop within {timeout} s:\n{self.log_tail()}") from None
         self.log_file.close()
         return self.process.returncode
 

@@ -12,8 +12,7 @@ import time
 import pytest
 import zmq
 
-from harness import GUESTS, REPO
-from supervisor.client import Client
+from harness import GUESTS
 
 pytestmark = pytest.mark.timeout(60)
 

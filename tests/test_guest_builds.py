@@ -3,7 +3,6 @@ the corral/1 ABI by hand with wasmtime (no daemon involved).
 
 A missing toolchain fails these tests, naming the package to install."""
 
-import importlib.util
 import os
 import subprocess
 import threading
