@@ -45,6 +45,7 @@ from workers.spec import AppSpec, WorkerSpec
 
 EX_CONFIG = 78      # sysexits.h: configuration error (systemd: RestartPreventExitStatus=78)
 EX_UNAVAILABLE = 69  # an endpoint cannot be bound
+EX_NOPERM = 77       # a runtime or cache directory belongs to someone else
 RSS_CHECK_S = 1.0
 STATUS_EVERY_S = 2.0
 STOP_WORKERS_S = 2.0  # of graceful_timeout_s, kept for workers to leave after the drain
@@ -86,11 +87,18 @@ class Daemon:
             for problem in exc.problems:
                 self.log.error("config.invalid", problem=problem)
             return EX_CONFIG
+        except PermissionError as exc:
+            self.log.error("daemon.directory_refused", error=str(exc))
+            return EX_NOPERM
         self.config = config
-        runtime = paths.runtime_dir()
-        kill_stale_workers(runtime, self.log)
-        self.clean_stale_run_dirs(runtime)
-        self.run_dir = paths.private_dir(runtime / f"daemon-{os.getpid()}")
+        try:
+            runtime = paths.runtime_dir()
+            kill_stale_workers(runtime, self.log)
+            self.clean_stale_run_dirs(runtime)
+            self.run_dir = paths.private_dir(runtime / f"daemon-{os.getpid()}")
+        except PermissionError as exc:
+            self.log.error("daemon.directory_refused", error=str(exc))
+            return EX_NOPERM
         self.pool = Pool(self.log, self.run_dir, config.restart.backoff_initial_ms / 1000,
                          config.restart.backoff_max_ms / 1000)
         self.context = zmq.Context()

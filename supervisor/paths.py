@@ -51,9 +51,15 @@ def cache_dir(configured: str = "") -> Path:
 
 
 def private_dir(path: Path) -> Path:
+    """`path`, made if missing, owned by us and closed to others (0700).
+
+    A folder someone else owns (say a /tmp/corral-UID made by another user
+    to catch our sockets) is refused, not used."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_uid == os.getuid():
-        os.chmod(path, 0o700)
+    owner = path.stat().st_uid
+    if owner != os.getuid():
+        raise PermissionError(f"{path} belongs to uid {owner}, not to us (uid {os.getuid()})")
+    os.chmod(path, 0o700)
     return path
 
 

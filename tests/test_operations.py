@@ -307,3 +307,20 @@ def test_an_address_space_limit_with_bounded_memories(start_daemon):
     assert client.call("faults", b"growsoft", key="0").status == 422
     assert client.call("faults", b"oob", key="1").status == 502
     assert daemon.worker_pids() == [pid]
+
+
+def test_a_runtime_directory_owned_by_someone_else_is_refused(tmp_path, cache_dir):
+    import pwd
+    if os.getuid() != 0:
+        pytest.skip("making a directory owned by another user needs root")
+    trap = tmp_path / "run"
+    trap.mkdir(mode=0o777)
+    os.chown(trap, pwd.getpwnam("nobody").pw_uid, -1)
+    config = tmp_path / "corral.toml"
+    config.write_text(f'[supervisor]\nfrontend = "ipc://{tmp_path}/f.sock"\ncontrol = "ipc://{tmp_path}/c.sock"\n'
+                      f'cache_dir = "{cache_dir}"\n[apps.echo]\nmodule = "{GUESTS / "echo.wat"}"\n')
+    run = subprocess.run([sys.executable, "-m", "supervisor", "run", "-c", str(config)],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "RUNTIME_DIRECTORY": str(trap)})
+    assert run.returncode == 77
+    assert "belongs to uid" in run.stderr
