@@ -181,7 +181,7 @@ def test_deadline_interrupts_the_guest_with_504_and_the_worker_is_replaced(start
     started = time.monotonic()
     reply = daemon.call("faults", b"loop")
     assert reply.status == 504 and b"interrupted" in reply.body
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 10   # the app's 300 ms, not the 30 s default deadline
     daemon.wait_for(lambda: (p := daemon.worker_pids()) and p != [pid], what="the worker replaced")
     assert daemon.call("faults", b"ok").status == 200
 
@@ -192,7 +192,7 @@ def test_the_request_deadline_is_the_smaller_one(start_daemon):
     started = time.monotonic()
     reply = daemon.call("faults", b"loop", deadline_ms=300)
     assert reply.status == 504
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 10   # not the 30 s default deadline, nor the 20 s app timeout
 
 
 def test_a_request_still_queued_at_its_deadline_gets_504_without_reaching_a_worker(start_daemon):
@@ -233,7 +233,7 @@ def test_a_crash_answers_the_request_in_flight_502_with_the_signal(start_daemon)
     reply = client.wait(request, timeout=10)
     assert reply.status == 502
     assert b"signal 9" in reply.body and b"SIGKILL" in reply.body
-    assert time.monotonic() - started < 2, "a crash must be reported promptly"
+    assert time.monotonic() - started < 5, "a crash must be reported at once, not at the client's timeout"
     daemon.wait_for(lambda: daemon.worker_pids(), what="the respawned worker")
     assert daemon.call("faults", b"ok").status == 200
 
@@ -309,7 +309,7 @@ def test_a_service_that_always_aborts_opens_its_circuit_and_others_keep_serving(
         started = time.monotonic()
         reply = client.call("broken", b"y", timeout=5)
         assert reply.status == 503 and b"circuit open" in reply.body
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 2   # refused by the broker: no worker was entered
         assert [s for s in daemon.status()["services"] if s["name"] == "broken"][0]["circuit"] == "open"
         # After the backoff one probe goes through; it aborts, so the circuit opens again.
         time.sleep(0.6)
