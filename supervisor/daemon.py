@@ -99,8 +99,7 @@ class Daemon:
         except PermissionError as exc:
             self.log.error("daemon.directory_refused", error=str(exc))
             return EX_NOPERM
-        self.pool = Pool(self.log, self.run_dir, config.restart.backoff_initial_ms / 1000,
-                         config.restart.backoff_max_ms / 1000)
+        self.pool = Pool(self.log, config.restart.backoff_initial_ms / 1000, config.restart.backoff_max_ms / 1000)
         self.context = zmq.Context()
         self.metrics = None
         try:

@@ -90,9 +90,8 @@ def describe_exit(returncode: int) -> str:
 
 
 class Pool:
-    def __init__(self, log, run_dir: Path, backoff_initial_s: float, backoff_max_s: float):
+    def __init__(self, log, backoff_initial_s: float, backoff_max_s: float):
         self.log = log
-        self.run_dir = run_dir
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.slots: dict[int, WorkerProcess | None] = {}
