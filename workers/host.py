@@ -65,7 +65,6 @@ class Guest:
         self.intensity = restart_intensity
         self.period_s = restart_period_s
         self.aborts: deque[float] = deque()
-        self.instantiated = 0  # how many instances this guest has made (for status/tests)
 
     def instantiate(self, timeout_ms: int) -> CorralEntry | PlainEntry | Outcome:
         store = wasmtime.Store(self.engine)
@@ -80,7 +79,6 @@ class Guest:
                                      trap.message, False, timeout_ms)
         except wasmtime.WasmtimeError as exc:
             return outcome.instantiation_failed(str(exc).strip().splitlines()[0])
-        self.instantiated += 1
         if not self.info.corral_abi:
             return PlainEntry(store, instance)
         entry = CorralEntry(store, instance, self.info.has_init)
