@@ -33,10 +33,10 @@ from supervisor import protocol
 from supervisor.circuit import Circuit, Health
 from supervisor.config import AppSettings, Config
 from supervisor.metrics import Histogram
-from supervisor.protocol import (MAX_KEY, MMI_PREFIX, MMI_SERVICE, NATIVE, NOBLOCK, STATUS_BY_CODE,
-                                 STATUS_FRAMES, W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST,
-                                 W_RETIRING, Dialect, Malformed, Status, iter_replies, readable, recv_frame,
-                                 recv_frames, recv_payload, reply_frames, request_record, send_frames)
+from supervisor.frames import NOBLOCK, drain, send_frames
+from supervisor.protocol import (MAX_KEY, MMI_PREFIX, MMI_SERVICE, NATIVE, STATUS_BY_CODE, STATUS_FRAMES,
+                                 W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_RETIRING,
+                                 Dialect, Malformed, Status, iter_replies, reply_frames, request_record)
 
 # Drain at most this many messages from one socket per loop turn, so that
 # neither side can starve the other (or the timers).
@@ -195,14 +195,8 @@ class Broker:
     # --- frontend ------------------------------------------------------------
 
     def on_frontend(self) -> None:
-        socket = self.frontend
         now = time.monotonic()
-        for _ in range(BATCH):
-            # The poll said readable; asking again after each message is
-            # cheaper than the zmq.Again exception that ends a drain.
-            if not readable(socket):
-                return
-            frames = recv_frames(socket, NOBLOCK)
+        for frames in drain(self.frontend, BATCH):
             if len(frames) < 2:
                 continue  # nothing after the routing id: nothing to answer
             # The common case first: a native request without meta, for a
@@ -426,13 +420,9 @@ class Broker:
     # --- backend -------------------------------------------------------------
 
     def on_backend(self) -> None:
-        socket = self.backend
         now = time.monotonic()
-        for _ in range(BATCH):
-            if not readable(socket):
-                return
-            identity = recv_frame(socket, NOBLOCK)
-            payload = recv_payload(socket)  # a ROUTER message always has a frame after the id
+        for message in drain(self.backend, BATCH):
+            identity, payload = message[0], message[-1]  # corral's workers send one frame
             command = payload[:1]
             link = self.links.get(identity)
             if link is not None:

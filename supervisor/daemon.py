@@ -31,7 +31,7 @@ import psutil
 import zmq
 
 from supervisor import config as config_module
-from supervisor import logs, paths
+from supervisor import frames, logs, paths
 from supervisor.broker import Broker, Event
 from supervisor.config import Config, ConfigError
 from supervisor.control import Control
@@ -116,7 +116,7 @@ class Daemon:
         self.hand_run_dir_to_worker_user(config)
         self.use_config(config, spec_inputs)
         self.install_signals()
-        self.log.info("daemon.started", pid=os.getpid(), config=str(self.config_path),
+        self.log.info("daemon.started", pid=os.getpid(), config=str(self.config_path), frames=frames.IMPLEMENTATION,
                       frontend=list(config.supervisor.frontend),
                       control=config.supervisor.control, workers=config.supervisor.workers,
                       apps=sorted(config.apps))

@@ -50,51 +50,6 @@ import struct
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
-import zmq
-import zmq.backend
-
-# --- multipart I/O -----------------------------------------------------------
-# pyzmq's send_multipart/recv_multipart go through its Python "sugar" layer
-# and combine enum flags per frame; calling the Cython socket methods with
-# plain int flags halves the cost of a 5-frame round trip (15 us to 8 us).
-
-_send = zmq.backend.Socket.send
-_recv = zmq.backend.Socket.recv
-_get = zmq.backend.Socket.get
-_SNDMORE = int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-NOBLOCK = int(zmq.NOBLOCK)
-
-
-def recv_frame(socket: zmq.Socket, flags: int = 0) -> bytes:
-    """One frame, whatever follows it."""
-    return _recv(socket, flags)
-
-
-def readable(socket: zmq.Socket) -> bool:
-    """Is a message waiting? (ZMQ_EVENTS, without pyzmq's enum arithmetic)"""
-    return bool(_get(socket, _EVENTS) & _POLLIN)
-
-
-def send_frames(socket: zmq.Socket, frames: list[bytes], flags: int = 0) -> None:
-    """Send a multipart message; with NOBLOCK, zmq.Again (or EHOSTUNREACH) comes
-    from the first frame, before anything was queued."""
-    last = len(frames) - 1
-    more = flags | _SNDMORE
-    for i in range(last):
-        _send(socket, frames[i], more)
-    _send(socket, frames[last], flags)
-
-
-def recv_frames(socket: zmq.Socket, flags: int = 0) -> list[bytes]:
-    """Receive a multipart message; with NOBLOCK, raises zmq.Again when none is waiting."""
-    frames = [_recv(socket, flags)]
-    while _get(socket, _RCVMORE):
-        frames.append(_recv(socket))
-    return frames
-
 
 # --- client dialects --------------------------------------------------------
 
@@ -318,11 +273,3 @@ def parse_retiring(payload: bytes) -> tuple[str, list[int]]:
 
 def encode_json(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
-
-
-def recv_payload(socket: zmq.Socket, flags: int = 0) -> bytes:
-    """One single-frame message; stray extra frames (never sent by corral) are dropped."""
-    payload = _recv(socket, flags)
-    while _get(socket, _RCVMORE):
-        _recv(socket)
-    return payload

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import zmq
 
-from supervisor.protocol import (NOBLOCK, W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST,
-                                 RetireReason, Status, encode_json, iter_requests, readable,
-                                 recv_payload, reply_record, retiring_message, send_frames,
+from supervisor.frames import drain, recv_payload, send_frames
+from supervisor.protocol import (W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, RetireReason,
+                                 Status, encode_json, iter_requests, reply_record, retiring_message,
                                  worker_identity)
 from workers import outcome
 from workers.host import Guest, Host
@@ -36,6 +36,7 @@ LINGER_MS = 2000       # long enough for the last replies to leave; the broker i
 SLOW_CALL_S = 0.001    # a guest call this long sends the pending replies first, for a while
 SLOW_MEMORY_S = 30.0   # how long a guest counts as slow after a slow call
 MAX_BATCH = 64         # replies per message at most
+MAX_DRAIN = 256        # messages taken from the socket per wake-up at most
 
 
 @dataclass(slots=True)
@@ -102,8 +103,8 @@ class WorkerLoop:
             self.handle(recv_payload(self.socket))
         except zmq.Again:
             pass
-        while readable(self.socket):
-            self.handle(recv_payload(self.socket, NOBLOCK))
+        for message in drain(self.socket, MAX_DRAIN):
+            self.handle(message[-1])
         if time.monotonic() - self.last_sent >= self.heartbeat_s and not self.jobs:
             if os.getppid() != self.parent:
                 self.log.error("worker.orphaned")
