@@ -6,10 +6,12 @@ only when it has run everything it holds: the broker never sends more than
 the worker's capacity, so nothing waits on the socket that could run sooner.
 
 Replies go back in batches, one message for several requests, as long as
-the guests are fast: before a request whose guest has taken longer than
-SLOW_CALL_S recently, and whenever nothing is left to run, the pending
-replies are sent first, so a reply is not held behind a slow call (except
-once, the first time a fast guest turns slow).
+the guests are fast: before a request whose guest took longer than
+SLOW_CALL_S within its last CAUTIOUS_CALLS calls, and whenever nothing is
+left to run, the pending replies are sent first, so a reply is not held
+behind a slow call (except once, the first time a fast guest turns slow).
+Counting calls rather than seconds lets a fast guest that was merely
+descheduled during one call (wall time, on a busy machine) batch again soon.
 
 While a guest runs the worker cannot answer; the broker judges a busy
 worker by the longest call it may be running (DESIGN 4b). When idle, it
@@ -33,8 +35,8 @@ from workers import outcome
 from workers.host import Guest, Host
 
 LINGER_MS = 2000       # long enough for the last replies to leave; the broker is local
-SLOW_CALL_S = 0.001    # a guest call this long sends the pending replies first, for a while
-SLOW_MEMORY_S = 30.0   # how long a guest counts as slow after a slow call
+SLOW_CALL_S = 0.001    # a guest call this long (wall time) makes the worker cautious
+CAUTIOUS_CALLS = 64    # ... for this many calls of that guest: replies go out before each
 MAX_BATCH = 64         # replies per message at most
 MAX_DRAIN = 256        # messages taken from the socket per wake-up at most
 
@@ -65,7 +67,7 @@ class WorkerLoop:
         self.last_sent = 0.0
         self.handled = 0
         self.leaving = False  # the broker said DISCONNECT: finish what we hold, then exit
-        self.slow_at: dict[bytes, float] = {}   # service -> when its guest was last slow
+        self.cautious: dict[bytes, int] = {}   # service -> calls left before batching again
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.ROUTING_ID, self.identity)
@@ -125,10 +127,12 @@ class WorkerLoop:
 
     def run_one(self, job: Job) -> RetireReason | None:
         guest = self.host.guests.get(job.service)
-        started = time.monotonic()
-        if self.pending and (self.pending >= MAX_BATCH or started - self.slow_at.get(job.service, -1e9)
-                             < SLOW_MEMORY_S):
+        cautious = self.cautious.get(job.service)
+        if cautious:
+            self.cautious[job.service] = cautious - 1
+        if self.pending and (cautious or self.pending >= MAX_BATCH):
             self.flush()
+        started = time.monotonic()
         left_ms = int((job.deadline - started) * 1000)
         if guest is None:
             result = outcome.Outcome(Status.NOT_FOUND, b"this worker does not serve " + job.service)
@@ -139,7 +143,7 @@ class WorkerLoop:
             # never against the guest's own timeout_ms.
             result = guest.run(job.key, job.body, min(left_ms, guest.app.timeout_ms))
             if time.monotonic() - started > SLOW_CALL_S:
-                self.slow_at[job.service] = time.monotonic()
+                self.cautious[job.service] = CAUTIOUS_CALLS
         self.handled += 1
         self.replies += reply_record(job.ticket, result.status, result.fault, result.body)
         self.pending += 1
