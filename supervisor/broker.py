@@ -194,9 +194,11 @@ class Broker:
 
     # --- frontend ------------------------------------------------------------
 
-    def on_frontend(self) -> None:
+    def on_frontend(self) -> int:
+        """Take the client requests waiting; returns how many messages came."""
         now = time.monotonic()
-        for frames in drain(self.frontend, BATCH):
+        messages = drain(self.frontend, BATCH)
+        for frames in messages:
             if len(frames) < 2:
                 continue  # nothing after the routing id: nothing to answer
             # The common case first: a native request without meta, for a
@@ -209,6 +211,7 @@ class Broker:
                                  now + DEFAULT_DEADLINE_S, service.app.idempotent, now, False)
                     continue
             self.intake(frames[0], frames[1:], now)
+        return len(messages)
 
     def intake(self, client: bytes, frames: list[bytes], now: float) -> None:
         """Any request: parse it, admit it or answer it."""
@@ -419,9 +422,11 @@ class Broker:
 
     # --- backend -------------------------------------------------------------
 
-    def on_backend(self) -> None:
+    def on_backend(self) -> int:
+        """Take the workers' messages waiting; returns how many came."""
         now = time.monotonic()
-        for message in drain(self.backend, BATCH):
+        messages = drain(self.backend, BATCH)
+        for message in messages:
             identity, payload = message[0], message[-1]  # corral's workers send one frame
             command = payload[:1]
             link = self.links.get(identity)
@@ -436,6 +441,7 @@ class Broker:
             elif command != W_HEARTBEAT:
                 self.log.warning("worker.unexpected_message", worker=identity.decode(errors="replace"),
                                  command=command.hex())
+        return len(messages)
 
     def on_ready(self, identity: bytes, payload: bytes, now: float) -> None:
         try:

@@ -48,7 +48,8 @@ EX_UNAVAILABLE = 69  # an endpoint cannot be bound
 EX_NOPERM = 77       # a runtime or cache directory belongs to someone else
 RSS_CHECK_S = 1.0
 STATUS_EVERY_S = 2.0
-STOP_WORKERS_S = 2.0  # of graceful_timeout_s, kept for workers to leave after the drain
+STOP_WORKERS_S = 2.0
+POLL_EVERY = 16       # busy loop turns between polls (see Daemon.loop)  # of graceful_timeout_s, kept for workers to leave after the drain
 
 
 class Daemon:
@@ -205,19 +206,28 @@ class Daemon:
         wakeup = self.wakeup_read.fileno()
         for item in (frontend, backend, control, wakeup):
             poller.register(item, zmq.POLLIN)
+        busy_turns = 0
         while True:
-            now = time.monotonic()
-            timeout = max(0, min(1000, int((self.next_timer - now) * 1000) + 1))
-            for item, _ in poller.poll(timeout):
-                if item is backend:
-                    broker.on_backend()
-                elif item is frontend:
-                    broker.on_frontend()
-                elif item is control:
-                    self.control.serve()
-                    self.next_timer = 0.0  # a verb may have started or stopped workers
-                elif item == wakeup:
-                    self.drain_wakeup()
+            if busy_turns and busy_turns % POLL_EVERY:
+                # The last turn found messages, so more are likely: drain again
+                # without the poll (a system call); poll every POLL_EVERY turns
+                # all the same, for the control socket and the signal pipe.
+                found = broker.on_backend() + broker.on_frontend()
+            else:
+                found = 0
+                now = time.monotonic()
+                timeout = 0 if busy_turns else max(0, min(1000, int((self.next_timer - now) * 1000) + 1))
+                for item, _ in poller.poll(timeout):
+                    if item is backend:
+                        found += broker.on_backend()
+                    elif item is frontend:
+                        found += broker.on_frontend()
+                    elif item is control:
+                        self.control.serve()
+                        self.next_timer = 0.0  # a verb may have started or stopped workers
+                    elif item == wakeup:
+                        self.drain_wakeup()
+            busy_turns = busy_turns + 1 if found else 0
             if self.signals or self.reload_result is not None:
                 self.handle_signals()
             broker.dispatch()
