@@ -56,7 +56,7 @@ class Entry:
     """The raw handles of one instance: store context, memory, exports, buffers."""
 
     __slots__ = ("store", "instance", "context", "memory", "args", "args_at", "trap", "trap_at",
-                 "_keep")
+                 "base", "size", "_keep")
 
     def __init__(self, store: wasmtime.Store, instance: wasmtime.Instance, arg_slots: int = 2):
         self.store = store
@@ -68,6 +68,7 @@ class Entry:
         self.args_at = addressof(self.args)
         self.trap = c_void_p()
         self.trap_at = addressof(self.trap)
+        self.base = self.size = 0  # linear memory as last seen (see memory_view)
         self._keep = [memory]  # the Python objects that own the raw structs
 
     def function(self, name: str) -> int:
@@ -107,8 +108,15 @@ class Entry:
         return outcome.from_trap(code, message, pending, timeout_ms)
 
     def memory_view(self) -> tuple[int, int]:
-        """Base address and size of linear memory: re-read after every call (it may grow)."""
-        return _memory_data(self.context, self.memory) or 0, _memory_size(self.context, self.memory)
+        """Base address and size of linear memory, after any call that may have grown it.
+
+        The size is read every time; the base only when the size changed: a
+        memory never shrinks, and it can move only when it grows."""
+        size = _memory_size(self.context, self.memory)
+        if size != self.size:
+            self.base = _memory_data(self.context, self.memory) or 0
+            self.size = size
+        return self.base, size
 
 
 class CorralEntry(Entry):

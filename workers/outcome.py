@@ -23,8 +23,8 @@ INTERRUPT = TrapCode.INTERRUPT.value
 STATUS_BYTES = {0: Status.OK, 1: Status.GUEST_ERROR, 2: Status.UNWIND}
 
 
-@dataclass(slots=True, frozen=True)
-class Outcome:
+@dataclass(slots=True)
+class Outcome:  # not frozen: a frozen dataclass costs three times as much to make, once per request
     status: Status
     body: bytes              # the response body, or for a fault the detail
     fault: bytes = b""       # trap code name, b"exception", b"abi", ...
