@@ -123,7 +123,7 @@ def test_sigterm_under_load_finishes_requests_in_flight_and_exits_0(start_daemon
     daemon.wait_for(lambda: daemon.status()["in_flight"] >= 2, what="requests in flight")
     started = time.monotonic()
     daemon.process.send_signal(signal.SIGTERM)
-    time.sleep(0.1)
+    daemon.wait_for(lambda: daemon.events("daemon.draining"), what="the drain to begin")
     refused = client.call("echo", b"late", timeout=5)
     replies = client.gather(slow, timeout=10)
     assert [r.status for r in replies.values()] == [200] * 4
