@@ -1,5 +1,5 @@
 import sys
 
-from supervisor.cli import main
+from supervisor.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

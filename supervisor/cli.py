@@ -193,5 +193,15 @@ def bench_verb(args: argparse.Namespace) -> int:
     return 0 if result.failed == 0 else 1
 
 
+def entry() -> int:
+    """The console script: main(), quiet when its reader goes away (`corral status | head`)."""
+    try:
+        return main()
+    except BrokenPipeError:
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
