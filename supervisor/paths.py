@@ -26,15 +26,17 @@ def default_config() -> Path:
     return share_dir() / "config" / "corral.toml"
 
 
-def runtime_dir() -> Path:
-    """A private (0700) folder for sockets: systemd's RuntimeDirectory when set."""
+def runtime_dir(create: bool = True) -> Path:
+    """A private (0700) folder for sockets: systemd's RuntimeDirectory when set.
+
+    Only the daemon makes it; clients just need to know where it is."""
     if os.environ.get("RUNTIME_DIRECTORY"):
         path = Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
     elif os.environ.get("XDG_RUNTIME_DIR"):
         path = Path(os.environ["XDG_RUNTIME_DIR"]) / "corral"
     else:
         path = Path("/tmp") / f"corral-{os.getuid()}"
-    return private_dir(path)
+    return private_dir(path) if create else path
 
 
 def cache_dir(configured: str = "") -> Path:
@@ -64,4 +66,4 @@ def private_dir(path: Path) -> Path:
 
 
 def default_control_endpoint() -> str:
-    return f"ipc://{runtime_dir() / 'control.sock'}"
+    return f"ipc://{runtime_dir(create=False) / 'control.sock'}"

@@ -120,13 +120,16 @@ def test_no_apps_is_an_error(tmp_path):
     assert "nothing to serve" in problems(tmp_path, "[supervisor]\nworkers = 1\n")[0]
 
 
-def corral_check(path: Path) -> subprocess.CompletedProcess:
+def corral_check(path: Path, scratch: Path) -> subprocess.CompletedProcess:
+    """`corral check`, its module cache (and any runtime directory) kept in `scratch`."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(scratch / "cache"), "RUNTIME_DIRECTORY": str(scratch / "run")}
+    env.pop("CACHE_DIRECTORY", None)
     return subprocess.run([sys.executable, "-m", "supervisor", "check", "-c", str(path)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=env)
 
 
-def test_corral_check_accepts_the_packaged_config():
-    run = corral_check(Path(__file__).resolve().parent.parent / "config" / "corral.toml")
+def test_corral_check_accepts_the_packaged_config(tmp_path):
+    run = corral_check(Path(__file__).resolve().parent.parent / "config" / "corral.toml", tmp_path)
     assert run.returncode == 0, run.stderr
     assert "ok, 3 apps" in run.stdout
 
@@ -147,7 +150,7 @@ def test_corral_check_names_file_key_and_problem(tmp_path, text, words):
     (tmp_path / "big.wat").write_text('(module (memory (export "memory") 32))')
     (tmp_path / "half.wat").write_text(
         '(module (func (export "corral_handle") (param i32 i32) (result i64) i64.const 0))')
-    run = corral_check(write(tmp_path, text))
+    run = corral_check(write(tmp_path, text), tmp_path)
     assert run.returncode == EX_CONFIG, run.stdout
     assert str(tmp_path / "corral.toml") in run.stderr
     assert words in run.stderr, run.stderr
