@@ -54,7 +54,7 @@ class Request:
     """A ledger entry."""
 
     __slots__ = ("ticket", "client", "dialect", "request_id", "service", "key", "body", "deadline",
-                 "idempotent", "received", "link", "state", "probe", "budget_s")
+                 "idempotent", "received", "state", "probe", "budget_s")
 
     def __init__(self, ticket: int, client: bytes, dialect: Dialect, request_id: bytes,
                  service: Service, key: bytes | None, body: bytes, deadline: float,
@@ -69,7 +69,6 @@ class Request:
         self.deadline = deadline
         self.idempotent = idempotent
         self.received = received
-        self.link: WorkerLink | None = None
         self.state = State.QUEUED
         self.probe = probe
         self.budget_s = 0.0  # the longest the guest may run it, set when it is sent
@@ -304,12 +303,8 @@ class Broker:
         service = request.service
         service.latency.observe((now or time.monotonic()) - request.received)
         service.statuses[status] += 1
-        if request.dialect is Dialect.NATIVE:
-            frames = [request.client, NATIVE, request.request_id, STATUS_FRAMES[status], body]
-        else:
-            frames = reply_frames(request.dialect, request.client, request.request_id,
-                                  STATUS_FRAMES[status], body)
-        self.send_client(frames)
+        self.send_client(reply_frames(request.dialect, request.client, request.request_id,
+                                      STATUS_FRAMES[status], body))
 
     # --- dispatch ------------------------------------------------------------
 
@@ -383,7 +378,6 @@ class Broker:
             return
         budget_ms = min(left_ms, request.service.app.timeout_ms)
         request.state = State.SENT
-        request.link = link
         request.budget_s = budget_ms / 1000
         link.inflight[request.ticket] = request
         link.last_assigned = now
@@ -411,7 +405,6 @@ class Broker:
     def requeue(self, request: Request) -> None:
         """Put a request that never started back at the head of its queue."""
         request.state = State.QUEUED
-        request.link = None
         request.service.queue.appendleft(request)
         self.waiting.add(request.service)
 
