@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("workers", type=int)
     restart = with_config(verbs.add_parser("restart", help="replace workers gracefully, one at a time"))
     restart.add_argument("slots", type=int, nargs="*", help="slots to restart (default: all)")
-    with_config(verbs.add_parser("reload", help="reload the config (as SIGHUP does)"))
+    reload = with_config(verbs.add_parser(
+        "reload", help="reload the config (as SIGHUP does) and wait until every worker serves it"))
+    reload.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                        help="give up waiting after S seconds (default 120; the reload goes on)")
 
     args = parser.parse_args(argv)
     return {"run": run, "check": check, "call": call_verb, "status": status_verb, "bench": bench_verb,
@@ -135,8 +138,12 @@ def control_request(args: argparse.Namespace, verb: str, arguments: dict, timeou
     socket.send_multipart([verb.encode(), json.dumps(arguments).encode()])
     if not socket.poll(int(timeout_s * 1000)):
         socket.close()
-        print(f"corral: no answer on the control endpoint {endpoint} (is the daemon running?)",
-              file=sys.stderr)
+        if verb == "reload":
+            print(f"corral: no answer to reload within {timeout_s:g} s: the daemon is not running at "
+                  f"{endpoint}, or its reload is still under way (see corral status)", file=sys.stderr)
+        else:
+            print(f"corral: no answer on the control endpoint {endpoint} (is the daemon running?)",
+                  file=sys.stderr)
         raise SystemExit(EXIT_NO_REPLY)
     reply = json.loads(socket.recv())
     socket.close()
@@ -174,7 +181,7 @@ def admin_verb(args: argparse.Namespace) -> int:
     elif args.verb == "restart":
         reply = control_request(args, "restart", {"slots": args.slots} if args.slots else {})
     else:
-        reply = control_request(args, "reload", {})
+        reply = control_request(args, "reload", {}, timeout_s=args.timeout)
     if not reply.get("ok"):
         for problem in reply.get("problems", [reply.get("error", "failed")]):
             print(f"corral: {problem}", file=sys.stderr)

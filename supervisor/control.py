@@ -5,6 +5,9 @@ A ROUTER socket on an ipc:// path that only the daemon's user can open
 
     request  ["", verb, json arguments]
     reply    ["", json result]            result always has "ok"
+
+`reload` answers when the reload is over: the new config serving on every
+worker, or refused (with its problems). Its clients wait in the meantime.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Control:
         else:
             self.socket.bind(endpoint)
         self.endpoint = endpoint
+        self.awaiting_reload: list[bytes] = []   # REQ peers whose reload is not over yet
 
     def serve(self) -> None:
         while True:
@@ -49,12 +53,25 @@ class Control:
             if len(frames) < 3 or frames[1] != b"":
                 continue  # not a REQ client
             result = self.handle(frames[2:])
-            try:
-                self.socket.send_multipart([frames[0], b"", json.dumps(result).encode()], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+            if result is None:
+                self.awaiting_reload.append(frames[0])
+            else:
+                self.answer(frames[0], result)
 
-    def handle(self, frames: list[bytes]) -> dict:
+    def reload_over(self, result: dict) -> None:
+        """The daemon's word that the reload is done or refused: answer everyone who asked for it."""
+        waiting, self.awaiting_reload = self.awaiting_reload, []
+        for peer in waiting:
+            self.answer(peer, result)
+
+    def answer(self, peer: bytes, result: dict) -> None:
+        try:
+            self.socket.send_multipart([peer, b"", json.dumps(result).encode()], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the client left
+
+    def handle(self, frames: list[bytes]) -> dict | None:
+        """The verb's result, or None when it is answered later (reload_over)."""
         verb = frames[0].decode(errors="replace")
         try:
             args = json.loads(frames[1]) if len(frames) > 1 and frames[1] else {}

@@ -365,14 +365,16 @@ class Daemon:
 
     # --- reload, scale, restart ------------------------------------------
 
-    def reload(self) -> dict:
+    def reload(self) -> dict | None:
         """SIGHUP or `corral reload`: validate now, compile in a thread, then roll the workers.
 
         Compiling a large module can take seconds; the loop keeps serving,
-        heartbeating and pinging the watchdog meanwhile."""
+        heartbeating and pinging the watchdog meanwhile. Returns the problems
+        of a config refused at once, or None: the reload is under way, and
+        control clients waiting for it are answered when it is over."""
         if self.compiling is not None:
             self.reload_again = True
-            return {"ok": True, "queued": True}
+            return None
         self.notifier.reloading()
         self.log.info("reload.started", config=str(self.config_path))
         try:
@@ -383,7 +385,7 @@ class Daemon:
         self.compiling = threading.Thread(target=self.compile_for_reload, args=(config,),
                                           name="reload-compile", daemon=True)
         self.compiling.start()
-        return {"ok": True, "compiling": True}
+        return None
 
     def compile_for_reload(self, config: Config) -> None:
         """In the compile thread: hand the loop a (config, apps) or a ConfigError, and wake it."""
@@ -414,6 +416,8 @@ class Daemon:
         for problem in exc.problems:
             self.log.error("reload.config_invalid", problem=problem)
         self.notifier.ready(self.status_line())
+        if not self.reload_again:
+            self.control.reload_over({"ok": False, "problems": exc.problems})
 
     def apply_config(self, config: Config, apps: list[AppSpec]) -> None:
         for name in ("frontend", "control"):
@@ -475,6 +479,8 @@ class Daemon:
             self.reloading = False
             self.log.info("reload.done", config_generation=self.config_generation)
             self.notifier.ready(self.status_line())
+            if self.compiling is None:
+                self.control.reload_over({"ok": True, "config_generation": self.config_generation})
 
     # --- stop --------------------------------------------------------------
 
@@ -488,6 +494,7 @@ class Daemon:
         self.stop_deadline = now + max(self.config.supervisor.graceful_timeout_s - STOP_WORKERS_S,
                                        self.config.supervisor.graceful_timeout_s / 2)
         self.notifier.stopping()
+        self.control.reload_over({"ok": False, "error": "the daemon is stopping"})
         self.broker.drain()
         self.roll.clear()
         self.log.info("daemon.draining", signal=why, in_flight=len(self.broker.ledger))

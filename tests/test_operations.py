@@ -101,15 +101,37 @@ def test_a_bad_config_on_reload_is_logged_and_the_old_one_keeps_serving(start_da
     assert daemon.status()["config_generation"] == 1
 
 
-def test_reload_removes_apps(start_daemon):
+def test_reload_removes_apps_and_answers_when_over(start_daemon):
     daemon = start_daemon()
     del daemon.doc["apps"]["calc"]
     daemon.write_config()
-    reply = daemon.control_request("reload")
-    assert reply["ok"], reply
-    daemon.wait_ready(timeout=30)
+    # The control verb answers once every worker serves the new config: no waiting after it.
+    reply = daemon.control_request("reload", timeout=60)
+    assert reply == {"ok": True, "config_generation": 2}, reply
+    status = daemon.status()
+    serving = [w for w in status["workers"] if w["state"] == "ready"]
+    assert len(serving) == 2 and all(w["config_generation"] == 2 for w in serving), status["workers"]
     assert daemon.call("calc", b'{"call": "add", "args": [1, 2]}').status == 404
     assert daemon.call("echo", b"x").status == 200
+
+
+def test_reload_of_a_bad_config_answers_its_problems(start_daemon, tmp_path):
+    daemon = start_daemon()
+    daemon.doc["apps"]["echo"]["timeout_ms"] = "soon"       # refused when read
+    daemon.write_config()
+    reply = daemon.control_request("reload", timeout=60)
+    assert reply["ok"] is False
+    assert any("timeout_ms" in problem for problem in reply["problems"]), reply
+    broken = tmp_path / "broken.wat"
+    broken.write_text("(module (func $f (result i32)))")    # refused when compiled, off the loop
+    daemon.doc["apps"]["echo"]["timeout_ms"] = 1000
+    daemon.doc["apps"]["broken"] = {"module": broken}
+    daemon.write_config()
+    reply = daemon.control_request("reload", timeout=60)
+    assert reply["ok"] is False
+    assert any("broken.wat" in problem for problem in reply["problems"]), reply
+    assert daemon.status()["config_generation"] == 1
+    assert daemon.call("echo", b"still").body == b"still"
 
 
 # --- drain -------------------------------------------------------------------------
