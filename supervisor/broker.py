@@ -33,6 +33,7 @@ from supervisor import protocol
 from supervisor.circuit import Circuit, Health
 from supervisor.config import AppSettings, Config
 from supervisor.metrics import Histogram
+from supervisor.paths import ipc_in_use
 from supervisor.frames import NOBLOCK, drain, send_frames
 from supervisor.protocol import (MAX_KEY, MMI_PREFIX, MMI_SERVICE, NATIVE, STATUS_BY_CODE, STATUS_FRAMES,
                                  W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_RETIRING,
@@ -142,6 +143,8 @@ class Broker:
         self.frontend.setsockopt(zmq.LINGER, 1000)  # so the last replies of a drain leave
         self.frontend_endpoints = sup.frontend
         for endpoint in sup.frontend:
+            if ipc_in_use(endpoint):
+                raise zmq.ZMQError(zmq.EADDRINUSE, f"frontend endpoint {endpoint} is in use")
             self.frontend.bind(endpoint)
         self.backend = context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from supervisor.paths import ipc_in_use
+
 if TYPE_CHECKING:
     from supervisor.daemon import Daemon
 
@@ -31,8 +33,7 @@ class Control:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, 65536)
         if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
-            path = endpoint[len("ipc://"):]
-            if os.path.exists(path) and _socket_in_use(context, endpoint):
+            if ipc_in_use(endpoint):
                 raise zmq.ZMQError(zmq.EADDRINUSE, f"control endpoint {endpoint} is in use")
             old_umask = os.umask(0o177)  # the socket file is created 0600
             try:
@@ -107,14 +108,3 @@ class Control:
             except OSError:
                 pass
 
-
-def _socket_in_use(context: zmq.Context, endpoint: str) -> bool:
-    """Does a live daemon answer on this ipc path? (libzmq would silently take it over.)"""
-    probe = context.socket(zmq.REQ)
-    probe.setsockopt(zmq.LINGER, 0)
-    try:
-        probe.connect(endpoint)
-        probe.send_multipart([b"status", b"{}"])
-        return bool(probe.poll(300))
-    finally:
-        probe.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import site
+import socket
 import sys
 import sysconfig
 from pathlib import Path
@@ -67,3 +68,22 @@ def private_dir(path: Path) -> Path:
 
 def default_control_endpoint() -> str:
     return f"ipc://{runtime_dir(create=False) / 'control.sock'}"
+
+
+def ipc_in_use(endpoint: str) -> bool:
+    """Is a live process listening on this ipc:// path?
+
+    libzmq's bind unlinks an existing path and takes it over silently, so a
+    second daemon would steal the first one's clients. A listener accepts a
+    plain AF_UNIX connect; a stale file refuses it. (Abstract `ipc://@`
+    names need no check: binding a taken one fails by itself.)"""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(endpoint[len("ipc://"):])
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()

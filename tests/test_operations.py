@@ -221,15 +221,20 @@ def test_control_socket_is_owner_only(shared_daemon):
     assert mode == 0o600
 
 
-def test_a_second_daemon_on_the_same_control_endpoint_refuses_to_start(start_daemon, cache_dir):
+@pytest.mark.parametrize("endpoint", ["control", "frontend"])
+def test_a_second_daemon_on_the_same_ipc_endpoint_refuses_to_start(start_daemon, cache_dir, endpoint):
+    """libzmq would take a live ipc path over silently; the second daemon exits 69 instead."""
     from harness import Daemon
     first = start_daemon()
-    second = Daemon({"echo": {"module": GUESTS / "echo.wat"}}, cache_dir,
-                    supervisor={"control": first.control})
+    taken = getattr(first, endpoint)
+    assert taken.startswith("ipc://")
+    second = Daemon({"echo": {"module": GUESTS / "echo.wat"}}, cache_dir, supervisor={endpoint: taken})
     try:
         second.start(wait=False)
         assert second.process.wait(30) == 69
+        assert f"{endpoint} endpoint {taken} is in use" in second.log_tail()
         assert first.call("echo", b"ok").body == b"ok"
+        assert first.status()["state"] == "running"
     finally:
         second.cleanup()
 

@@ -392,6 +392,10 @@ def test_sigkill_of_the_daemon_takes_its_workers_along(start_daemon):
         time.sleep(0.02)
     left = [w.pid for w in workers if not gone(w)]
     assert not left, f"workers {left} outlived their SIGKILLed daemon by 2 s"
+    # Its socket files stay behind, stale: the next daemon on the same endpoints starts all the same.
+    assert os.path.exists(daemon.frontend[len("ipc://"):]) and os.path.exists(daemon.control[len("ipc://"):])
+    daemon.start()
+    assert daemon.call("echo", b"again").body == b"again"
 
 
 @pytest.mark.timeout(90)
