@@ -24,6 +24,7 @@ import os
 import struct
 import time
 from collections import Counter, deque
+from itertools import islice
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -37,7 +38,8 @@ from supervisor.paths import ipc_in_use
 from supervisor.frames import NOBLOCK, drain, send_frames
 from supervisor.protocol import (MAX_KEY, MMI_PREFIX, MMI_SERVICE, NATIVE, STATUS_BY_CODE, STATUS_FRAMES,
                                  W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_RETIRING,
-                                 Dialect, Malformed, Status, iter_replies, reply_frames, request_record)
+                                 Dialect, Malformed, Status, evict_message, iter_replies, reply_frames,
+                                 request_record)
 
 # Drain at most this many messages from one socket per loop turn, so that
 # neither side can starve the other (or the timers).
@@ -85,6 +87,7 @@ class Service:
     links: list["WorkerLink"] = field(default_factory=list)  # the workers that serve it
     statuses: Counter = field(default_factory=Counter)
     latency: Histogram = field(default_factory=Histogram)
+    evicted: int = 0   # keyed: instances dropped over max_keys
 
     @property
     def keyed(self) -> bool:
@@ -108,7 +111,8 @@ class WorkerLink:
     retiring: bool = False
     inflight: dict[int, Request] = field(default_factory=dict)
     backlog: deque[Request] = field(default_factory=deque)  # keyed requests waiting for this worker
-    keys: set[tuple[bytes, bytes]] = field(default_factory=set)
+    # keyed: service name -> the keys whose instance lives here, least recently used first
+    keys: dict[bytes, dict[bytes, None]] = field(default_factory=dict)
     last_assigned: float = 0.0
     parked: bool = False   # a standby worker: serves nothing until unparked
     handled: int = 0
@@ -117,6 +121,10 @@ class WorkerLink:
     @property
     def free(self) -> int:
         return self.capacity - len(self.inflight)
+
+    @property
+    def key_count(self) -> int:
+        return sum(len(held) for held in self.keys.values())
 
 
 class Event(Enum):
@@ -350,20 +358,47 @@ class Broker:
 
     def route_keyed(self, service: Service, request: Request) -> bool:
         """Send or pin a keyed request to its key's worker; False if no worker can take keys now."""
-        link = service.affinity.get(request.key)
+        key = request.key
+        link = service.affinity.get(key)
         if link is None:
             candidates = [l for l in service.links if not l.retiring]
             if not candidates:
                 return False
-            link = min(candidates, key=lambda l: (len(l.keys), len(l.inflight) + len(l.backlog)))
-            service.affinity[request.key] = link
-            link.keys.add((service.name, request.key))
+            link = min(candidates, key=lambda l: (l.key_count, len(l.inflight) + len(l.backlog)))
+            service.affinity[key] = link
+            held = link.keys.setdefault(service.name, {})
+            held[key] = None
+            if service.app.max_keys and len(held) > service.app.max_keys:
+                self.evict_least_recent(link, service, held, key)
+        else:
+            held = link.keys[service.name]
+            del held[key]
+            held[key] = None  # now the most recent
         if link.free > 0 and not link.backlog:
             self.assign(link, request)
         else:
             link.backlog.append(request)
             self.backlogged.add(link)
         return True
+
+    def evict_least_recent(self, link: WorkerLink, service: Service, held: dict[bytes, None],
+                           new_key: bytes) -> None:
+        """Over max_keys: the worker drops the instance of its least recently used key
+        that has no request on it (the key's state goes; its next request starts afresh,
+        on whichever worker the broker picks then)."""
+        busy = {new_key}
+        busy.update(r.key for r in link.inflight.values() if r.service is service)
+        busy.update(r.key for r in link.backlog if r.service is service)
+        for key in islice(held, len(busy) + 1):
+            if key not in busy:
+                break
+        else:
+            return  # all busy: retried when the next new key comes
+        del held[key]
+        service.affinity.pop(key, None)  # (a key of a service removed and re-added by a reload has none)
+        service.evicted += 1
+        # Sent before any later request for the key, on the same ordered pipe.
+        self.send_worker(link, evict_message(service.name, key))
 
     def drain_backlog(self, link: WorkerLink) -> None:
         while link.backlog and link.free > 0:
@@ -511,10 +546,13 @@ class Broker:
 
     def release(self, link: WorkerLink) -> None:
         """Let go of a worker's keys and its backlog (they find other workers)."""
-        for service_name, key in link.keys:
+        for service_name, held in link.keys.items():
             service = self.services.get(service_name)
-            if service is not None and service.affinity.get(key) is link:
-                del service.affinity[key]
+            if service is None:
+                continue
+            for key in held:
+                if service.affinity.get(key) is link:
+                    del service.affinity[key]
         link.keys.clear()
         while link.backlog:
             request = link.backlog.pop()

@@ -171,7 +171,8 @@ def status_verb(args: argparse.Namespace) -> int:
     print(f"  {'name':<20} {'instances':<12} {'circuit':<10} {'queued':>6}  statuses")
     for s in status["services"]:
         counts = ", ".join(f"{k}: {v}" for k, v in s["statuses"].items()) or "-"
-        print(f"  {s['name']:<20} {s['instances']:<12} {s['circuit']:<10} {s['queued']:>6}  {counts}")
+        keys = f"  ({s['keys']} keys live, {s['evicted']} evicted)" if "keys" in s else ""
+        print(f"  {s['name']:<20} {s['instances']:<12} {s['circuit']:<10} {s['queued']:>6}  {counts}{keys}")
     return 0
 
 

@@ -89,6 +89,7 @@ class AppSettings:
     max_memory_mib: int = 64
     on_abort: str = "respawn"
     idempotent: bool = False
+    max_keys: int = 1024   # keyed: instances per worker; the least recently used one beyond goes
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ _APP_KEYS = {
     "max_memory_mib": (_INT, _between(1, 4096)),
     "on_abort": (_STR, _one_of(ABORT_POLICIES)),
     "idempotent": ((bool,), None),
+    "max_keys": (_INT, _non_negative),
 }
 
 _TCP_ENDPOINT = re.compile(r"^tcp://(\*|[A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d+)$")

@@ -567,6 +567,8 @@ class Daemon:
                              "circuit_opened": service.health.opened,
                              "queued": len(service.queue),
                              "quarantined": len(service.health.quarantined_until),
+                             **({"keys": len(service.affinity), "evicted": service.evicted}
+                                if service.keyed else {}),
                              "statuses": {str(int(k)): v for k, v in sorted(service.statuses.items())}})
         return {"pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 3),
                 "config": str(self.config_path), "config_generation": self.config_generation,

@@ -68,6 +68,14 @@ def render(daemon: "Daemon") -> str:
     for name, service in services:
         state = service.health.circuit.value
         out.append(f'corral_circuit_open{{service="{name.decode()}",state="{state}"}} {int(state != "closed")}')
+    keyed = [(name, service) for name, service in services if service.keyed]
+    if keyed:
+        family("corral_keys", "gauge", "Keys with a live instance, by keyed service.")
+        for name, service in keyed:
+            out.append(f'corral_keys{{service="{name.decode()}"}} {len(service.affinity)}')
+        family("corral_keys_evicted_total", "counter", "Key instances dropped over max_keys, by keyed service.")
+        for name, service in keyed:
+            out.append(f'corral_keys_evicted_total{{service="{name.decode()}"}} {service.evicted}')
     family("corral_in_flight", "gauge", "Requests in the broker's ledger (queued or on a worker).")
     out.append(f"corral_in_flight {len(broker.ledger)}")
     family("corral_worker_exits_total", "counter", "Worker processes that exited, by cause.")

@@ -31,6 +31,8 @@ it replaces. Every message is one frame: a command byte and its payload
                           service, key, body)*
     HEARTBEAT  W_HEARTBEAT
     DISCONNECT W_DISCONNECT    finish what you hold, reply, exit
+    EVICT      W_EVICT u16 len, service, key    drop that key's instance (keyed
+                          apps over max_keys; never a key with requests held)
 
   left_ms: what is left of the request's deadline when it was sent; the guest
   gets the smaller of that (less the time it waited in the worker) and the
@@ -204,10 +206,12 @@ W_REPLY = b"\x03"
 W_HEARTBEAT = b"\x04"
 W_DISCONNECT = b"\x05"
 W_RETIRING = b"\x06"
+W_EVICT = b"\x07"
 
 _REQUEST_RECORD = struct.Struct("!QIHHI")   # ticket, left_ms, len(service), len(key), len(body)
 _REPLY_RECORD = struct.Struct("!QHBI")      # ticket, status, len(fault), len(body)
 _TICKETS = struct.Struct("!Q")
+_EVICT = struct.Struct("!H")                # len(service), then service and key
 MAX_KEY = 0xFFFF
 
 
@@ -269,6 +273,16 @@ def parse_retiring(payload: bytes) -> tuple[str, list[int]]:
     length = payload[1]
     reason = payload[2:2 + length].decode(errors="replace")
     return reason, [t for (t,) in _TICKETS.iter_unpack(payload[2 + length:])]
+
+
+def evict_message(service: bytes, key: bytes) -> bytes:
+    return W_EVICT + _EVICT.pack(len(service)) + service + key
+
+
+def parse_evict(payload: bytes) -> tuple[bytes, bytes]:
+    (length,) = _EVICT.unpack_from(payload, 1)
+    at = 1 + _EVICT.size
+    return payload[at:at + length], payload[at + length:]
 
 
 def encode_json(value: object) -> bytes:

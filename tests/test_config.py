@@ -95,6 +95,7 @@ def test_each_bad_value_is_named_with_file_and_key(tmp_path, text, where, words)
     ({"module": str(GUESTS / "echo.wat"), "timeout_ms": 0}, "[apps.x] timeout_ms", "between"),
     ({"module": str(GUESTS / "echo.wat"), "idempotent": "yes"}, "[apps.x] idempotent", "boolean"),
     ({"module": str(GUESTS / "echo.wat"), "memory": 5}, "[apps.x] memory", "unknown key"),
+    ({"module": str(GUESTS / "echo.wat"), "max_keys": -1}, "[apps.x] max_keys", "0 or more"),
 ])
 def test_bad_apps_are_named(tmp_path, app, where, words):
     found = problems(tmp_path, toml({"apps": {"x": app}}))

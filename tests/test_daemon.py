@@ -124,6 +124,26 @@ def test_keyed_counter_counts_each_key_on_its_own(shared_daemon):
     assert b == [1, 2, 3]
 
 
+def test_keyed_instances_over_max_keys_go_least_recently_used_first(start_daemon):
+    counter = {"module": GUESTS / "counter.wat", "instances": "keyed", "max_keys": 3}
+    daemon = start_daemon({"counter": counter}, supervisor={"workers": 1})
+    client = daemon.client()
+
+    def incr(key: str) -> int:
+        reply = client.call("counter", b"incr", key=key)
+        assert reply.status == 200, reply
+        return int(reply.body)
+
+    assert [incr(k) for k in "abc"] == [1, 1, 1]
+    assert [incr(k) for k in "bc"] == [2, 2]      # least recently used first: a, b, c
+    assert incr("d") == 1                         # a fourth key: a's instance goes
+    assert incr("a") == 1                         # a starts afresh; now b goes
+    assert [incr(k) for k in "cd"] == [3, 2]      # c and d kept their counts
+    assert incr("b") == 1
+    service = next(s for s in daemon.status()["services"] if s["name"] == "counter")
+    assert (service["keys"], service["evicted"]) == (3, 3)
+
+
 def test_keyed_request_without_key_is_a_bad_request(shared_daemon):
     reply = shared_daemon.call("counter", b"incr")
     assert reply.status == 400 and b"key" in reply.body

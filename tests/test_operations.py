@@ -293,7 +293,8 @@ def test_metrics_endpoint_counts_this_tests_requests(start_daemon):
     from prometheus_client.parser import text_string_to_metric_families
     port = free_port()
     daemon = start_daemon({"echo": {"module": GUESTS / "echo.wat"},
-                           "faults": {"module": GUESTS / "faults" / "faults.wat", "on_abort": "respawn"}},
+                           "faults": {"module": GUESTS / "faults" / "faults.wat", "on_abort": "respawn"},
+                           "counter": {"module": GUESTS / "counter.wat", "instances": "keyed", "max_keys": 1}},
                           extra={"metrics": {"listen": f"127.0.0.1:{port}"}})
     client = daemon.client()
     client.gather([client.send("echo", b"x") for _ in range(25)], timeout=30)
@@ -302,6 +303,9 @@ def test_metrics_endpoint_counts_this_tests_requests(start_daemon):
     assert client.call("nowhere", b"").status == 404
     daemon.wait_for(lambda: [e for e in daemon.events("worker.exited") if "abort" in (e.get("cause") or "")],
                     what="the aborted worker's exit")
+    daemon.wait_ready()
+    for key in "abcde":  # one key per worker at most: 2 live, 3 evicted
+        assert client.call("counter", b"incr", key=key).body == b"1"
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     samples = {}
     for family in text_string_to_metric_families(text):
@@ -317,6 +321,8 @@ def test_metrics_endpoint_counts_this_tests_requests(start_daemon):
     assert samples[("corral_circuit_open", (("service", "echo"), ("state", "closed")))] == 0
     assert samples[("corral_queue_depth", (("service", "echo"),))] == 0
     assert samples[("corral_workers", (("state", "ready"),))] >= 1
+    assert samples[("corral_keys", (("service", "counter"),))] == 2
+    assert samples[("corral_keys_evicted_total", (("service", "counter"),))] == 3
 
 
 def test_an_address_space_limit_with_bounded_memories(start_daemon):

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import zmq
 
 from supervisor.frames import drain, recv_payload, send_frames
-from supervisor.protocol import (W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, RetireReason,
-                                 Status, encode_json, iter_requests, reply_record, retiring_message,
-                                 worker_identity)
+from supervisor.protocol import (W_DISCONNECT, W_EVICT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST,
+                                 RetireReason, Status, encode_json, iter_requests, parse_evict, reply_record,
+                                 retiring_message, worker_identity)
 from workers import outcome
 from workers.host import Guest, Host
 
@@ -122,6 +122,11 @@ class WorkerLoop:
                 jobs.append(Job(ticket, now + left_ms / 1000, service, key, body))
         elif command == W_DISCONNECT:
             self.leaving = True
+        elif command == W_EVICT:
+            service, key = parse_evict(payload)
+            guest = self.host.guests.get(service)
+            if guest is not None:
+                guest.instances.pop(key, None)
         elif command != W_HEARTBEAT:
             self.log.warning("worker.unknown_command", command=command.hex())
 
