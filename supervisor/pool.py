@@ -33,6 +33,9 @@ import psutil
 from supervisor.protocol import worker_identity
 
 STANDBY_BASE = 1000
+# A promoted standby's spare is started this much later: a starting worker takes
+# a core for ~200 ms, which the promoted one needs for the requests it takes over.
+STANDBY_REFILL_S = 0.5
 
 
 class WorkerState(str, Enum):
@@ -163,7 +166,7 @@ class Pool:
         for home, worker in self.slots.items():
             if home >= STANDBY_BASE and worker is not None and worker.state is WorkerState.READY:
                 self.slots[home] = None
-                self.respawn_at[home] = time.monotonic()
+                self.respawn_at[home] = time.monotonic() + STANDBY_REFILL_S
                 worker.slot = slot
                 self.slots[slot] = worker
                 self.respawn_at.pop(slot, None)
