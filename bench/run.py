@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """corral against its baselines, in one go, on this machine (DESIGN section 8; issue 5).
 
-    python bench/run.py                  everything (about 50 s on 2 cores)
+    python bench/run.py                  everything (about 65 s on 2 cores)
     python bench/run.py --quick          everything, small (about 10 s): the CI smoke run
     python bench/run.py --throughput     only some sections: --throughput --half-load
-                                         --host --instantiate --abort (any combination)
+                                         --hops --host --instantiate --abort (any combination)
 
 Sections (see bench/README.md for what each number means):
 
@@ -15,6 +15,10 @@ Sections (see bench/README.md for what each number means):
                and the ratios c/a and c/b
   half-load    an open-loop (fixed-rate) load at half of (c)'s measured maximum,
                against all three: p50/p90/p99 (the target: corral's p99 <= 2 ms)
+  hops         one request at a time (--hops-rate, default 1000 req/s) through (a), (b)
+               and corral with 1 worker each: round trips, and corral's split into its
+               4 ZeroMQ hops and the time inside the broker and the worker (a tracer,
+               bench/tracer/sitecustomize.py, stamps every message in both processes)
   host         host overhead per Wasm call: corral's call path (Guest.run,
                CorralEntry.handle_request) against wasmtime-py's Func.__call__ +
                Memory.read/write doing the same corral/1 request by hand
@@ -31,6 +35,7 @@ die with it: parent-death signal; the next run removes the directory).
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import platform
@@ -55,12 +60,14 @@ import zmq  # noqa: E402
 
 from supervisor import loadgen  # noqa: E402
 from supervisor.config import to_toml  # noqa: E402
+from supervisor.protocol import NATIVE  # noqa: E402
 
 GUESTS = REPO / "guests"
 ECHO = GUESTS / "echo.wat"
 COUNTER = GUESTS / "counter.wat"
 BASELINES = Path(__file__).resolve().parent / "baselines.py"
-SECTIONS = ("throughput", "half-load", "host", "instantiate", "abort")
+SECTIONS = ("throughput", "half-load", "hops", "host", "instantiate", "abort")
+TRACER = Path(__file__).resolve().parent / "tracer"   # the hops section's sitecustomize.py
 P99_TARGET_MS = 2.0
 
 
@@ -231,7 +238,7 @@ class ProxyServer:
     def __init__(self, procs: Processes, endpoints: Endpoints, opts):
         self.procs, self.opts = procs, opts
         self.endpoint, self.backend = endpoints("proxy-front"), endpoints("proxy-back")
-        self.label = f"b  zmq.proxy + {opts.workers} Python REP workers"
+        self.label = f"b  zmq.proxy + {opts.workers} Python REP worker{'s' * (opts.workers != 1)}"
 
     def start(self) -> None:
         self.proxy = self.procs.start_ready([sys.executable, str(BASELINES), "proxy", self.endpoint,
@@ -259,8 +266,9 @@ class Corral:
 
     def __init__(self, procs: Processes, endpoints: Endpoints, opts, name: str = "corral",
                  apps: dict | None = None, workers: int | None = None, restart: dict | None = None,
-                 standby: int = 0):
+                 standby: int = 0, env: dict | None = None):
         self.procs, self.opts, self.name = procs, opts, name
+        self.env = env or {}
         self.workers = workers or opts.workers
         self.dir = procs.root / name
         self.dir.mkdir()
@@ -268,7 +276,7 @@ class Corral:
         self.control = f"ipc://{self.dir / 'control.sock'}"
         self.log = self.dir / "daemon.log"
         self.config = self.dir / "corral.toml"
-        self.label = f"c  corral, echo guest, {self.workers} workers"
+        self.label = f"c  corral, echo guest, {self.workers} worker{'s' * (self.workers != 1)}"
         supervisor = {"frontend": self.endpoint, "control": self.control, "workers": self.workers,
                       "graceful_timeout_s": 5, "cache_dir": str(procs.root / "cache")}
         if standby:
@@ -283,7 +291,7 @@ class Corral:
     def start(self, timeout: float = 30.0) -> None:
         # If this script is killed outright, the daemon gets SIGTERM: it drains and takes its workers along.
         self.process = self.procs.start([sys.executable, "-m", "supervisor", "run", "-c", str(self.config)],
-                                        log=self.log, env={"RUNTIME_DIRECTORY": str(self.dir / "run")},
+                                        log=self.log, env={"RUNTIME_DIRECTORY": str(self.dir / "run"), **self.env},
                                         death_signal=signal.SIGTERM)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -601,6 +609,139 @@ def summary(result: loadgen.Result) -> dict:
     extra = {"cpu_us_per_request": cpu.per_request_us(result.requests), "others_cores": cpu.others_cores} \
         if cpu else {}
     return {**result.summary(), **extra}
+
+
+# --- hops: one request at a time, and where corral's time goes ----------------------------
+
+HOP_PARTS = (("client -> broker", True), ("broker: request in -> out to the worker", False),
+             ("broker -> worker", True), ("worker: request in -> reply out (Wasm call included)", False),
+             ("worker -> broker", True), ("broker: reply in -> out to the client", False),
+             ("broker -> client", True))
+
+
+def one_at_a_time(endpoint: str, framing: str, requests: int, rate: float) -> list[tuple[int, int]]:
+    """(sent, answered) CLOCK_MONOTONIC ns of `requests` echo requests, never two in flight."""
+    context = zmq.Context()
+    try:
+        socket_ = context.socket(zmq.DEALER)
+        socket_.setsockopt(zmq.LINGER, 0)
+        socket_.connect(endpoint)
+        socket_.setsockopt(zmq.RCVTIMEO, 10_000)
+        more = zmq.SNDMORE
+        if framing == "native":
+            head, tail, reply_frames = [NATIVE], [b"echo", b"", b"hello"], 4
+        else:
+            head, tail, reply_frames = [b""], [b"hello"], 3
+
+        def call(i: int) -> None:
+            for frame in head:
+                socket_.send(frame, more)
+            socket_.send(b"%d" % i, more)
+            for frame in tail[:-1]:
+                socket_.send(frame, more)
+            socket_.send(tail[-1])
+            for _ in range(reply_frames):
+                socket_.recv()
+
+        for i in range(200):   # warm-up: connections, caches, the guest's first calls
+            call(i)
+        clock, interval, out = time.monotonic_ns, 1e9 / rate, []
+        start = clock()
+        for i in range(requests):
+            sent = clock()
+            call(i)
+            out.append((sent, clock()))
+            wait = (start + (i + 1) * interval - clock()) / 1e9
+            if wait > 0:
+                time.sleep(wait)
+        return out
+    except zmq.Again:
+        raise BenchError(f"hops: no reply from {endpoint} within 10 s") from None
+    finally:
+        context.destroy(linger=0)
+
+
+def _trace(path: Path) -> tuple[list[int], list[tuple[str, str]]]:
+    times, what = [], []
+    for line in path.read_text().splitlines():
+        stamp, direction, kind = line.split()
+        times.append(int(stamp))
+        what.append((direction, kind))
+    return times, what
+
+
+def _within(trace, start: int, end: int, direction: str, kind: str) -> list[int]:
+    times, what = trace
+    lo, hi = bisect.bisect_left(times, start), bisect.bisect_right(times, end)
+    return [times[i] for i in range(lo, hi) if what[i] == (direction, kind)]
+
+
+def hop_parts(calls: list[tuple[int, int]], broker, worker) -> list[list[float]]:
+    """Per part of HOP_PARTS, the microseconds of every request the traces saw whole."""
+    parts: list[list[float]] = [[] for _ in HOP_PARTS]
+    request, reply = "02", "03"   # worker protocol: W_REQUEST, W_REPLY
+    for sent, answered in calls:
+        stamps = [_within(broker, sent, answered, "in", "c")[:1],
+                  _within(broker, sent, answered, "out", request)[:1],
+                  _within(worker, sent, answered, "in", request)[:1],
+                  _within(worker, sent, answered, "out", reply)[-1:],
+                  _within(broker, sent, answered, "in", reply)[-1:],
+                  _within(broker, sent, answered, "out", "c")[-1:]]
+        if not all(stamps):
+            continue  # a heartbeat or a retry in the window: not one straight walk
+        points = [sent] + [s[0] for s in stamps] + [answered]
+        for i, part in enumerate(parts):
+            part.append((points[i + 1] - points[i]) / 1000)
+    return parts
+
+
+def section_hops(opts, procs: Processes, endpoints: Endpoints, report: Report) -> None:
+    one_worker = argparse.Namespace(**{**vars(opts), "workers": 1})
+    trace_dir = procs.root / "hops-trace"
+    trace_dir.mkdir()
+    env = {"CORRAL_HOPS_TRACE": str(trace_dir),
+           "PYTHONPATH": os.pathsep.join([str(TRACER), procs.env["PYTHONPATH"]])}
+    a, b = EchoServer(procs, endpoints, one_worker), ProxyServer(procs, endpoints, one_worker)
+    c = Corral(procs, endpoints, one_worker, name="hops", env=env)
+    totals: dict[str, list[float]] = {}
+    corral_calls: list[tuple[int, int]] = []
+    for system in (a, b, c):
+        try:
+            system.start()
+            calls = one_at_a_time(system.endpoint, system.framing, opts.hops_requests, opts.hops_rate)
+            totals[system.label] = sorted((end - start) / 1000 for start, end in calls)
+            if system is c:
+                corral_calls = calls
+        finally:
+            daemon_pid = system.process.pid if system is c and system.process else None
+            system.stop()
+    traces = {int(p.stem): _trace(p) for p in trace_dir.glob("*.txt")}
+    broker = traces.pop(daemon_pid, None)
+    if broker is None or len(traces) != 1:
+        raise BenchError(f"hops: expected the traces of the daemon and one worker, found {sorted(traces)}")
+    parts = hop_parts(corral_calls, broker, traces.popitem()[1])
+
+    def pcts(values: list[float]) -> str:
+        ordered = sorted(values)
+        return " ".join(f"{loadgen.percentile(ordered, p):>8.1f}" for p in (50, 90, 99))
+
+    report.out(f"== One request at a time, {opts.hops_rate:,.0f} req/s, {opts.hops_requests} requests, "
+               f"1 worker: round trips, and corral's hop by hop (us)")
+    report.out(f"{'':<58} {'p50':>8} {'p90':>8} {'p99':>8}")
+    hops = {a.label: 2, b.label: 4, c.label: 4}
+    for label, values in totals.items():
+        report.out(f"{label + f' ({hops[label]} ZeroMQ hops)':<58} {pcts(values)}")
+    for (name, is_hop), values in zip(HOP_PARTS, parts):
+        report.out(f"{'   ' + name + ('  [hop]' if is_hop else ''):<58} {pcts(values)}")
+    medians = [statistics.median(v) for v in parts]
+    on_hops = sum(m for m, (_, is_hop) in zip(medians, HOP_PARTS) if is_hop)
+    report.out(f"corral at p50: {on_hops:.0f} us in its 4 hops, {sum(medians) - on_hops:.0f} us in the broker "
+               f"and the worker ({len(parts[0])} of {len(corral_calls)} requests traced whole; medians of the "
+               f"parts need not add up to the total's)")
+    report.data["hops"] = {"rate": opts.hops_rate, "requests": opts.hops_requests,
+                           "totals_us": {label: {"p50": loadgen.percentile(v, 50), "p99": loadgen.percentile(v, 99)}
+                                         for label, v in totals.items()},
+                           "corral_parts_p50_us": dict(zip((n for n, _ in HOP_PARTS), medians))}
 
 
 def median_result(results: list[loadgen.Result]) -> loadgen.Result:
@@ -922,6 +1063,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--systems", default="abc",
                         help="which of a, b, c to load (default abc); half load is half of the last one's max")
     parser.add_argument("--body", default="hello", help="request body (default 'hello')")
+    parser.add_argument("--hops-rate", type=float, default=1000.0,
+                        help="hops section: requests per second, one at a time (default 1000)")
     parser.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
                         help="client endpoints of all three systems (default ipc)")
     parser.add_argument("--set", dest="corral_set", action="append", default=[], metavar="KEY=VALUE",
@@ -946,6 +1089,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opts.reps = opts.reps or (3 if quick else 7)
     opts.host_iterations = 2000 if quick else 10000
     opts.instantiate_iterations = 100 if quick else 500
+    opts.hops_requests = 300 if quick else 2000
     opts.run_half_load = "half-load" in opts.sections
     settings = {}
     for item in opts.corral_set:
@@ -1040,6 +1184,9 @@ def main(argv: list[str] | None = None) -> int:
         report.out("")
         if "throughput" in opts.sections or "half-load" in opts.sections:
             section_throughput(opts, procs, endpoints, report)
+            report.out("")
+        if "hops" in opts.sections:
+            section_hops(opts, procs, endpoints, report)
             report.out("")
         if "abort" in opts.sections:
             section_abort(opts, procs, endpoints, report)

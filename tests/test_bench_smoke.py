@@ -37,6 +37,12 @@ def test_bench_run_quick_prints_every_table_and_leaves_nothing_behind():
     assert re.search(rf"^ratio c/b = {NUMBER}", out, re.M), out
     # half load, host overhead, instantiation, abort-to-serving
     assert re.search(rf"^corral p99 at half load = {NUMBER} ms", out, re.M), out
+    # hops: three round trips, and corral's seven parts, all traced
+    assert len(re.findall(rf"\(\d ZeroMQ hops\)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$", out, re.M)) == 3, out
+    assert len(re.findall(rf"^   \S.*\s{NUMBER}\s+{NUMBER}\s+{NUMBER}$", out, re.M)) >= 7, out
+    traced = re.search(rf"^corral at p50: {NUMBER} us in its 4 hops, {NUMBER} us in the broker and the worker "
+                       rf"\((\d+) of (\d+) requests traced whole", out, re.M)
+    assert traced and int(traced[1]) >= 0.9 * int(traced[2]) > 0, out
     assert re.search(rf"^corral\s+Guest\.run.*\s{NUMBER}\s+{NUMBER}$", out, re.M), out
     assert re.search(rf"^wasmtime-py\s+Func\.__call__ \+ Memory.*\s{NUMBER}\s+{NUMBER}$", out, re.M), out
     assert re.search(rf"^ratio by-hand/corral = {NUMBER}", out, re.M), out

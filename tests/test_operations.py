@@ -326,8 +326,11 @@ def test_metrics_endpoint_counts_this_tests_requests(start_daemon):
 
 
 def test_an_address_space_limit_with_bounded_memories(start_daemon):
+    # (timeout_ms: growing a bounded memory page by page to its limit copies it as it
+    # grows, which takes over a second on a busy machine)
     daemon = start_daemon({"faults": {"module": GUESTS / "faults" / "faults.wat", "max_memory_mib": 64,
-                                      "on_abort": "reinstantiate", "instances": "keyed"}},
+                                      "on_abort": "reinstantiate", "instances": "keyed",
+                                      "timeout_ms": 20000}},
                           supervisor={"max_address_space_mib": 3072, "workers": 1})
     pid = daemon.worker_pids()[0]
     limits = Path(f"/proc/{pid}/limits").read_text()
