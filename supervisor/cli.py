@@ -139,8 +139,8 @@ def control_request(args: argparse.Namespace, verb: str, arguments: dict, timeou
     if not socket.poll(int(timeout_s * 1000)):
         socket.close()
         if verb == "reload":
-            print(f"corral: no answer to reload within {timeout_s:g} s: the daemon is not running at "
-                  f"{endpoint}, or its reload is still under way (see corral status)", file=sys.stderr)
+            print(f"corral: the reload is not over after {timeout_s:g} s; it goes on (see corral status)",
+                  file=sys.stderr)
         else:
             print(f"corral: no answer on the control endpoint {endpoint} (is the daemon running?)",
                   file=sys.stderr)
@@ -182,6 +182,7 @@ def admin_verb(args: argparse.Namespace) -> int:
     elif args.verb == "restart":
         reply = control_request(args, "restart", {"slots": args.slots} if args.slots else {})
     else:
+        control_request(args, "status", {})  # a daemon that is not there is told at once, not after --timeout
         reply = control_request(args, "reload", {}, timeout_s=args.timeout)
     if not reply.get("ok"):
         for problem in reply.get("problems", [reply.get("error", "failed")]):

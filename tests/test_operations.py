@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -210,10 +211,29 @@ def test_cli_admin_verbs(start_daemon):
     assert corral("scale", "3").returncode == 0
     daemon.wait_ready(workers=3)
     assert corral("restart", "2").returncode == 0
-    assert corral("reload").returncode == 0
-    daemon.wait_ready()
+    reloaded = corral("reload")   # returns once every worker serves the new config
+    assert reloaded.returncode == 0, reloaded.stderr
+    assert json.loads(reloaded.stdout) == {"ok": True, "config_generation": 2}
+    serving = [w for w in daemon.status()["workers"] if w["state"] == "ready"]
+    assert len(serving) == 2 and all(w["config_generation"] == 2 for w in serving), serving
     failed = corral("restart", "9")
     assert failed.returncode == 1 and "slots" in failed.stderr
+    daemon.doc["apps"]["echo"]["timeout_ms"] = "soon"
+    daemon.write_config()
+    refused = corral("reload")            # the command reads the file too: a config error, as check gives
+    assert refused.returncode == 78 and "timeout_ms" in refused.stderr, refused.stderr
+    broken = daemon.root / "broken.wat"
+    broken.write_text("(module (func $f (result i32)))")
+    daemon.doc["apps"]["echo"]["timeout_ms"] = 1000
+    daemon.doc["apps"]["broken"] = {"module": broken}
+    daemon.write_config()
+    refused = corral("reload")            # refused by the daemon, which compiles it
+    assert refused.returncode == 1 and "broken.wat" in refused.stderr, refused.stderr
+    assert daemon.stop() == 0
+    started = time.monotonic()
+    gone = corral("reload")
+    assert gone.returncode == 3 and "is the daemon running?" in gone.stderr, gone.stderr
+    assert time.monotonic() - started < 20   # told at once, not after reload's --timeout (120 s)
 
 
 def test_control_socket_is_owner_only(shared_daemon):
