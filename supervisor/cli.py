@@ -128,7 +128,9 @@ def call_verb(args: argparse.Namespace) -> int:
     return 0
 
 
-def control_request(args: argparse.Namespace, verb: str, arguments: dict, timeout_s: float = 5.0) -> dict:
+def control_request(args: argparse.Namespace, verb: str, arguments: dict, timeout_s: float = 5.0,
+                    no_answer: str = "") -> dict:
+    """The daemon's answer to one verb; exit 3 with `no_answer` (or the usual question) if none comes."""
     import zmq
     endpoint = load_config(args).supervisor.control
     context = zmq.Context.instance()
@@ -138,12 +140,8 @@ def control_request(args: argparse.Namespace, verb: str, arguments: dict, timeou
     socket.send_multipart([verb.encode(), json.dumps(arguments).encode()])
     if not socket.poll(int(timeout_s * 1000)):
         socket.close()
-        if verb == "reload":
-            print(f"corral: the reload is not over after {timeout_s:g} s; it goes on (see corral status)",
-                  file=sys.stderr)
-        else:
-            print(f"corral: no answer on the control endpoint {endpoint} (is the daemon running?)",
-                  file=sys.stderr)
+        message = no_answer or f"no answer on the control endpoint {endpoint} (is the daemon running?)"
+        print(f"corral: {message}", file=sys.stderr)
         raise SystemExit(EXIT_NO_REPLY)
     reply = json.loads(socket.recv())
     socket.close()
@@ -183,7 +181,9 @@ def admin_verb(args: argparse.Namespace) -> int:
         reply = control_request(args, "restart", {"slots": args.slots} if args.slots else {})
     else:
         control_request(args, "status", {})  # a daemon that is not there is told at once, not after --timeout
-        reply = control_request(args, "reload", {}, timeout_s=args.timeout)
+        reply = control_request(args, "reload", {}, timeout_s=args.timeout,
+                                no_answer=f"the reload is not over after {args.timeout:g} s; it goes on "
+                                          f"(see corral status)")
     if not reply.get("ok"):
         for problem in reply.get("problems", [reply.get("error", "failed")]):
             print(f"corral: {problem}", file=sys.stderr)

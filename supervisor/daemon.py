@@ -48,8 +48,8 @@ EX_UNAVAILABLE = 69  # an endpoint cannot be bound
 EX_NOPERM = 77       # a runtime or cache directory belongs to someone else
 RSS_CHECK_S = 1.0
 STATUS_EVERY_S = 2.0
-STOP_WORKERS_S = 2.0
-POLL_EVERY = 16       # busy loop turns between polls (see Daemon.loop)  # of graceful_timeout_s, kept for workers to leave after the drain
+STOP_WORKERS_S = 2.0  # of graceful_timeout_s, kept for workers to leave after the drain
+POLL_EVERY = 16       # busy loop turns between polls (see Daemon.loop)
 
 
 class Daemon:
@@ -83,23 +83,19 @@ class Daemon:
             logs.configure(config.logging.level, config.logging.format)
             self.cache_dir = paths.cache_dir(config.supervisor.cache_dir)
             spec_inputs = self.compile(config)
+            runtime = paths.runtime_dir()
+            kill_stale_workers(runtime, self.log)
+            self.clean_stale_run_dirs(runtime)
+            self.run_dir = paths.private_dir(runtime / f"daemon-{os.getpid()}")
         except ConfigError as exc:
             logs.configure()
             for problem in exc.problems:
                 self.log.error("config.invalid", problem=problem)
             return EX_CONFIG
-        except PermissionError as exc:
+        except PermissionError as exc:  # the cache or runtime directory belongs to someone else
             self.log.error("daemon.directory_refused", error=str(exc))
             return EX_NOPERM
         self.config = config
-        try:
-            runtime = paths.runtime_dir()
-            kill_stale_workers(runtime, self.log)
-            self.clean_stale_run_dirs(runtime)
-            self.run_dir = paths.private_dir(runtime / f"daemon-{os.getpid()}")
-        except PermissionError as exc:
-            self.log.error("daemon.directory_refused", error=str(exc))
-            return EX_NOPERM
         self.pool = Pool(self.log, config.restart.backoff_initial_ms / 1000, config.restart.backoff_max_ms / 1000)
         self.context = zmq.Context()
         self.metrics = None
