@@ -60,7 +60,6 @@ import zmq  # noqa: E402
 
 from supervisor import loadgen  # noqa: E402
 from supervisor.config import to_toml  # noqa: E402
-from supervisor.protocol import NATIVE  # noqa: E402
 
 GUESTS = REPO / "guests"
 ECHO = GUESTS / "echo.wat"
@@ -509,7 +508,7 @@ def section_throughput(opts, procs: Processes, endpoints: Endpoints, report: Rep
             report.out(f"ratio c/{name} = {ratio:.3f}   (corral / {what}, throughput)")
     if any(half.values()):
         rate = corral_max / 2
-        med_half = {label: median_by_p99(rs) for label, rs in half.items()}
+        med_half = {label: median_result(rs, by=lambda r: r.pct(99)) for label, rs in half.items()}
         report.out("")
         report.out(f"== Latency at half of {reference.label[3:].split(',')[0]}'s max load: open loop (fixed schedule), "
                    f"{rate:,.0f} req/s offered, {opts.half_requests} requests per run, {opts.rounds} round(s), "
@@ -622,26 +621,13 @@ HOP_PARTS = (("client -> broker", True), ("broker: request in -> out to the work
 def one_at_a_time(endpoint: str, framing: str, requests: int, rate: float) -> list[tuple[int, int]]:
     """(sent, answered) CLOCK_MONOTONIC ns of `requests` echo requests, never two in flight."""
     context = zmq.Context()
+    client = loadgen.Client(context, endpoint, loadgen.framing(framing, b"echo", b"hello"), timeout_s=10.0)
     try:
-        socket_ = context.socket(zmq.DEALER)
-        socket_.setsockopt(zmq.LINGER, 0)
-        socket_.connect(endpoint)
-        socket_.setsockopt(zmq.RCVTIMEO, 10_000)
-        more = zmq.SNDMORE
-        if framing == "native":
-            head, tail, reply_frames = [NATIVE], [b"echo", b"", b"hello"], 4
-        else:
-            head, tail, reply_frames = [b""], [b"hello"], 3
+        send, receive = client._sender(), client._receiver()
 
         def call(i: int) -> None:
-            for frame in head:
-                socket_.send(frame, more)
-            socket_.send(b"%d" % i, more)
-            for frame in tail[:-1]:
-                socket_.send(frame, more)
-            socket_.send(tail[-1])
-            for _ in range(reply_frames):
-                socket_.recv()
+            send(b"%d" % i)
+            receive()
 
         for i in range(200):   # warm-up: connections, caches, the guest's first calls
             call(i)
@@ -658,6 +644,7 @@ def one_at_a_time(endpoint: str, framing: str, requests: int, rate: float) -> li
     except zmq.Again:
         raise BenchError(f"hops: no reply from {endpoint} within 10 s") from None
     finally:
+        client.close()
         context.destroy(linger=0)
 
 
@@ -744,13 +731,8 @@ def section_hops(opts, procs: Processes, endpoints: Endpoints, report: Report) -
                            "corral_parts_p50_us": dict(zip((n for n, _ in HOP_PARTS), medians))}
 
 
-def median_result(results: list[loadgen.Result]) -> loadgen.Result:
-    ordered = sorted(results, key=lambda r: r.throughput)
-    return ordered[(len(ordered) - 1) // 2]
-
-
-def median_by_p99(results: list[loadgen.Result]) -> loadgen.Result:
-    ordered = sorted(results, key=lambda r: r.pct(99))
+def median_result(results: list[loadgen.Result], by=lambda r: r.throughput) -> loadgen.Result:
+    ordered = sorted(results, key=by)
     return ordered[(len(ordered) - 1) // 2]
 
 
