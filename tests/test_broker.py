@@ -1,7 +1,8 @@
 """The broker on its own: real sockets, with the worker played by hand over the worker protocol.
 
 For what is hard to stage through a whole daemon: which key's instance goes
-when keys are over max_keys while some have requests in flight.
+when keys are over max_keys while some have requests in flight, and which
+worker a request goes to.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import zmq
 
 from harness import GUESTS
 from supervisor import config as config_module, logs
-from supervisor.broker import Broker
+from supervisor.broker import PACK, PACK_AGE_S, Broker
 from supervisor.config import to_toml
 from supervisor.protocol import (W_EVICT, W_READY, W_REPLY, W_REQUEST, Dialect, iter_requests, parse_evict,
                                  reply_record)
@@ -24,16 +25,19 @@ from supervisor.protocol import (W_EVICT, W_READY, W_REPLY, W_REQUEST, Dialect, 
 class HandWorker:
     """A DEALER speaking the worker protocol, driven by the test."""
 
-    def __init__(self, context: zmq.Context, broker: Broker, backend: str, capacity: int):
+    def __init__(self, context: zmq.Context, broker: Broker, backend: str, capacity: int,
+                 identity: bytes = b"w0.1", service: str = "counter"):
         self.broker = broker
+        self.service = service.encode()
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.ROUTING_ID, b"w0.1")
+        self.socket.setsockopt(zmq.ROUTING_ID, identity)
         self.socket.connect(backend)
         self.socket.send(W_READY + json.dumps({"pid": os.getpid(), "capacity": capacity,
-                                               "services": ["counter"], "standby": False}).encode())
-        self.pump(lambda: b"w0.1" in broker.links)
-        self.tickets: dict[bytes, int] = {}    # key -> ticket of its request on this worker
+                                               "services": [service], "standby": False}).encode())
+        self.pump(lambda: identity in broker.links)
+        self.tickets: dict[bytes | None, int] = {}    # key -> ticket of its request on this worker
+        self.received = 0                             # requests, all told
         self.evicted: list[bytes] = []
 
     def pump(self, done, timeout: float = 5.0) -> None:
@@ -52,9 +56,10 @@ class HandWorker:
             if payload[:1] == W_REQUEST:
                 for ticket, _, _, key, _ in iter_requests(payload):
                     self.tickets[key] = ticket
+                    self.received += 1
             elif payload[:1] == W_EVICT:
                 service, key = parse_evict(payload)
-                assert service == b"counter"
+                assert service == self.service
                 self.evicted.append(key)
 
     def reply(self, key: bytes) -> None:
@@ -63,20 +68,73 @@ class HandWorker:
         self.pump(lambda: ticket not in self.broker.ledger)
 
 
-@pytest.fixture
-def keyed_broker(tmp_path):
+def start_broker(tmp_path, apps: dict) -> tuple[zmq.Context, Broker, str]:
     path = tmp_path / "corral.toml"
     path.write_text(to_toml({
         "supervisor": {"frontend": f"ipc://{tmp_path}/front.sock", "control": f"ipc://{tmp_path}/control.sock"},
-        "apps": {"counter": {"module": GUESTS / "counter.wat", "instances": "keyed", "max_keys": 2}}}))
+        "apps": apps}))
     context = zmq.Context()
     backend = f"ipc://{tmp_path}/back.sock"
-    broker = Broker(context, config_module.load(path), backend, logs.get())
+    return context, Broker(context, config_module.load(path), backend, logs.get()), backend
+
+
+@pytest.fixture
+def keyed_broker(tmp_path):
+    context, broker, backend = start_broker(
+        tmp_path, {"counter": {"module": GUESTS / "counter.wat", "instances": "keyed", "max_keys": 2}})
     try:
         yield broker, HandWorker(context, broker, backend, capacity=2)
     finally:
         broker.close()
         context.destroy(linger=0)
+
+
+@pytest.fixture
+def two_workers(tmp_path):
+    context, broker, backend = start_broker(tmp_path, {"echo": {"module": GUESTS / "echo.wat"}})
+    try:
+        workers = [HandWorker(context, broker, backend, capacity=16, identity=identity, service="echo")
+                   for identity in (b"w0.1", b"w1.1")]
+        yield broker, workers
+    finally:
+        broker.close()
+        context.destroy(linger=0)
+
+
+def submit(broker: Broker, service: bytes, count: int) -> None:
+    """`count` requests, all handed out by one dispatch (so at one instant)."""
+    now = time.monotonic()
+    for i in range(count):
+        broker.enqueue(b"client", Dialect.NATIVE, b"%d" % i, broker.services[service], None, b"hi",
+                       now + 30, False, now, False)
+    broker.dispatch()
+
+
+def test_a_worker_at_work_takes_requests_before_an_idle_one_is_woken(two_workers):
+    broker, workers = two_workers
+    submit(broker, b"echo", PACK + 2)
+    for worker in workers:
+        worker.take()
+    # the first worker up to PACK, then the second one, which packs in turn
+    assert sorted(w.received for w in workers) == [2, PACK]
+
+
+def test_under_full_load_the_workers_share_evenly(two_workers):
+    broker, workers = two_workers
+    submit(broker, b"echo", 32)
+    for worker in workers:
+        worker.take()
+    assert [w.received for w in workers] == [16, 16]
+
+
+def test_a_worker_slow_on_its_oldest_request_is_passed_over(two_workers):
+    broker, workers = two_workers
+    submit(broker, b"echo", 1)
+    time.sleep(PACK_AGE_S * 5)   # that request is not answered in time: the worker is busy
+    submit(broker, b"echo", 1)
+    for worker in workers:
+        worker.take()
+    assert [w.received for w in workers] == [1, 1]
 
 
 def test_over_max_keys_the_least_recent_key_with_nothing_in_flight_goes(keyed_broker):
