@@ -265,7 +265,7 @@ class Corral:
 
     def __init__(self, procs: Processes, endpoints: Endpoints, opts, name: str = "corral",
                  apps: dict | None = None, workers: int | None = None, restart: dict | None = None,
-                 standby: int = 0, env: dict | None = None):
+                 standby: int = 0, env: dict | None = None, label: str = "c  corral"):
         self.procs, self.opts, self.name = procs, opts, name
         self.env = env or {}
         self.workers = workers or opts.workers
@@ -275,7 +275,7 @@ class Corral:
         self.control = f"ipc://{self.dir / 'control.sock'}"
         self.log = self.dir / "daemon.log"
         self.config = self.dir / "corral.toml"
-        self.label = f"c  corral, echo guest, {self.workers} worker{'s' * (self.workers != 1)}"
+        self.label = f"{label}, echo guest, {self.workers} worker{'s' * (self.workers != 1)}"
         supervisor = {"frontend": self.endpoint, "control": self.control, "workers": self.workers,
                       "graceful_timeout_s": 5, "cache_dir": str(procs.root / "cache")}
         if standby:
@@ -440,8 +440,20 @@ def check(result: loadgen.Result, label: str) -> None:
         raise BenchError(f"{label}: {result.failed} of {result.requests} requests failed\n{result.report()}")
 
 
+def compared_corral(procs: Processes, endpoints: Endpoints, opts) -> Corral:
+    """(d) --compare DIR: corral as another checkout has it (its daemon and workers import
+    from DIR first, through PYTHONPATH); the rest of the run is this checkout's."""
+    try:
+        revision = subprocess.run(["git", "-C", str(opts.compare), "describe", "--always", "--dirty"],
+                                  capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        revision = ""
+    return Corral(procs, endpoints, opts, name="corral-compared", env={"PYTHONPATH": str(opts.compare)},
+                  label=f"d  corral {(revision or opts.compare.name)[:12]}")
+
+
 def section_throughput(opts, procs: Processes, endpoints: Endpoints, report: Report) -> float:
-    every = {"a": EchoServer, "b": ProxyServer, "c": Corral}
+    every = {"a": EchoServer, "b": ProxyServer, "c": Corral, "d": compared_corral}
     systems = [every[name](procs, endpoints, opts) for name in opts.systems]
     results: dict[str, list[loadgen.Result]] = {s.label: [] for s in systems}
     half: dict[str, list[loadgen.Result]] = {s.label: [] for s in systems}
@@ -455,7 +467,7 @@ def section_throughput(opts, procs: Processes, endpoints: Endpoints, report: Rep
                 check(result, system.label)
                 results[system.label].append(result)
         med = {label: median_result(rs) for label, rs in results.items()}
-        reference = systems[-1]      # corral, unless --systems leaves it out
+        reference = systems[opts.systems.index("c")] if "c" in opts.systems else systems[-1]
         corral_max = med[reference.label].throughput
         if opts.run_half_load:
             rate = corral_max / 2
@@ -501,7 +513,8 @@ def section_throughput(opts, procs: Processes, endpoints: Endpoints, report: Rep
                                  for s in systems}
     report.data["ratios"] = {}
     c = by_name.get("c")
-    for name, what in (("a", "one-hop pyzmq echo"), ("b", "zmq.proxy + REP workers")):
+    for name, what in (("a", "one-hop pyzmq echo"), ("b", "zmq.proxy + REP workers"),
+                       ("d", "corral as --compare has it")):
         if c is not None and name in by_name:
             ratio = c.throughput / by_name[name].throughput
             report.data["ratios"][f"c/{name}"] = ratio
@@ -1043,7 +1056,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, help="repetitions of the host, instantiate and abort measures "
                                                  "(default 7; quick 3)")
     parser.add_argument("--systems", default="abc",
-                        help="which of a, b, c to load (default abc); half load is half of the last one's max")
+                        help="which of a, b, c (and d, with --compare) to load (default abc, or abcd with "
+                             "--compare); half load is half of c's max, or of the last one's without c")
+    parser.add_argument("--compare", type=Path, metavar="DIR",
+                        help="also load (d): corral from another checkout, e.g. a `git worktree` of an "
+                             "older commit, in the same interleaved rounds (throughput and half-load)")
     parser.add_argument("--body", default="hello", help="request body (default 'hello')")
     parser.add_argument("--hops-rate", type=float, default=1000.0,
                         help="hops section: requests per second, one at a time (default 1000)")
@@ -1061,9 +1078,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opts = parser.parse_args(argv)
     chosen = [name for name in SECTIONS if getattr(opts, name.replace("-", "_"))]
     opts.sections = chosen or list(SECTIONS)
+    if opts.compare is not None:
+        if not (opts.compare / "supervisor" / "__init__.py").is_file():
+            parser.error(f"--compare {opts.compare}: not a corral checkout (no supervisor/__init__.py)")
+        opts.compare = opts.compare.resolve()
+        source = opts.compare / "supervisor" / "_zmqframes.c"
+        if source.is_file() and not list(source.parent.glob("_zmqframes*.so")):
+            parser.error(f"--compare {opts.compare}: its C extension is not built (it would run on pyzmq "
+                         f"alone): build it with  cd {opts.compare} && {sys.executable} setup.py build_ext "
+                         f"--inplace")
+        if opts.systems == "abc":
+            opts.systems += "d"
     opts.systems = "".join(sorted(set(opts.systems)))
-    if not opts.systems or set(opts.systems) - set("abc"):
-        parser.error("--systems takes letters among a, b, c")
+    if not opts.systems or set(opts.systems) - set("abcd"):
+        parser.error("--systems takes letters among a, b, c, d")
+    if "d" in opts.systems and opts.compare is None:
+        parser.error("--systems d needs --compare DIR")
     quick = opts.quick
     opts.requests = opts.requests or (3000 if quick else 60000)
     opts.half_requests = opts.half_requests or max(opts.requests // 2, 500)

@@ -48,7 +48,7 @@ BATCH = 256
 DEFAULT_DEADLINE_S = 30.0
 # Packing (Broker.pick): a worker at work takes more while it holds fewer
 # than PACK requests and its oldest was sent less than PACK_AGE_S ago.
-PACK = 8
+PACK = 4
 PACK_AGE_S = 0.001
 
 

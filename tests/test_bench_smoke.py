@@ -6,6 +6,7 @@ No timing is asserted: benchmarks are not tests, and these machines are noisy.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,26 @@ def test_corral_bench_verb_reports_throughput_percentiles_and_statuses(start_dae
     assert done.returncode == 1, done.stdout + done.stderr
     assert re.search(r"status\s+404: 100$", done.stdout, re.M), done.stdout
     assert re.search(r"failed\s+100$", done.stdout, re.M), done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_bench_compare_loads_corral_from_the_other_checkout(tmp_path):
+    other = tmp_path / "other"
+    for package in ("supervisor", "workers"):
+        shutil.copytree(REPO / package, other / package, ignore=shutil.ignore_patterns("__pycache__"))
+    # Every process that imports the other checkout's corral leaves a mark.
+    with open(other / "supervisor" / "__init__.py", "a") as init:
+        init.write('\nimport os as _os\nopen(_os.path.join(_os.path.dirname(__file__), f"imported-{_os.getpid()}"), "w").close()\n')
+    before = bench_dirs()
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--half-load",
+                           "--systems", "cd", "--compare", str(other)],
+                          cwd=REPO, capture_output=True, text=True, timeout=100)
+    out = done.stdout
+    assert done.returncode == 0, f"exit {done.returncode}\n{out}\n{done.stderr}"
+    for row in (r"c  corral, echo guest, 2 workers", r"d  corral other, echo guest, 2 workers"):
+        assert len(re.findall(rf"^{row}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}", out, re.M)) == 2, out
+    assert re.search(rf"^ratio c/d = {NUMBER}", out, re.M), out
+    marks = list((other / "supervisor").glob("imported-*"))
+    assert len(marks) >= 3, marks   # (d)'s daemon and its two workers
+    assert not list((REPO / "supervisor").glob("imported-*"))
+    assert bench_dirs() <= before, f"left behind: {bench_dirs() - before}"
