@@ -47,9 +47,11 @@ from supervisor.protocol import (MAX_KEY, MMI_PREFIX, MMI_SERVICE, NATIVE, STATU
 BATCH = 256
 DEFAULT_DEADLINE_S = 30.0
 # Packing (Broker.pick): a worker at work takes more while it holds fewer
-# than PACK requests and its oldest was sent less than PACK_AGE_S ago.
+# than PACK requests and its oldest was sent less than PACK_AGE_S ago, for
+# services whose requests typically take (sent to reply) less than that.
 PACK = 4
 PACK_AGE_S = 0.001
+TYPICAL_WEIGHT = 0.05   # of the newest request, in the moving average of a service's round trips
 
 
 class State(Enum):
@@ -94,6 +96,7 @@ class Service:
     statuses: Counter = field(default_factory=Counter)
     latency: Histogram = field(default_factory=Histogram)
     evicted: int = 0   # keyed: instances dropped over max_keys
+    typical_s: float = 0.0  # moving average of the time from sent to a worker to its reply
 
     @property
     def keyed(self) -> bool:
@@ -363,13 +366,16 @@ class Broker:
         few cores that, more than the work, sets the latency. A worker is
         keeping up while its oldest request left less than PACK_AGE_S ago,
         so one stuck in a slow call is passed over at once, as HAProxy's
-        `balance first` would not."""
+        `balance first` would not. A service whose requests typically take
+        longer is not packed at all: a burst of them is spread at once."""
+        pack = service.typical_s < PACK_AGE_S
         best = None
         for link in service.links:
             if link.retiring or link.free <= 0:
                 continue
             inflight = link.inflight
-            if inflight and len(inflight) < PACK and now - next(iter(inflight.values())).sent < PACK_AGE_S:
+            if pack and inflight and len(inflight) < PACK and \
+                    now - next(iter(inflight.values())).sent < PACK_AGE_S:
                 return link
             if best is None or (len(inflight), -link.last_assigned) < (len(best.inflight), -best.last_assigned):
                 best = link
@@ -523,6 +529,7 @@ class Broker:
             link.handled += 1
             status = STATUS_BY_CODE[status]
             service = request.service
+            service.typical_s += (now - request.sent - service.typical_s) * TYPICAL_WEIGHT
             if fault:
                 link.faults += 1
                 self.log.warning("request.failed", request_id=request.request_id[:64].decode(errors="replace"),

@@ -41,6 +41,7 @@ from supervisor.tuning import quiet_garbage_collector
 from supervisor.pool import (STANDBY_BASE, Pool, WorkerProcess, WorkerState, describe_exit,
                              kill_stale_workers)
 from workers import modules, oslimits
+from workers.host import EpochTicker, first_instance_fault
 from workers.spec import AppSpec, WorkerSpec
 
 EX_CONFIG = 78      # sysexits.h: configuration error (systemd: RestartPreventExitStatus=78)
@@ -127,23 +128,33 @@ class Daemon:
         return 0
 
     def compile(self, config: Config) -> list[AppSpec]:
-        """Compile (or find in the cache) every module; ConfigError names the bad ones."""
+        """Compile (or find in the cache) every module and make one instance of each, as a
+        worker would; ConfigError names the modules that fail either."""
         bounded = config.supervisor.max_address_space_mib > 0
         engine = modules.make_engine(bounded)
+        ticker = EpochTicker(engine)   # a first instance that never returns is interrupted
+        ticker.start()
         specs, problems = [], []
-        for app in config.apps.values():
-            try:
-                module, artifact = modules.compile_cached(engine, app.module, self.cache_dir, bounded)
-                info = modules.inspect(module)
-                if info.min_memory_bytes > app.max_memory_mib * 1024 * 1024:
-                    raise modules.ModuleProblem(
-                        f"needs {info.min_memory_bytes // 1048576} MiB of memory at start, "
-                        f"over max_memory_mib = {app.max_memory_mib}")
-            except modules.ModuleProblem as exc:
-                problems.append(f"{config.path}: [apps.{app.name}] module: {exc}")
-                continue
-            specs.append(AppSpec(app.name, str(app.module), str(artifact), app.instances, app.timeout_ms,
-                                 app.max_memory_mib, app.on_abort))
+        try:
+            for app in config.apps.values():
+                try:
+                    module, artifact = modules.compile_cached(engine, app.module, self.cache_dir, bounded)
+                    info = modules.inspect(module)
+                    if info.min_memory_bytes > app.max_memory_mib * 1024 * 1024:
+                        raise modules.ModuleProblem(
+                            f"needs {info.min_memory_bytes // 1048576} MiB of memory at start, "
+                            f"over max_memory_mib = {app.max_memory_mib}")
+                    spec = AppSpec(app.name, str(app.module), str(artifact), app.instances, app.timeout_ms,
+                                   app.max_memory_mib, app.on_abort)
+                    fault = first_instance_fault(engine, spec, self.cache_dir, bounded)
+                    if fault:
+                        raise modules.ModuleProblem(f"its first instance fails: {fault}")
+                except modules.ModuleProblem as exc:
+                    problems.append(f"{config.path}: [apps.{app.name}] module: {exc}")
+                    continue
+                specs.append(spec)
+        finally:
+            ticker.stop()
         if problems:
             raise ConfigError(problems)
         return specs

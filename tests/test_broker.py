@@ -38,6 +38,7 @@ class HandWorker:
         self.pump(lambda: identity in broker.links)
         self.tickets: dict[bytes | None, int] = {}    # key -> ticket of its request on this worker
         self.received = 0                             # requests, all told
+        self.unanswered: list[int] = []               # tickets, in arrival order
         self.evicted: list[bytes] = []
 
     def pump(self, done, timeout: float = 5.0) -> None:
@@ -56,6 +57,7 @@ class HandWorker:
             if payload[:1] == W_REQUEST:
                 for ticket, _, _, key, _ in iter_requests(payload):
                     self.tickets[key] = ticket
+                    self.unanswered.append(ticket)
                     self.received += 1
             elif payload[:1] == W_EVICT:
                 service, key = parse_evict(payload)
@@ -64,8 +66,14 @@ class HandWorker:
 
     def reply(self, key: bytes) -> None:
         ticket = self.tickets.pop(key)
+        self.unanswered.remove(ticket)
         self.socket.send(W_REPLY + b"".join(reply_record(ticket, 200, b"", b"1")))
         self.pump(lambda: ticket not in self.broker.ledger)
+
+    def reply_all(self) -> None:
+        tickets, self.unanswered = self.unanswered, []
+        self.socket.send(W_REPLY + b"".join(b"".join(reply_record(t, 200, b"", b"1")) for t in tickets))
+        self.pump(lambda: not any(t in self.broker.ledger for t in tickets))
 
 
 def start_broker(tmp_path, apps: dict) -> tuple[zmq.Context, Broker, str]:
@@ -165,3 +173,18 @@ def test_over_max_keys_the_least_recent_key_with_nothing_in_flight_goes(keyed_br
     submit(b"e")        # c is running, so it is passed over, and d goes
     assert worker.evicted == [b"a", b"d"]
     assert set(service.affinity) == {b"b", b"c", b"e"}
+
+
+def test_a_service_whose_requests_take_long_is_spread_at_once(two_workers):
+    broker, workers = two_workers
+    submit(broker, b"echo", 1)
+    time.sleep(PACK_AGE_S * 50)   # the reply comes late: this service's requests take long
+    for worker in workers:
+        worker.take()
+        if worker.unanswered:
+            worker.reply_all()
+    workers[0].received = workers[1].received = 0
+    submit(broker, b"echo", 6)
+    for worker in workers:
+        worker.take()
+    assert [w.received for w in workers] == [3, 3]

@@ -144,6 +144,11 @@ def test_corral_check_accepts_the_packaged_config(tmp_path):
     ("[apps.imports]\nmodule = \"imports.wat\"\n", "[apps.imports] module: imports env.now"),
     ("[apps.big]\nmodule = \"big.wat\"\nmax_memory_mib = 1\n", "[apps.big] module: needs 2 MiB"),
     ("[apps.half]\nmodule = \"half.wat\"\n", "[apps.half] module: exports corral_handle but not"),
+    ("[apps.start]\nmodule = \"start.wat\"\n",
+     "[apps.start] module: its first instance fails: abort: trap unreachable"),
+    ("[apps.data]\nmodule = \"data.wat\"\n", "[apps.data] module: its first instance fails: abort: trap memory_out_of_bounds"),
+    ("[apps.spin]\nmodule = \"spin.wat\"\ntimeout_ms = 50\n",
+     "[apps.spin] module: its first instance fails: deadline: interrupted after 50 ms"),
 ])
 def test_corral_check_names_file_key_and_problem(tmp_path, text, words):
     (tmp_path / "bad.wat").write_text("(module (func (export \"f\") i32.add))")
@@ -151,6 +156,11 @@ def test_corral_check_names_file_key_and_problem(tmp_path, text, words):
     (tmp_path / "big.wat").write_text('(module (memory (export "memory") 32))')
     (tmp_path / "half.wat").write_text(
         '(module (func (export "corral_handle") (param i32 i32) (result i64) i64.const 0))')
+    # compile, but no instance can be made: a start function that traps or never
+    # returns, a data segment past the end of memory
+    (tmp_path / "start.wat").write_text('(module (func $f unreachable) (start $f))')
+    (tmp_path / "spin.wat").write_text('(module (func $f (loop (br 0))) (start $f))')
+    (tmp_path / "data.wat").write_text('(module (memory 1) (data (i32.const 65535) "xy"))')
     run = corral_check(write(tmp_path, text), tmp_path)
     assert run.returncode == EX_CONFIG, run.stdout
     assert str(tmp_path / "corral.toml") in run.stderr

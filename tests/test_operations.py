@@ -131,6 +131,11 @@ def test_reload_of_a_bad_config_answers_its_problems(start_daemon, tmp_path):
     reply = daemon.control_request("reload", timeout=60)
     assert reply["ok"] is False
     assert any("broken.wat" in problem for problem in reply["problems"]), reply
+    broken.write_text("(module (func $f unreachable) (start $f))")   # compiles; no instance can be made
+    reply = daemon.control_request("reload", timeout=60)
+    assert reply["ok"] is False
+    assert any("[apps.broken] module: its first instance fails: abort: trap unreachable" in problem
+               for problem in reply["problems"]), reply
     assert daemon.status()["config_generation"] == 1
     assert daemon.call("echo", b"still").body == b"still"
 

@@ -26,6 +26,7 @@ from workers.outcome import Outcome
 from workers.spec import AppSpec, WorkerSpec
 
 MIB = 1024 * 1024
+FIRST_INSTANCE_TIMEOUT_MS = 10_000   # first_instance_fault: at most this, even if timeout_ms is longer
 
 
 class EpochTicker(threading.Thread):
@@ -38,12 +39,17 @@ class EpochTicker(threading.Thread):
     def __init__(self, engine: wasmtime.Engine):
         super().__init__(name="epoch-ticker", daemon=True)
         self.engine = engine
+        self.stopped = False
 
     def run(self) -> None:
         interval = TICK_MS / 1000
-        while True:
+        while not self.stopped:
             time.sleep(interval)
             self.engine.increment_epoch()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.join()
 
 
 class Guest:
@@ -114,6 +120,18 @@ class Guest:
         while self.aborts and self.aborts[0] < now - self.period_s:
             self.aborts.popleft()
         return RetireReason.ESCALATION if len(self.aborts) > self.intensity else None
+
+
+def first_instance_fault(engine: wasmtime.Engine, app: AppSpec, cache_dir: Path, bounded: bool) -> str | None:
+    """Make one instance of `app` as a worker would (corral_init included) and drop it: what
+    went wrong, or None. The engine's epoch must be ticking.
+
+    A start function or corral_init that traps, a data segment out of bounds,
+    an initial memory over the limit: such a module passes compilation, yet
+    no instance of it can ever serve, and every request would abort."""
+    guest = Guest(engine, app, cache_dir, restart_intensity=0, restart_period_s=1.0, bounded=bounded)
+    made = guest.instantiate(min(app.timeout_ms, FIRST_INSTANCE_TIMEOUT_MS))
+    return made.body.decode(errors="replace") if isinstance(made, Outcome) else None
 
 
 class Host:
