@@ -28,12 +28,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import psutil
+import wasmtime
 import zmq
 
 from supervisor import config as config_module
 from supervisor import frames, logs, paths
 from supervisor.broker import Broker, Event
-from supervisor.config import Config, ConfigError
+from supervisor.config import AppSettings, Config, ConfigError
 from supervisor.control import Control
 from supervisor.metrics import MetricsServer
 from supervisor.notify import Notifier
@@ -138,26 +139,27 @@ class Daemon:
         try:
             for app in config.apps.values():
                 try:
-                    module, artifact = modules.compile_cached(engine, app.module, self.cache_dir, bounded)
-                    info = modules.inspect(module)
-                    if info.min_memory_bytes > app.max_memory_mib * 1024 * 1024:
-                        raise modules.ModuleProblem(
-                            f"needs {info.min_memory_bytes // 1048576} MiB of memory at start, "
-                            f"over max_memory_mib = {app.max_memory_mib}")
-                    spec = AppSpec(app.name, str(app.module), str(artifact), app.instances, app.timeout_ms,
-                                   app.max_memory_mib, app.on_abort)
-                    fault = first_instance_fault(engine, spec, self.cache_dir, bounded)
-                    if fault:
-                        raise modules.ModuleProblem(f"its first instance fails: {fault}")
+                    specs.append(self.compile_app(engine, app, bounded))
                 except modules.ModuleProblem as exc:
                     problems.append(f"{config.path}: [apps.{app.name}] module: {exc}")
-                    continue
-                specs.append(spec)
         finally:
             ticker.stop()
         if problems:
             raise ConfigError(problems)
         return specs
+
+    def compile_app(self, engine: wasmtime.Engine, app: AppSettings, bounded: bool) -> AppSpec:
+        module, artifact = modules.compile_cached(engine, app.module, self.cache_dir, bounded)
+        info = modules.inspect(module)
+        if info.min_memory_bytes > app.max_memory_mib * 1024 * 1024:
+            raise modules.ModuleProblem(f"needs {info.min_memory_bytes // 1048576} MiB of memory at start, "
+                                        f"over max_memory_mib = {app.max_memory_mib}")
+        spec = AppSpec(app.name, str(app.module), str(artifact), app.instances, app.timeout_ms,
+                       app.max_memory_mib, app.on_abort)
+        fault = first_instance_fault(engine, spec, self.cache_dir, bounded)
+        if fault:
+            raise modules.ModuleProblem(f"its first instance fails: {fault}")
+        return spec
 
     def hand_run_dir_to_worker_user(self, config: Config) -> None:
         """Workers that drop to `user` must still reach the backend socket."""
