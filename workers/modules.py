@@ -7,8 +7,8 @@ hash and engine config; a worker, respawned or not, only deserializes it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import importlib.metadata
 import os
 import tempfile
 from dataclasses import dataclass
@@ -17,7 +17,14 @@ from pathlib import Path
 import wasmtime
 
 WASI_MODULE = "wasi_snapshot_preview1"
-_WASMTIME_VERSION = importlib.metadata.version("wasmtime")
+
+
+@functools.cache
+def _wasmtime_version() -> str:
+    # Imported here, not at the top: importlib.metadata costs a worker ~25 ms
+    # of start-up, and a worker only needs it when a compiled module is gone.
+    import importlib.metadata
+    return importlib.metadata.version("wasmtime")
 
 
 def make_engine(bounded: bool = False) -> wasmtime.Engine:
@@ -41,7 +48,7 @@ def make_engine(bounded: bool = False) -> wasmtime.Engine:
 
 def _engine_flags(bounded: bool) -> str:
     """Engine settings that change compiled code: part of the cache key."""
-    return f"wasmtime={_WASMTIME_VERSION};epoch=1;exceptions=1;opt=speed;bounded={int(bounded)}"
+    return f"wasmtime={_wasmtime_version()};epoch=1;exceptions=1;opt=speed;bounded={int(bounded)}"
 
 
 class ModuleProblem(Exception):
