@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import struct
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from itertools import islice
 from dataclasses import dataclass, field
 from enum import Enum
@@ -35,7 +35,7 @@ from supervisor import protocol
 from supervisor.circuit import Circuit, Health
 from supervisor.config import AppSettings, Config
 from supervisor.metrics import Histogram
-from supervisor.paths import ipc_in_use
+from supervisor.paths import ipc_in_use, remove_ipc_file
 from supervisor.frames import NOBLOCK, drain, send_frames
 from supervisor.protocol import (MAX_KEY, MMI_PREFIX, MMI_SERVICE, NATIVE, STATUS_BY_CODE, STATUS_FRAMES,
                                  W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_RETIRING,
@@ -158,11 +158,8 @@ class Broker:
         # twice the limit is read, so that it can be answered 413.
         self.frontend.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_body + 65536)
         self.frontend.setsockopt(zmq.LINGER, 1000)  # so the last replies of a drain leave
-        self.frontend_endpoints = sup.frontend
-        for endpoint in sup.frontend:
-            if ipc_in_use(endpoint):
-                raise zmq.ZMQError(zmq.EADDRINUSE, f"frontend endpoint {endpoint} is in use")
-            self.frontend.bind(endpoint)
+        self.frontend_bound: dict[str, str] = {}   # endpoint as configured -> as bound (wildcards resolved)
+        self.bind_frontend(sup.frontend)
         self.backend = context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.backend.setsockopt(zmq.SNDHWM, 0)
@@ -210,6 +207,35 @@ class Broker:
             if not link.parked:
                 for service in link.services:
                     service.links.append(link)
+
+    def bind_frontend(self, endpoints: Sequence[str]) -> None:
+        """Listen on `endpoints` as well: on all of them, or (zmq.ZMQError) on none."""
+        bound = []
+        try:
+            for endpoint in endpoints:
+                if ipc_in_use(endpoint):
+                    raise zmq.ZMQError(zmq.EADDRINUSE, f"frontend endpoint {endpoint} is in use")
+                try:
+                    self.frontend.bind(endpoint)
+                except zmq.ZMQError as exc:
+                    raise zmq.ZMQError(exc.errno, f"frontend endpoint {endpoint}: {exc.strerror}") from None
+                self.frontend_bound[endpoint] = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+                bound.append(endpoint)
+        except zmq.ZMQError:
+            self.unbind_frontend(bound)
+            raise
+
+    def unbind_frontend(self, endpoints: Sequence[str]) -> None:
+        for endpoint in endpoints:
+            self.frontend.unbind(self.frontend_bound.pop(endpoint))
+            remove_ipc_file(endpoint)
+
+    def rebind_frontend(self, endpoints: Sequence[str]) -> None:
+        """A reload's frontend: listen on the new endpoints first, then stop listening on
+        those gone (their clients are cut off). If a new one cannot be bound, nothing
+        changes and zmq.ZMQError says why."""
+        self.bind_frontend([e for e in endpoints if e not in self.frontend_bound])
+        self.unbind_frontend([e for e in self.frontend_bound if e not in endpoints])
 
     # --- frontend ------------------------------------------------------------
 
@@ -669,9 +695,5 @@ class Broker:
     def close(self) -> None:
         self.frontend.close()
         self.backend.close(linger=0)
-        for endpoint in self.frontend_endpoints:
-            if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
-                try:
-                    os.unlink(endpoint[len("ipc://"):])
-                except OSError:
-                    pass
+        for endpoint in self.frontend_bound:
+            remove_ipc_file(endpoint)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from supervisor.paths import ipc_in_use
+from supervisor.paths import ipc_in_use, remove_ipc_file
 
 if TYPE_CHECKING:
     from supervisor.daemon import Daemon
@@ -102,9 +102,5 @@ class Control:
 
     def close(self) -> None:
         self.socket.close(linger=0)
-        if self.endpoint.startswith("ipc://") and not self.endpoint.startswith("ipc://@"):
-            try:
-                os.unlink(self.endpoint[len("ipc://"):])
-            except OSError:
-                pass
+        remove_ipc_file(self.endpoint)
 

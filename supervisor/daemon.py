@@ -429,9 +429,13 @@ class Daemon:
             self.control.reload_over({"ok": False, "problems": exc.problems})
 
     def apply_config(self, config: Config, apps: list[AppSpec]) -> None:
-        for name in ("frontend", "control"):
-            if getattr(config.supervisor, name) != getattr(self.config.supervisor, name):
-                self.log.warning("reload.needs_restart", key=f"supervisor.{name}")
+        try:
+            self.broker.rebind_frontend(config.supervisor.frontend)
+        except zmq.ZMQError as exc:
+            self.reload_refused(ConfigError([f"{config.path}: [supervisor] {exc}"]))
+            return
+        if config.supervisor.control != self.config.supervisor.control:
+            self.log.warning("reload.needs_restart", key="supervisor.control")
         logs.configure(config.logging.level, config.logging.format)
         self.use_config(config, apps)
         self.broker.configure(config)

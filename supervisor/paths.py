@@ -87,3 +87,12 @@ def ipc_in_use(endpoint: str) -> bool:
         return False
     finally:
         probe.close()
+
+
+def remove_ipc_file(endpoint: str) -> None:
+    """After the socket stopped listening on an ipc:// path: libzmq leaves the file behind."""
+    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+        try:
+            os.unlink(endpoint[len("ipc://"):])
+        except OSError:
+            pass

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+import zmq
+
 from harness import GUESTS
+from supervisor.client import Client, NoReply
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -138,6 +141,31 @@ def test_reload_of_a_bad_config_answers_its_problems(start_daemon, tmp_path):
                for problem in reply["problems"]), reply
     assert daemon.status()["config_generation"] == 1
     assert daemon.call("echo", b"still").body == b"still"
+
+
+def test_reload_moves_the_frontend_and_refuses_an_endpoint_in_use(start_daemon, tmp_path):
+    daemon = start_daemon()
+    old, moved, taken = daemon.frontend, f"ipc://{tmp_path}/moved.sock", f"ipc://{tmp_path}/taken.sock"
+    daemon.doc["supervisor"]["frontend"] = [moved]
+    daemon.write_config()
+    assert daemon.control_request("reload", timeout=60)["ok"] is True
+    assert Client(moved, daemon.context).call("echo", b"here", timeout=10).body == b"here"
+    assert not os.path.exists(old[len("ipc://"):])     # no longer listened on
+    with pytest.raises(NoReply):
+        Client(old, daemon.context).call("echo", b"there", timeout=1)
+
+    squatter = daemon.context.socket(zmq.ROUTER)       # a live listener on the next endpoint
+    squatter.bind(taken)
+    try:
+        daemon.doc["supervisor"]["frontend"] = [moved, taken]
+        daemon.write_config()
+        reply = daemon.control_request("reload", timeout=60)
+        assert reply["ok"] is False
+        assert any(f"[supervisor] frontend endpoint {taken} is in use" in p for p in reply["problems"]), reply
+        assert Client(moved, daemon.context).call("echo", b"still", timeout=10).body == b"still"
+        assert daemon.status()["config_generation"] == 2
+    finally:
+        squatter.close(linger=0)
 
 
 # --- drain -------------------------------------------------------------------------
