@@ -116,6 +116,7 @@ class WorkerLink:
     capacity: int
     services: list[Service]
     last_seen: float
+    liveness_s: float      # silent this long (beyond its longest call) and it is dead
     last_sent: float = 0.0
     retiring: bool = False
     inflight: dict[int, Request] = field(default_factory=dict)
@@ -145,21 +146,14 @@ class Event(Enum):
 class Broker:
     def __init__(self, context: zmq.Context, config: Config, backend: str, log):
         self.log = log
-        sup = config.supervisor
-        self.heartbeat_s = sup.heartbeat_ms / 1000
-        self.liveness_s = sup.liveness * self.heartbeat_s
-        self.max_queue = sup.max_queue
-        self.max_body = sup.max_message_kib * 1024
         self.frontend = context.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.frontend.setsockopt(zmq.SNDHWM, 100_000)
         self.frontend.setsockopt(zmq.RCVHWM, 100_000)
-        # A frame far over the limit disconnects its sender in libzmq; up to
-        # twice the limit is read, so that it can be answered 413.
-        self.frontend.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_body + 65536)
         self.frontend.setsockopt(zmq.LINGER, 1000)  # so the last replies of a drain leave
+        self.use_settings(config)
         self.frontend_bound: dict[str, str] = {}   # endpoint as configured -> as bound (wildcards resolved)
-        self.bind_frontend(sup.frontend)
+        self.bind_frontend(config.supervisor.frontend)
         self.backend = context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.backend.setsockopt(zmq.SNDHWM, 0)
@@ -181,8 +175,20 @@ class Broker:
 
     # --- configuration -------------------------------------------------------
 
+    def use_settings(self, config: Config) -> None:
+        sup = config.supervisor
+        self.heartbeat_s = sup.heartbeat_ms / 1000
+        self.liveness = sup.liveness
+        self.max_queue = sup.max_queue
+        self.max_body = sup.max_message_kib * 1024
+        # A frame far over the limit disconnects its sender in libzmq; up to
+        # twice the limit is read, so that it can be answered 413. (Connections
+        # made before a reload keep the limit they were made with.)
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_body + 65536)
+
     def configure(self, config: Config) -> None:
-        """Take the apps of a (re)loaded config: new services appear, removed ones go."""
+        """Take a (re)loaded config: its settings, and its apps (new services appear, removed ones go)."""
+        self.use_settings(config)
         services: dict[bytes, Service] = {}
         for name, app in config.apps.items():
             key = name.encode()
@@ -528,9 +534,11 @@ class Broker:
     def on_ready(self, identity: bytes, payload: bytes, now: float) -> None:
         try:
             info = json.loads(payload[1:])
+            heartbeat_s = int(info.get("heartbeat_ms") or 0) / 1000 or self.heartbeat_s
             link = WorkerLink(identity, int(info["pid"]), int(info["capacity"]),
                               [self.services[n.encode()] for n in info["services"]
-                               if n.encode() in self.services], now, parked=bool(info.get("standby")))
+                               if n.encode() in self.services], now, self.liveness * heartbeat_s,
+                              parked=bool(info.get("standby")))
         except (IndexError, ValueError, KeyError, TypeError) as exc:
             self.log.error("worker.bad_ready", worker=identity.decode(errors="replace"), error=str(exc))
             return
@@ -654,7 +662,7 @@ class Broker:
         for link in list(self.links.values()):
             if now - link.last_sent >= self.heartbeat_s:
                 self.send_worker(link, W_HEARTBEAT)
-            allowed = link.last_seen + self.liveness_s
+            allowed = link.last_seen + link.liveness_s
             if link.inflight:
                 # A worker inside a guest call cannot answer; it runs one request at
                 # a time and sends each reply when the call ends, so it may be

@@ -429,10 +429,9 @@ class Daemon:
             self.control.reload_over({"ok": False, "problems": exc.problems})
 
     def apply_config(self, config: Config, apps: list[AppSpec]) -> None:
-        try:
-            self.broker.rebind_frontend(config.supervisor.frontend)
-        except zmq.ZMQError as exc:
-            self.reload_refused(ConfigError([f"{config.path}: [supervisor] {exc}"]))
+        problem = self.rebind(config)
+        if problem:
+            self.reload_refused(ConfigError([f"{config.path}: {problem}"]))
             return
         if config.supervisor.control != self.config.supervisor.control:
             self.log.warning("reload.needs_restart", key="supervisor.control")
@@ -449,6 +448,29 @@ class Daemon:
         # Only now: roll_next() ends the reload (READY=1) when nothing is left to roll.
         self.reloading = True
         self.restart_slots(list(range(config.supervisor.workers)) + list(self.standby_slots()))
+
+    def rebind(self, config: Config) -> str | None:
+        """A reload's listeners: the frontend's endpoints and the metrics endpoint. Everything
+        new is bound before anything old is let go; what cannot be bound is named, with
+        nothing changed."""
+        listen = config.metrics.listen
+        metrics = self.metrics
+        if listen != self.config.metrics.listen:
+            try:
+                metrics = MetricsServer(listen, self) if listen else None
+            except OSError as exc:
+                return f"[metrics] listen {listen}: {exc.strerror or exc}"
+        try:
+            self.broker.rebind_frontend(config.supervisor.frontend)
+        except zmq.ZMQError as exc:
+            if metrics is not self.metrics and metrics is not None:
+                metrics.close()
+            return f"[supervisor] {exc}"
+        if metrics is not self.metrics:
+            if self.metrics is not None:
+                self.metrics.close()
+            self.metrics = metrics
+        return None
 
     def standby_slots(self) -> range:
         return range(STANDBY_BASE, STANDBY_BASE + self.config.supervisor.standby)

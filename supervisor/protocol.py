@@ -22,7 +22,7 @@ it replaces. Every message is one frame: a command byte and its payload
 (numbers in network order). Every message counts as a heartbeat.
 
   worker -> broker
-    READY      W_READY json {"pid", "capacity", "services", "standby"}
+    READY      W_READY json {"pid", "capacity", "services", "standby", "heartbeat_ms"}
     REPLY      W_REPLY (u64 ticket, u16 status, u8 len, u32 len, fault, body)*
     HEARTBEAT  W_HEARTBEAT
     RETIRING   W_RETIRING u8 len, reason, u64 ticket*    (tickets handed back)
@@ -33,6 +33,10 @@ it replaces. Every message is one frame: a command byte and its payload
     DISCONNECT W_DISCONNECT    finish what you hold, reply, exit
     EVICT      W_EVICT u16 len, service, key    drop that key's instance (keyed
                           apps over max_keys; never a key with requests held)
+
+  heartbeat_ms: how often the worker heartbeats when idle (its config generation's);
+  the broker judges its silence by that, so a reload that changes the interval
+  never makes the workers of the other generation look dead.
 
   left_ms: what is left of the request's deadline when it was sent; the guest
   gets the smaller of that (less the time it waited in the worker) and the

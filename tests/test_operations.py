@@ -143,6 +143,25 @@ def test_reload_of_a_bad_config_answers_its_problems(start_daemon, tmp_path):
     assert daemon.call("echo", b"still").body == b"still"
 
 
+def test_reload_applies_the_broker_settings_and_judges_each_worker_by_its_own_heartbeat(start_daemon):
+    apps = {"faults": {"module": GUESTS / "faults" / "faults.wat", "timeout_ms": 3000}}
+    daemon = start_daemon(apps, supervisor={"heartbeat_ms": 100, "liveness": 3, "max_queue": 10000})
+    daemon.doc["supervisor"].update({"heartbeat_ms": 1000, "max_queue": 1})
+    daemon.write_config()
+    assert daemon.control_request("reload", timeout=60)["ok"] is True
+    pids = set(daemon.worker_pids())
+    # Idle workers of the new config heartbeat once a second: judged by the old
+    # 0.3 s liveness they would be killed as silent.
+    time.sleep(3)
+    assert not daemon.events("worker.killed"), daemon.events("worker.killed")
+    assert set(daemon.worker_pids()) == pids
+    # and the new max_queue holds: a burst beyond the workers' credit is refused at once
+    client = daemon.client()
+    sent = [client.send("faults", b"slow") for _ in range(2 * 2 * 16 + 8)]
+    statuses = [client.wait(r, timeout=30).status for r in sent]
+    assert 503 in statuses, statuses
+
+
 def test_reload_moves_the_frontend_and_refuses_an_endpoint_in_use(start_daemon, tmp_path):
     daemon = start_daemon()
     old, moved, taken = daemon.frontend, f"ipc://{tmp_path}/moved.sock", f"ipc://{tmp_path}/taken.sock"
@@ -413,3 +432,18 @@ def test_a_runtime_directory_owned_by_someone_else_is_refused(tmp_path, cache_di
                          env={**os.environ, "RUNTIME_DIRECTORY": str(trap)})
     assert run.returncode == 77
     assert "belongs to uid" in run.stderr
+
+
+def test_reload_moves_the_metrics_endpoint(start_daemon):
+    import urllib.error
+    import urllib.request
+    first, second = free_port(), free_port()
+    daemon = start_daemon({"echo": {"module": GUESTS / "echo.wat"}},
+                          extra={"metrics": {"listen": f"127.0.0.1:{first}"}})
+    assert b"corral_requests_total" in urllib.request.urlopen(f"http://127.0.0.1:{first}/metrics", timeout=10).read()
+    daemon.doc["metrics"]["listen"] = f"127.0.0.1:{second}"
+    daemon.write_config()
+    assert daemon.control_request("reload", timeout=60)["ok"] is True
+    assert b"corral_requests_total" in urllib.request.urlopen(f"http://127.0.0.1:{second}/metrics", timeout=10).read()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{first}/metrics", timeout=2)

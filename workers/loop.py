@@ -79,7 +79,7 @@ class WorkerLoop:
     def run(self) -> int:
         self.send(W_READY + encode_json({"pid": os.getpid(), "capacity": self.spec.capacity,
                                          "services": [g.decode() for g in self.host.guests],
-                                         "standby": self.standby}))
+                                         "standby": self.standby, "heartbeat_ms": self.spec.heartbeat_ms}))
         self.log.info("worker.ready", services=len(self.host.guests), standby=self.standby)
         while True:
             if not self.jobs:
