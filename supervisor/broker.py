@@ -195,6 +195,7 @@ class Broker:
             old = self.services.get(key)
             if old is not None:
                 old.app = app
+                old.health.use_restart(config.restart)
                 services[key] = old
             else:
                 services[key] = Service(key, app, Health(name, config.restart, self.log))

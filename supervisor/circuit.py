@@ -37,10 +37,7 @@ class Health:
     def __init__(self, service: str, restart: RestartSettings, log):
         self.service = service
         self.log = log
-        self.intensity = restart.intensity
-        self.period_s = restart.period_s
-        self.backoff_initial_s = restart.backoff_initial_ms / 1000
-        self.backoff_max_s = restart.backoff_max_ms / 1000
+        self.use_restart(restart)
         self.backoff_s = self.backoff_initial_s
         self.circuit = Circuit.CLOSED
         self.open_until = 0.0
@@ -49,6 +46,13 @@ class Health:
         self.poison: dict[bytes, deque[float]] = {}   # body digest -> abort times
         self.quarantined_until: dict[bytes, float] = {}
         self.opened = 0  # how many times the circuit opened (for status)
+
+    def use_restart(self, restart: RestartSettings) -> None:
+        """The budget and backoff of a (re)loaded config; the circuit's state is kept."""
+        self.intensity = restart.intensity
+        self.period_s = restart.period_s
+        self.backoff_initial_s = restart.backoff_initial_ms / 1000
+        self.backoff_max_s = restart.backoff_max_ms / 1000
 
     def admit(self, now: float) -> tuple[bool, str | None]:
         """May a new request through? Returns (is_probe, refusal detail or None)."""

@@ -433,8 +433,14 @@ class Daemon:
         if problem:
             self.reload_refused(ConfigError([f"{config.path}: {problem}"]))
             return
-        if config.supervisor.control != self.config.supervisor.control:
-            self.log.warning("reload.needs_restart", key="supervisor.control")
+        for name in ("control", "cache_dir"):
+            if getattr(config.supervisor, name) != getattr(self.config.supervisor, name):
+                self.log.warning("reload.needs_restart", key=f"supervisor.{name}")
+        self.pool.backoff_initial_s = config.restart.backoff_initial_ms / 1000
+        self.pool.backoff_max_s = config.restart.backoff_max_ms / 1000
+        if (config.supervisor.user, config.supervisor.group) != (self.config.supervisor.user,
+                                                                 self.config.supervisor.group):
+            self.hand_run_dir_to_worker_user(config)
         logs.configure(config.logging.level, config.logging.format)
         self.use_config(config, apps)
         self.broker.configure(config)

@@ -447,3 +447,17 @@ def test_reload_moves_the_metrics_endpoint(start_daemon):
     assert b"corral_requests_total" in urllib.request.urlopen(f"http://127.0.0.1:{second}/metrics", timeout=10).read()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{first}/metrics", timeout=2)
+
+
+def test_reload_applies_the_restart_budget_to_services_already_running(start_daemon):
+    always_abort = GUESTS / "faults" / "always_abort.wat"
+    daemon = start_daemon({"broken": {"module": always_abort, "on_abort": "reinstantiate"}},
+                          restart={"intensity": 100, "period_s": 30})
+    client = daemon.client()
+    assert [client.call("broken", b"a%d" % i, timeout=15).status for i in range(3)] == [502] * 3
+    daemon.doc["restart"]["intensity"] = 1
+    daemon.write_config()
+    assert daemon.control_request("reload", timeout=60)["ok"] is True
+    assert client.call("broken", b"b", timeout=15).status == 502   # 4 aborts in period_s: over 1
+    reply = client.call("broken", b"c", timeout=15)
+    assert reply.status == 503 and b"more than 1 aborts" in reply.body, reply
