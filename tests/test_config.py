@@ -147,6 +147,8 @@ def test_corral_check_accepts_the_packaged_config(tmp_path):
     ("[apps.start]\nmodule = \"start.wat\"\n",
      "[apps.start] module: its first instance fails: abort: trap unreachable"),
     ("[apps.data]\nmodule = \"data.wat\"\n", "[apps.data] module: its first instance fails: abort: trap memory_out_of_bounds"),
+    ("[apps.exit]\nmodule = \"exit.wat\"\n",
+     "[apps.exit] module: its first instance fails: abort: the guest called proc_exit(7)"),
     ("[apps.spin]\nmodule = \"spin.wat\"\ntimeout_ms = 50\n",
      "[apps.spin] module: its first instance fails: deadline: interrupted after 50 ms"),
 ])
@@ -161,6 +163,9 @@ def test_corral_check_names_file_key_and_problem(tmp_path, text, words):
     (tmp_path / "start.wat").write_text('(module (func $f unreachable) (start $f))')
     (tmp_path / "spin.wat").write_text('(module (func $f (loop (br 0))) (start $f))')
     (tmp_path / "data.wat").write_text('(module (memory 1) (data (i32.const 65535) "xy"))')
+    (tmp_path / "exit.wat").write_text('(module (import "wasi_snapshot_preview1" "proc_exit" (func $x (param i32)))'
+                                       ' (memory (export "memory") 1)'
+                                       ' (func $f (call $x (i32.const 7))) (start $f))')
     run = corral_check(write(tmp_path, text), tmp_path)
     assert run.returncode == EX_CONFIG, run.stdout
     assert str(tmp_path / "corral.toml") in run.stderr

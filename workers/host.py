@@ -83,8 +83,10 @@ class Guest:
         except wasmtime.Trap as trap:
             return outcome.from_trap(trap.trap_code.value if trap.trap_code else None,
                                      trap.message, False, timeout_ms)
+        except wasmtime.ExitTrap as exc:   # proc_exit in a start function
+            return outcome.from_trap(None, str(exc), False, timeout_ms)
         except wasmtime.WasmtimeError as exc:
-            return outcome.instantiation_failed(str(exc).strip().splitlines()[0])
+            return outcome.instantiation_failed(str(exc))
         if not self.info.corral_abi:
             return PlainEntry(store, instance)
         entry = CorralEntry(store, instance, self.info.has_init)

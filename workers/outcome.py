@@ -72,8 +72,8 @@ def abi_violation(detail: str) -> Outcome:
     return Outcome(Status.ABORT, f"abort: ABI violation: {detail}".encode(), b"abi", poisoned=True)
 
 
-def instantiation_failed(detail: str) -> Outcome:
-    return Outcome(Status.ABORT, f"abort: instantiation failed: {detail}".encode(), b"instantiate",
+def instantiation_failed(message: str) -> Outcome:
+    return Outcome(Status.ABORT, f"abort: instantiation failed: {_cause(message)}".encode(), b"instantiate",
                    poisoned=True)
 
 
