@@ -41,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("body", nargs="?", default="hello")
     bench.add_argument("-n", "--requests", type=int, default=10000)
     bench.add_argument("--concurrency", type=int, default=32, help="requests in flight")
-    bench.add_argument("--clients", type=int, default=1, help="client sockets (each its own thread)")
+    bench.add_argument("--clients", type=int, default=1, help="client sockets (each its own process)")
+    bench.add_argument("--rate", type=float, metavar="R",
+                       help="open loop: R requests per second in all, on a fixed schedule whatever the "
+                            "replies do (latency at a given load); default: closed loop, --concurrency "
+                            "in flight")
     bench.add_argument("-e", "--endpoint")
     bench.add_argument("--key", help="key, for a keyed service")
     bench.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -196,7 +200,7 @@ def bench_verb(args: argparse.Namespace) -> int:
     from supervisor import loadgen
     result = loadgen.run(client_endpoint(args), args.service.encode(), args.body.encode(),
                          requests=args.requests, concurrency=args.concurrency, clients=args.clients,
-                         key=args.key,
+                         key=args.key, rate=args.rate,
                          progress=sys.stderr.isatty() if args.progress is None else args.progress)
     print(result.report())
     return 0 if result.failed == 0 else 1

@@ -83,6 +83,13 @@ def test_corral_bench_verb_reports_throughput_percentiles_and_statuses(start_dae
     # (each client's connection check and warm-up requests count too)
     assert int(daemon.call("counter", b"get", key="bench").body) >= 600
 
+    # open loop at a fixed rate: 1,000 requests at 2,000 req/s take about half a second
+    done = corral_bench("echo", "-n", "1000", "--rate", "2000", "-e", daemon.frontend)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "open loop at 2000 req/s offered" in done.stdout, done.stdout
+    assert re.search(r"status\s+200: 1000$", done.stdout, re.M), done.stdout
+    assert re.search(rf"sender lag\s+max {NUMBER} ms", done.stdout), done.stdout
+
     # failures are counted and make the exit status non-zero
     done = corral_bench("nosuch", "-n", "100", "-e", daemon.frontend)
     assert done.returncode == 1, done.stdout + done.stderr
