@@ -192,6 +192,8 @@ def admin_verb(args: argparse.Namespace) -> int:
         for problem in reply.get("problems", [reply.get("error", "failed")]):
             print(f"corral: {problem}", file=sys.stderr)
         return 1
+    for warning in reply.get("warnings", []):
+        print(f"corral: warning: {warning}", file=sys.stderr)
     print(json.dumps(reply))
     return 0
 

@@ -76,6 +76,7 @@ class Daemon:
         self.compiling: threading.Thread | None = None   # a reload's compile thread
         self.reload_result: tuple[Config, list[AppSpec]] | ConfigError | None = None
         self.reload_again = False
+        self.reload_warnings: list[str] = []   # told to whoever asked for the reload, when it is over
 
     # --- start -------------------------------------------------------------
 
@@ -436,6 +437,8 @@ class Daemon:
         for name in ("control", "cache_dir"):
             if getattr(config.supervisor, name) != getattr(self.config.supervisor, name):
                 self.log.warning("reload.needs_restart", key=f"supervisor.{name}")
+                self.reload_warnings.append(f"{config.path}: [supervisor] {name}: "
+                                            f"changed, but takes effect only on a restart")
         self.pool.backoff_initial_s = config.restart.backoff_initial_ms / 1000
         self.pool.backoff_max_s = config.restart.backoff_max_ms / 1000
         if (config.supervisor.user, config.supervisor.group) != (self.config.supervisor.user,
@@ -521,7 +524,11 @@ class Daemon:
             self.log.info("reload.done", config_generation=self.config_generation)
             self.notifier.ready(self.status_line())
             if self.compiling is None:
-                self.control.reload_over({"ok": True, "config_generation": self.config_generation})
+                answer = {"ok": True, "config_generation": self.config_generation}
+                if self.reload_warnings:
+                    answer["warnings"] = self.reload_warnings
+                self.control.reload_over(answer)
+                self.reload_warnings = []
 
     # --- stop --------------------------------------------------------------
 

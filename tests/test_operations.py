@@ -281,6 +281,13 @@ def test_cli_admin_verbs(start_daemon):
     daemon.write_config()
     refused = corral("reload")            # refused by the daemon, which compiles it
     assert refused.returncode == 1 and "broken.wat" in refused.stderr, refused.stderr
+    del daemon.doc["apps"]["broken"]
+    daemon.doc["supervisor"]["cache_dir"] = str(daemon.root / "another-cache")
+    daemon.write_config()
+    warned = corral("reload")             # applied, but not all of it: said on stderr
+    assert warned.returncode == 0, warned.stderr
+    assert "warning:" in warned.stderr and "[supervisor] cache_dir: changed, but takes effect only on a restart" \
+        in warned.stderr, warned.stderr
     assert daemon.stop() == 0
     started = time.monotonic()
     gone = corral("reload")
