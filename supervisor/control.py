@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from supervisor.paths import ipc_in_use, remove_ipc_file
+from supervisor.paths import ipc_in_use, ipc_path, remove_ipc_file
 
 if TYPE_CHECKING:
     from supervisor.daemon import Daemon
@@ -32,7 +32,7 @@ class Control:
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, 65536)
-        if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+        if ipc_path(endpoint) is not None:
             if ipc_in_use(endpoint):
                 raise zmq.ZMQError(zmq.EADDRINUSE, f"control endpoint {endpoint} is in use")
             old_umask = os.umask(0o177)  # the socket file is created 0600

@@ -70,6 +70,13 @@ def default_control_endpoint() -> str:
     return f"ipc://{runtime_dir(create=False) / 'control.sock'}"
 
 
+def ipc_path(endpoint: str) -> str | None:
+    """The file an ipc:// endpoint lives at; None for other transports and abstract `ipc://@` names."""
+    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+        return endpoint[len("ipc://"):]
+    return None
+
+
 def ipc_in_use(endpoint: str) -> bool:
     """Is a live process listening on this ipc:// path?
 
@@ -77,11 +84,12 @@ def ipc_in_use(endpoint: str) -> bool:
     second daemon would steal the first one's clients. A listener accepts a
     plain AF_UNIX connect; a stale file refuses it. (Abstract `ipc://@`
     names need no check: binding a taken one fails by itself.)"""
-    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+    path = ipc_path(endpoint)
+    if path is None:
         return False
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(endpoint[len("ipc://"):])
+        probe.connect(path)
         return True
     except OSError:
         return False
@@ -91,8 +99,9 @@ def ipc_in_use(endpoint: str) -> bool:
 
 def remove_ipc_file(endpoint: str) -> None:
     """After the socket stopped listening on an ipc:// path: libzmq leaves the file behind."""
-    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+    path = ipc_path(endpoint)
+    if path is not None:
         try:
-            os.unlink(endpoint[len("ipc://"):])
+            os.unlink(path)
         except OSError:
             pass
