@@ -157,7 +157,7 @@ class Daemon:
                                         f"over max_memory_mib = {app.max_memory_mib}")
         spec = AppSpec(app.name, str(app.module), str(artifact), app.instances, app.timeout_ms,
                        app.max_memory_mib, app.on_abort)
-        fault = first_instance_fault(engine, spec, self.cache_dir, bounded)
+        fault = first_instance_fault(engine, spec, module, self.cache_dir, bounded)
         if fault:
             raise modules.ModuleProblem(f"its first instance fails: {fault}")
         return spec
@@ -463,19 +463,20 @@ class Daemon:
         new is bound before anything old is let go; what cannot be bound is named, with
         nothing changed."""
         listen = config.metrics.listen
-        metrics = self.metrics
-        if listen != self.config.metrics.listen:
+        moved = listen != self.config.metrics.listen
+        metrics = None
+        if moved and listen:
             try:
-                metrics = MetricsServer(listen, self) if listen else None
+                metrics = MetricsServer(listen, self)
             except OSError as exc:
                 return f"[metrics] listen {listen}: {exc.strerror or exc}"
         try:
             self.broker.rebind_frontend(config.supervisor.frontend)
         except zmq.ZMQError as exc:
-            if metrics is not self.metrics and metrics is not None:
+            if metrics is not None:
                 metrics.close()
             return f"[supervisor] {exc}"
-        if metrics is not self.metrics:
+        if moved:
             if self.metrics is not None:
                 self.metrics.close()
             self.metrics = metrics

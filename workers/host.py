@@ -56,10 +56,13 @@ class Guest:
     """One app: its compiled module and its live instances (one, or one per key)."""
 
     def __init__(self, engine: wasmtime.Engine, app: AppSpec, cache_dir: Path,
-                 restart_intensity: int, restart_period_s: float, bounded: bool):
+                 restart_intensity: int, restart_period_s: float, bounded: bool,
+                 module: wasmtime.Module | None = None):
+        """`module`: the app's, already compiled or deserialized; by default read from app.artifact."""
         self.app = app
         self.engine = engine
-        module = modules.load_artifact(engine, Path(app.artifact), Path(app.module), cache_dir, bounded)
+        if module is None:
+            module = modules.load_artifact(engine, Path(app.artifact), Path(app.module), cache_dir, bounded)
         self.info = modules.inspect(module)
         linker = wasmtime.Linker(engine)
         if self.info.uses_wasi:
@@ -124,14 +127,16 @@ class Guest:
         return RetireReason.ESCALATION if len(self.aborts) > self.intensity else None
 
 
-def first_instance_fault(engine: wasmtime.Engine, app: AppSpec, cache_dir: Path, bounded: bool) -> str | None:
+def first_instance_fault(engine: wasmtime.Engine, app: AppSpec, module: wasmtime.Module, cache_dir: Path,
+                         bounded: bool) -> str | None:
     """Make one instance of `app` as a worker would (corral_init included) and drop it: what
     went wrong, or None. The engine's epoch must be ticking.
 
     A start function or corral_init that traps, a data segment out of bounds,
     an initial memory over the limit: such a module passes compilation, yet
     no instance of it can ever serve, and every request would abort."""
-    guest = Guest(engine, app, cache_dir, restart_intensity=0, restart_period_s=1.0, bounded=bounded)
+    guest = Guest(engine, app, cache_dir, restart_intensity=0, restart_period_s=1.0, bounded=bounded,
+                  module=module)
     made = guest.instantiate(min(app.timeout_ms, FIRST_INSTANCE_TIMEOUT_MS))
     return made.body.decode(errors="replace") if isinstance(made, Outcome) else None
 
