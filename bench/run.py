@@ -455,6 +455,7 @@ def compared_corral(procs: Processes, endpoints: Endpoints, opts) -> Corral:
 def section_throughput(opts, procs: Processes, endpoints: Endpoints, report: Report) -> float:
     every = {"a": EchoServer, "b": ProxyServer, "c": Corral, "d": compared_corral}
     systems = [every[name](procs, endpoints, opts) for name in opts.systems]
+    corral = dict(zip(opts.systems, systems)).get("c")   # None when --systems leaves it out
     results: dict[str, list[loadgen.Result]] = {s.label: [] for s in systems}
     half: dict[str, list[loadgen.Result]] = {s.label: [] for s in systems}
     profiles: list[tuple[str, Path]] = []
@@ -467,7 +468,7 @@ def section_throughput(opts, procs: Processes, endpoints: Endpoints, report: Rep
                 check(result, system.label)
                 results[system.label].append(result)
         med = {label: median_result(rs) for label, rs in results.items()}
-        reference = systems[opts.systems.index("c")] if "c" in opts.systems else systems[-1]
+        reference = corral or systems[-1]
         corral_max = med[reference.label].throughput
         if opts.run_half_load:
             rate = corral_max / 2
@@ -476,8 +477,8 @@ def section_throughput(opts, procs: Processes, endpoints: Endpoints, report: Rep
                     result = load(system, opts, opts.half_requests, rate=rate)
                     check(result, system.label)
                     half[system.label].append(result)
-        if opts.profile and "c" in opts.systems:
-            profiles = profile_corral(systems[opts.systems.index("c")], opts, procs)
+        if opts.profile and corral is not None:
+            profiles = profile_corral(corral, opts, procs)
     finally:
         errors = []
         for system in systems:
@@ -538,8 +539,8 @@ def section_throughput(opts, procs: Processes, endpoints: Endpoints, report: Rep
                        f"{r.cpu.machine_busy_pct:>4.0f}%   {rounds}")
         report.out("(lag: how late the load generator itself sent its latest request; CPU us/req: the "
                    "system's, client excluded;\n busy: the whole machine, all cores)")
-        if "c" in opts.systems:
-            label = systems[opts.systems.index("c")].label
+        if corral is not None:
+            label = corral.label
             p99 = med_half[label].pct(99)
             worst = max(x.pct(99) for x in half[label])
             verdict = "met" if p99 <= P99_TARGET_MS else "NOT met"

@@ -118,21 +118,24 @@ def submit(broker: Broker, service: bytes, count: int) -> None:
     broker.dispatch()
 
 
+def received(workers: list[HandWorker]) -> list[int]:
+    """How many requests each worker has been sent, once it has read them."""
+    for worker in workers:
+        worker.take()
+    return [w.received for w in workers]
+
+
 def test_a_worker_at_work_takes_requests_before_an_idle_one_is_woken(two_workers):
     broker, workers = two_workers
     submit(broker, b"echo", PACK + 2)
-    for worker in workers:
-        worker.take()
     # the first worker up to PACK, then the second one, which packs in turn
-    assert sorted(w.received for w in workers) == [2, PACK]
+    assert sorted(received(workers)) == [2, PACK]
 
 
 def test_under_full_load_the_workers_share_evenly(two_workers):
     broker, workers = two_workers
     submit(broker, b"echo", 32)
-    for worker in workers:
-        worker.take()
-    assert [w.received for w in workers] == [16, 16]
+    assert received(workers) == [16, 16]
 
 
 def test_a_worker_slow_on_its_oldest_request_is_passed_over(two_workers):
@@ -140,9 +143,7 @@ def test_a_worker_slow_on_its_oldest_request_is_passed_over(two_workers):
     submit(broker, b"echo", 1)
     time.sleep(PACK_AGE_S * 5)   # that request is not answered in time: the worker is busy
     submit(broker, b"echo", 1)
-    for worker in workers:
-        worker.take()
-    assert [w.received for w in workers] == [1, 1]
+    assert received(workers) == [1, 1]
 
 
 def test_over_max_keys_the_least_recent_key_with_nothing_in_flight_goes(keyed_broker):
@@ -185,6 +186,4 @@ def test_a_service_whose_requests_take_long_is_spread_at_once(two_workers):
             worker.reply_all()
     workers[0].received = workers[1].received = 0
     submit(broker, b"echo", 6)
-    for worker in workers:
-        worker.take()
-    assert [w.received for w in workers] == [3, 3]
+    assert received(workers) == [3, 3]
