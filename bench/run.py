@@ -641,7 +641,7 @@ def one_at_a_time(endpoint: str, framing: str, requests: int, rate: float) -> li
 
         def call(i: int) -> None:
             send(b"%d" % i)
-            receive()
+            receive(True)
 
         for i in range(200):   # warm-up: connections, caches, the guest's first calls
             call(i)

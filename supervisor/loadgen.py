@@ -9,22 +9,25 @@
 Cheap on purpose: the client shares the machine's cores with the server it
 measures. Each client is one raw pyzmq DEALER socket driven by one loop:
 
-* frames are sent and received one at a time with `Socket.send`/`recv`,
-  never `send_multipart`/`recv_multipart`: those check every frame's flags
-  (`getsockopt(RCVMORE)` per frame) and cost 6x as much (a 5-frame request
-  plus its 4-frame reply: ~15 us against ~2.2 us, measured here on inproc).
-  A reply has a fixed number of frames per framing; its first frame (or its
-  id) is checked, so a reply of another shape is noticed, not misread;
+* a request goes out, and every reply waiting comes in, with one call each
+  (supervisor/frames.py: `send_frames`, `drain`; the broker's own C
+  extension where it is built), never `send_multipart`/`recv_multipart`:
+  those check every frame's flags (`getsockopt(RCVMORE)` per frame) and
+  cost 6x as much (a 5-frame request plus its 4-frame reply: ~15 us against
+  ~2.2 us frame by frame, measured here on inproc). A reply must have its
+  framing's number of frames and first frame, so a reply of another shape is
+  noticed, not misread;
 * closed loop (the default): `concurrency` requests in flight per client,
   a new one sent as each reply arrives; the loop blocks in `recv` (the GIL
-  is released there), so an idle client costs nothing;
+  is released there) for the first reply it waits for, so an idle client
+  costs nothing;
 * open loop (`rate=`): requests leave on a fixed schedule whatever the
   replies do (a server that stalls cannot slow the sender down, so the
   latencies are not flattered: no coordinated omission); the loop waits on
   the socket's file descriptor with `select`, for sub-millisecond timing,
   and reports how late the sender itself fell behind its schedule;
-* each request's latency is `time.perf_counter_ns()` from just before its
-  first frame is sent to just after its reply's last frame is read.
+* each request's latency is `time.perf_counter_ns()` from just before it
+  is sent to just after the call that read its reply returns.
 
 `clients` > 1: each client is its own process (forked, with its own ZeroMQ
 context made after the fork), because Python threads share one GIL: two
@@ -57,10 +60,13 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from supervisor.frames import drain, send_frames
+
 NATIVE = b"CORRAL1"
 OK = b"200"
 # Status recorded for a reply whose framing does not carry one (echo, reqrep).
 IMPLIED_OK = OK
+DRAIN_LIMIT = 256   # replies taken per wake-up at most
 
 
 @dataclass(frozen=True)
@@ -141,41 +147,45 @@ class Client:
         self.socket.close(linger=0)
 
     def _sender(self):
-        """send(request_id): the request's frames, one `send` call each."""
-        send, more = self.socket.send, zmq.SNDMORE
+        """send(request_id): the request, its frames in one call."""
+        socket = self.socket
         head, tail = self.frame.head, self.frame.tail
-        middle, last = tail[:-1], tail[-1]
 
         def send_request(request_id: bytes) -> None:
-            for frame in head:
-                send(frame, more)
-            send(request_id, more)
-            for frame in middle:
-                send(frame, more)
-            send(last)
+            send_frames(socket, (*head, request_id, *tail))
         return send_request
 
     def _receiver(self):
-        """recv() -> (request_id, status); raises zmq.Again on timeout, ProtocolError on a bad shape."""
-        recv = self.socket.recv
+        """receive(block) -> [(request_id, status), ...]: every reply waiting, at most
+        DRAIN_LIMIT. block: wait for the first (zmq.Again after the timeout). Raises
+        ProtocolError on a reply of the wrong shape."""
+        socket = self.socket
+        recv, more = socket.recv, zmq.RCVMORE
         f = self.frame
         count, id_at, status_at, first = f.reply_frames, f.id_at, f.status_at, f.first
-        frames_after = range(count - 1)
 
-        def receive() -> tuple[bytes, bytes]:
-            frames = [recv()]
-            for _ in frames_after:
-                frames.append(recv())
-            if first is not None and frames[0] != first:
-                raise ProtocolError(f"{f.name} reply should start with {first!r}: {frames[:4]!r}")
+        def reply(frames: list[bytes]) -> tuple[bytes, bytes]:
+            if len(frames) != count or (first is not None and frames[0] != first):
+                raise ProtocolError(f"a {f.name} reply has {count} frames"
+                                    f"{'' if first is None else f', the first {first!r}'}: {frames[:4]!r}")
             return frames[id_at], (IMPLIED_OK if status_at is None else frames[status_at])
+
+        def receive(block: bool) -> list[tuple[bytes, bytes]]:
+            replies = []
+            if block:
+                frames = [recv()]
+                while socket.getsockopt(more):
+                    frames.append(recv())
+                replies.append(reply(frames))
+            replies.extend(reply(frames) for frames in drain(socket, DRAIN_LIMIT - len(replies)))
+            return replies
         return receive
 
     def connect_check(self) -> None:
         """One request, its reply awaited: the connection is up and the server answers."""
         self._sender()(b"0")
         try:
-            request_id, _ = self._receiver()()
+            ((request_id, _), *_) = self._receiver()(True)
         except zmq.Again:
             raise TimeoutError(f"no reply within {self.timeout_s:g} s") from None
         if request_id != b"0":
@@ -198,26 +208,27 @@ class Client:
                 sent += 1
             while received < requests:
                 try:
-                    request_id, status = receive()
+                    replies = receive(True)
                 except zmq.Again:
                     stats.error = f"no reply for {self.timeout_s:g} s: {sent - received} missing"
                     break
                 now = clock()
-                index = int(request_id)
-                began = sent_at[index] if 0 <= index < requests else 0
-                if not began:
-                    stray += 1
-                    continue
-                sent_at[index] = 0
-                latencies[received] = now - began
-                received += 1
-                statuses[status] = statuses.get(status, 0) + 1
-                if sent < requests:
-                    sent_at[sent] = clock()
-                    send(b"%d" % sent)
-                    sent += 1
-                if progress is not None and not received & 255:
-                    progress.update(slot, received)
+                for request_id, status in replies:
+                    index = int(request_id)
+                    began = sent_at[index] if 0 <= index < requests else 0
+                    if not began:
+                        stray += 1
+                        continue
+                    sent_at[index] = 0
+                    latencies[received] = now - began
+                    received += 1
+                    statuses[status] = statuses.get(status, 0) + 1
+                    if sent < requests:
+                        sent_at[sent] = clock()
+                        send(b"%d" % sent)
+                        sent += 1
+                    if progress is not None and not received & 255:
+                        progress.update(slot, received)
         except (ProtocolError, ValueError) as exc:
             stats.error = f"{type(exc).__name__}: {exc}"
         stats.ended_ns = clock()
@@ -233,8 +244,6 @@ class Client:
         latencies, statuses = stats.latencies, stats.statuses
         send, receive = self._sender(), self._receiver()
         socket = self.socket
-        events, pollin = zmq.EVENTS, zmq.POLLIN
-        getsockopt = socket.getsockopt
         fd = socket.getsockopt(zmq.FD)
         clock = time.perf_counter_ns
         interval = 1e9 / rate
@@ -262,11 +271,11 @@ class Client:
                     send(b"%d" % sent)
                     sent += 1
                     now = clock()
-                # Every reply waiting now. (The fd only signals changes: read
-                # EVENTS after every operation, before waiting on it.)
-                while getsockopt(events) & pollin:
-                    request_id, status = receive()
-                    now = clock()
+                # Every reply waiting now. (The fd only signals changes: the
+                # socket must have said "nothing more" before the fd is waited on.)
+                replies = receive(False)
+                now = clock()
+                for request_id, status in replies:
                     index = int(request_id)
                     began = sent_at[index] if 0 <= index < requests else 0
                     if not began:
@@ -289,7 +298,7 @@ class Client:
                     wait = (start + int(sent * interval) - clock()) / 1e9
                 else:
                     wait = 0.1
-                if wait > 0:
+                if wait > 0 and len(replies) < DRAIN_LIMIT:
                     select.select([fd], [], [], wait)
         except (ProtocolError, ValueError) as exc:
             stats.error = f"{type(exc).__name__}: {exc}"
