@@ -89,13 +89,20 @@ class Processes:
     def start(self, args: list[str], log: Path | None = None, pipe: bool = False,
               env: dict | None = None, death_signal: int = signal.SIGKILL) -> subprocess.Popen:
         """Start a process as the leader of a new process group. `death_signal` reaches it if
-        this script dies without cleaning up (SIGKILL cannot be caught): no orphans even then."""
+        this script dies without cleaning up (SIGKILL cannot be caught): no orphans even then.
+
+        A process group, not a session of its own: Linux schedules each session as one
+        group (CFS autogroup), so one session per server process gave (b)'s proxy and
+        each of its workers a group of their own while corral's daemon and workers shared
+        one, and under load the load generator's I/O thread, in this script's group, was
+        starved of a core for 15-200 ms at a time (bench/README.md, "Noise"). In one
+        session every thread of every system is scheduled alike."""
         stdout = subprocess.PIPE if pipe else (open(log, "ab") if log else subprocess.DEVNULL)
         try:
             process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stdout,
                                        stderr=subprocess.STDOUT if log else None,
                                        env={**self.env, **(env or {})}, cwd=self.root,
-                                       start_new_session=True,
+                                       process_group=0,
                                        preexec_fn=lambda: _die_with_parent(death_signal))
         finally:
             if log:
