@@ -5,6 +5,8 @@ No timing is asserted: benchmarks are not tests, and these machines are noisy.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -118,3 +120,22 @@ def test_bench_compare_loads_corral_from_the_other_checkout(tmp_path):
     assert len(marks) >= 3, marks   # (d)'s daemon and its two workers
     assert not list((REPO / "supervisor").glob("imported-*"))
     assert bench_dirs() <= before, f"left behind: {bench_dirs() - before}"
+
+
+def test_bench_processes_share_the_scripts_session_and_lead_their_own_groups(tmp_path, monkeypatch):
+    """One session for every system: Linux schedules a session as one group (CFS
+    autogroup), and a session per server process starved the load generator (bench/README.md,
+    "Noise"). A process group each, so that each can be stopped whole."""
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_run", bench)   # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    procs = bench.Processes(tmp_path)
+    started = [procs.start([sys.executable, "-c", "import time; time.sleep(30)"]) for _ in range(2)]
+    try:
+        for process in started:
+            assert os.getsid(process.pid) == os.getsid(0)
+            assert os.getpgid(process.pid) == process.pid
+    finally:
+        procs.stop_all()
+    assert all(process.poll() is not None for process in started)

@@ -1,7 +1,7 @@
 """The load generator (supervisor/loadgen.py) against a ROUTER played by the test.
 
 The server answers in bursts, so the client takes several replies per wake-up
-(the drain path), and answers some requests with a reply of the wrong shape.
+(the drain path), or answers with replies of the wrong shape.
 """
 
 from __future__ import annotations
