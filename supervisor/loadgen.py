@@ -114,6 +114,27 @@ class ClientStats:
     late_sends: int = 0        # open loop: sends more than 1 ms behind schedule
     error: str | None = None
 
+    def record(self, replies: list[tuple[bytes, bytes]], sent_at: list[int], now: int) -> int:
+        """Match replies read at `now` (ns) to their requests: `sent_at` holds each request's
+        send time by index, 0 once answered. Returns how many replies answered a request;
+        a reply with an unknown or repeated id counts as stray."""
+        latencies, statuses = self.latencies, self.statuses
+        received, requests = self.received, len(sent_at)
+        try:
+            for request_id, status in replies:
+                index = int(request_id)
+                began = sent_at[index] if 0 <= index < requests else 0
+                if not began:
+                    self.stray += 1
+                    continue
+                sent_at[index] = 0
+                latencies[received] = now - began
+                received += 1
+                statuses[status] = statuses.get(status, 0) + 1
+        finally:   # a reply id that is not a number raises ValueError: what came before it counts
+            answered, self.received = received - self.received, received
+        return answered
+
     def pack(self) -> dict:
         values = self.__dict__.copy()
         values["latencies"] = self.latencies.tobytes()
@@ -194,11 +215,10 @@ class Client:
     def closed_loop(self, requests: int, concurrency: int, report: bool = True) -> ClientStats:
         """`concurrency` requests in flight; a new one for each reply, until `requests` are answered."""
         stats = ClientStats(latencies=array("q", bytes(8 * requests)))
-        latencies, statuses = stats.latencies, stats.statuses
         send, receive = self._sender(), self._receiver()
         clock = time.perf_counter_ns
         sent_at = [0] * requests
-        sent = received = stray = 0
+        sent = received = 0
         progress, slot = (self.progress if report else None), self.slot
         stats.started_ns = clock()
         try:
@@ -212,43 +232,33 @@ class Client:
                 except zmq.Again:
                     stats.error = f"no reply for {self.timeout_s:g} s: {sent - received} missing"
                     break
-                now = clock()
-                for request_id, status in replies:
-                    index = int(request_id)
-                    began = sent_at[index] if 0 <= index < requests else 0
-                    if not began:
-                        stray += 1
-                        continue
-                    sent_at[index] = 0
-                    latencies[received] = now - began
-                    received += 1
-                    statuses[status] = statuses.get(status, 0) + 1
-                    if sent < requests:
-                        sent_at[sent] = clock()
-                        send(b"%d" % sent)
-                        sent += 1
-                    if progress is not None and not received & 255:
-                        progress.update(slot, received)
+                answered = stats.record(replies, sent_at, clock())
+                for _ in range(min(answered, requests - sent)):   # one new request per answer
+                    sent_at[sent] = clock()
+                    send(b"%d" % sent)
+                    sent += 1
+                if progress is not None and received >> 8 != stats.received >> 8:
+                    progress.update(slot, stats.received)
+                received = stats.received
         except (ProtocolError, ValueError) as exc:
             stats.error = f"{type(exc).__name__}: {exc}"
         stats.ended_ns = clock()
-        del latencies[received:]
-        stats.sent, stats.received, stats.stray = sent, received, stray
+        del stats.latencies[stats.received:]
+        stats.sent = sent
         if progress is not None:
-            progress.update(slot, received)
+            progress.update(slot, stats.received)
         return stats
 
     def open_loop(self, requests: int, rate: float, max_in_flight: int = 100_000) -> ClientStats:
         """Send `requests` at `rate` per second on a fixed schedule; take replies as they come."""
         stats = ClientStats(latencies=array("q", bytes(8 * requests)))
-        latencies, statuses = stats.latencies, stats.statuses
         send, receive = self._sender(), self._receiver()
         socket = self.socket
         fd = socket.getsockopt(zmq.FD)
         clock = time.perf_counter_ns
         interval = 1e9 / rate
         sent_at = [0] * requests
-        sent = received = stray = late = 0
+        sent = received = late = 0
         max_lag = 0
         progress, slot = self.progress, self.slot
         timeout_ns = int(self.timeout_s * 1e9)
@@ -275,19 +285,11 @@ class Client:
                 # socket must have said "nothing more" before the fd is waited on.)
                 replies = receive(False)
                 now = clock()
-                for request_id, status in replies:
-                    index = int(request_id)
-                    began = sent_at[index] if 0 <= index < requests else 0
-                    if not began:
-                        stray += 1
-                        continue
-                    sent_at[index] = 0
-                    latencies[received] = now - began
-                    received += 1
+                if stats.record(replies, sent_at, now):
                     last_reply = now
-                    statuses[status] = statuses.get(status, 0) + 1
-                    if progress is not None and not received & 255:
-                        progress.update(slot, received)
+                if progress is not None and received >> 8 != stats.received >> 8:
+                    progress.update(slot, stats.received)
+                received = stats.received
                 if received >= requests:
                     break
                 if now - last_reply > timeout_ns and sent - received > 0 and \
@@ -303,11 +305,11 @@ class Client:
         except (ProtocolError, ValueError) as exc:
             stats.error = f"{type(exc).__name__}: {exc}"
         stats.ended_ns = clock()
-        del latencies[received:]
-        stats.sent, stats.received, stats.stray = sent, received, stray
+        del stats.latencies[stats.received:]
+        stats.sent = sent
         stats.max_lag_ns, stats.late_sends = max_lag, late
         if progress is not None:
-            progress.update(slot, received)
+            progress.update(slot, stats.received)
         return stats
 
 
