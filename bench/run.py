@@ -8,7 +8,7 @@
 
 Sections (see bench/README.md for what each number means):
 
-  throughput   the same closed-loop load (one load generator, supervisor/loadgen.py)
+  throughput   the same closed-loop load (one load generator, supervisor/client/loadgen.py)
                against (a) a bare pyzmq ROUTER echo in one process, (b) the C
                zmq.proxy with as many Python REP echo workers as corral has workers,
                (c) the real corral daemon serving guests/echo.wat; req/s, p50, p99,
@@ -58,8 +58,8 @@ if str(REPO) not in sys.path:
 
 import zmq  # noqa: E402
 
-from supervisor import loadgen  # noqa: E402
-from supervisor.config import to_toml  # noqa: E402
+from corral.client import loadgen  # noqa: E402
+from corral.config import to_toml  # noqa: E402
 
 GUESTS = REPO / "guests"
 ECHO = GUESTS / "echo.wat"
@@ -267,7 +267,7 @@ class ProxyServer:
 
 
 class Corral:
-    """(c) the real daemon: `python -m supervisor run -c <temp config>`."""
+    """(c) the real daemon: `python -m corral run -c <temp config>`."""
     framing = "native"
 
     def __init__(self, procs: Processes, endpoints: Endpoints, opts, name: str = "corral",
@@ -296,7 +296,7 @@ class Corral:
 
     def start(self, timeout: float = 30.0) -> None:
         # If this script is killed outright, the daemon gets SIGTERM: it drains and takes its workers along.
-        self.process = self.procs.start([sys.executable, "-m", "supervisor", "run", "-c", str(self.config)],
+        self.process = self.procs.start([sys.executable, "-m", "corral", "run", "-c", str(self.config)],
                                         log=self.log, env={"RUNTIME_DIRECTORY": str(self.dir / "run"), **self.env},
                                         death_signal=signal.SIGTERM)
         end = time.monotonic() + timeout
@@ -455,8 +455,27 @@ def compared_corral(procs: Processes, endpoints: Endpoints, opts) -> Corral:
                                   capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         revision = ""
-    return Corral(procs, endpoints, opts, name="corral-compared", env={"PYTHONPATH": str(opts.compare)},
+    return Corral(procs, endpoints, opts, name="corral-compared",
+                  env={"PYTHONPATH": str(import_root(opts.compare, procs.root))},
                   label=f"d  corral {(revision or opts.compare.name)[:12]}")
+
+
+def import_root(checkout: Path, root: Path) -> Path:
+    """A directory that, first on PYTHONPATH, makes `import corral` load `checkout`.
+
+    A checkout of the `corral` layout maps supervisor/ to corral and workers/ to
+    corral.workers (package-dir), which no folder on sys.path says by itself:
+    build that package of symlinks. An older checkout (top-level supervisor
+    and workers packages) is importable as it is."""
+    if not (checkout / "supervisor" / "wire").is_dir():
+        return checkout
+    package = root / "compared" / "corral"
+    package.mkdir(parents=True, exist_ok=True)
+    for entry in (checkout / "supervisor").iterdir():
+        if entry.name != "__pycache__":
+            (package / entry.name).symlink_to(entry)
+    (package / "workers").symlink_to(checkout / "workers")
+    return package.parent
 
 
 def section_throughput(opts, procs: Processes, endpoints: Endpoints, report: Report) -> float:
@@ -777,9 +796,9 @@ def make_host(cache_dir: Path):
     counter guest ("keyed", on_abort = "reinstantiate")."""
     if cache_dir in _HOSTS:
         return _HOSTS[cache_dir]
-    from workers import modules
-    from workers.host import Host
-    from workers.spec import AppSpec, WorkerSpec
+    from corral.workers import modules
+    from corral.workers.host import Host
+    from corral.workers.spec import AppSpec, WorkerSpec
     engine = modules.make_engine()
     apps = []
     for name, path, instances, on_abort in (("echo", ECHO, "reuse", "respawn"),
@@ -798,7 +817,7 @@ def make_host(cache_dir: Path):
 
 def section_host(opts, root: Path, report: Report) -> None:
     import wasmtime
-    from workers.outcome import Outcome
+    from corral.workers.outcome import Outcome
     body = opts.body.encode()
     host = make_host(root / "cache")
     guest = host.guests[b"echo"]
@@ -911,7 +930,7 @@ def section_instantiate(opts, root: Path, report: Report) -> None:
 
 
 def section_abort(opts, procs: Processes, endpoints: Endpoints, report: Report) -> None:
-    from supervisor.client import Client
+    from corral.client import Client
     reps = opts.reps
     # Deliberate traps, repeated: keep the circuit closed (intensity) and the
     # trapping body out of quarantine (3 aborts within period_s), so that every
@@ -985,7 +1004,7 @@ def section_abort(opts, procs: Processes, endpoints: Endpoints, report: Report) 
 def _measure_respawn(procs, endpoints, opts, restart: dict, reps: int, gap_s: float,
                      standby: int) -> tuple[list[float], list[float]]:
     """Trap reply -> a request answered by another worker, `reps` times (and startup times)."""
-    from supervisor.client import Client
+    from corral.client import Client
     daemon = Corral(procs, endpoints, opts, name=f"abort-respawn-{standby}", workers=1, restart=restart,
                     apps={"counter": {"module": str(COUNTER), "instances": "keyed", "on_abort": "respawn"},
                           "echo": {"module": str(ECHO)}}, standby=standby)
@@ -1090,8 +1109,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not (opts.compare / "supervisor" / "__init__.py").is_file():
             parser.error(f"--compare {opts.compare}: not a corral checkout (no supervisor/__init__.py)")
         opts.compare = opts.compare.resolve()
-        source = opts.compare / "supervisor" / "_zmqframes.c"
-        if source.is_file() and not list(source.parent.glob("_zmqframes*.so")):
+        sources = [opts.compare / "supervisor" / "wire" / "_zmqframes.c", opts.compare / "supervisor" / "_zmqframes.c"]
+        source = next((path for path in sources if path.is_file()), None)
+        if source is not None and not list(source.parent.glob("_zmqframes*.so")):
             parser.error(f"--compare {opts.compare}: its C extension is not built (it would run on pyzmq "
                          f"alone): build it with  cd {opts.compare} && {sys.executable} setup.py build_ext "
                          f"--inplace")

@@ -1,5 +1,5 @@
 import sys
 
-from supervisor.cli import entry
+from corral.cli import entry
 
 sys.exit(entry())

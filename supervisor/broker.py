@@ -31,13 +31,13 @@ from enum import Enum
 
 import zmq
 
-from supervisor import protocol
-from supervisor.circuit import Circuit, Health
-from supervisor.config import AppSettings, Config
-from supervisor.metrics import Histogram
-from supervisor.paths import ipc_in_use, remove_ipc_file
-from supervisor.frames import NOBLOCK, drain, send_frames
-from supervisor.protocol import (MAX_KEY, MMI_PREFIX, MMI_SERVICE, NATIVE, STATUS_BY_CODE, STATUS_FRAMES,
+from corral.wire import protocol
+from corral.circuit import Circuit, Health
+from corral.config import AppSettings, Config
+from corral.metrics import Histogram
+from corral.paths import ipc_in_use, remove_ipc_file
+from corral.wire.frames import NOBLOCK, drain, send_frames
+from corral.wire.protocol import (MAX_KEY, MMI_PREFIX, MMI_SERVICE, NATIVE, STATUS_BY_CODE, STATUS_FRAMES,
                                  W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_RETIRING,
                                  Dialect, Malformed, Status, evict_message, iter_replies, reply_frames,
                                  request_record)

@@ -18,7 +18,7 @@ import hashlib
 from collections import deque
 from enum import Enum
 
-from supervisor.config import RestartSettings
+from corral.config import RestartSettings
 
 QUARANTINE_AFTER = 3
 

@@ -68,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
 def config_path(args: argparse.Namespace) -> Path:
     if args.config is not None:
         return args.config
-    from supervisor import paths
+    from corral import paths
     return paths.default_config()
 
 
 def load_config(args: argparse.Namespace):
-    from supervisor import config
+    from corral import config
     try:
         return config.with_defaults(config.load(config_path(args)))
     except config.ConfigError as exc:
@@ -83,16 +83,16 @@ def load_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from supervisor import logs
-    from supervisor.daemon import Daemon
+    from corral.wire import logs
+    from corral.daemon import Daemon
     logs.configure()
     return Daemon(config_path(args)).run()
 
 
 def check(args: argparse.Namespace) -> int:
-    from supervisor import config as config_module
-    from supervisor import paths
-    from supervisor.daemon import Daemon
+    from corral import config as config_module
+    from corral import paths
+    from corral.daemon import Daemon
     config = load_config(args)
     daemon = Daemon(config.path)
     daemon.cache_dir = paths.cache_dir(config.supervisor.cache_dir)
@@ -114,7 +114,7 @@ def client_endpoint(args: argparse.Namespace) -> str:
 
 
 def call_verb(args: argparse.Namespace) -> int:
-    from supervisor.client import Client, NoReply
+    from corral.client import Client, NoReply
     body = sys.stdin.buffer.read() if args.body == "-" else args.body.encode()
     with Client(client_endpoint(args)) as client:
         try:
@@ -199,7 +199,7 @@ def admin_verb(args: argparse.Namespace) -> int:
 
 
 def bench_verb(args: argparse.Namespace) -> int:
-    from supervisor import loadgen
+    from corral.client import loadgen
     result = loadgen.run(client_endpoint(args), args.service.encode(), args.body.encode(),
                          requests=args.requests, concurrency=args.concurrency, clients=args.clients,
                          key=args.key, rate=args.rate,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from supervisor import paths
+from corral import paths
 
 INSTANCE_MODES = ("reuse", "per-request", "keyed")
 ABORT_POLICIES = ("respawn", "reinstantiate")

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from supervisor.paths import ipc_in_use, ipc_path, remove_ipc_file
+from corral.paths import ipc_in_use, ipc_path, remove_ipc_file
 
 if TYPE_CHECKING:
-    from supervisor.daemon import Daemon
+    from corral.daemon import Daemon
 
 VERBS = ("status", "scale", "restart", "reload")
 

@@ -31,19 +31,20 @@ import psutil
 import wasmtime
 import zmq
 
-from supervisor import config as config_module
-from supervisor import frames, logs, paths
-from supervisor.broker import Broker, Event
-from supervisor.config import AppSettings, Config, ConfigError
-from supervisor.control import Control
-from supervisor.metrics import MetricsServer
-from supervisor.notify import Notifier
-from supervisor.tuning import quiet_garbage_collector
-from supervisor.pool import (STANDBY_BASE, Pool, WorkerProcess, WorkerState, describe_exit,
+from corral import config as config_module
+from corral import paths
+from corral.wire import frames, logs
+from corral.broker import Broker, Event
+from corral.config import AppSettings, Config, ConfigError
+from corral.control import Control
+from corral.metrics import MetricsServer
+from corral.notify import Notifier
+from corral.wire.tuning import quiet_garbage_collector
+from corral.pool import (STANDBY_BASE, Pool, WorkerProcess, WorkerState, describe_exit,
                              kill_stale_workers)
-from workers import modules, oslimits
-from workers.host import EpochTicker, first_instance_fault
-from workers.spec import AppSpec, WorkerSpec
+from corral.workers import modules, oslimits
+from corral.workers.host import EpochTicker, first_instance_fault
+from corral.workers.spec import AppSpec, WorkerSpec
 
 EX_CONFIG = 78      # sysexits.h: configuration error (systemd: RestartPreventExitStatus=78)
 EX_UNAVAILABLE = 69  # an endpoint cannot be bound

@@ -30,9 +30,11 @@ from pathlib import Path
 
 import psutil
 
-from supervisor.protocol import worker_identity
+from corral.wire.protocol import worker_identity
 
 STANDBY_BASE = 1000
+# Set in every worker's environment: the run directory of the daemon that started it.
+WORKER_MARKER = "CORRAL_WORKER_OF"
 # A promoted standby's spare is started this much later: a starting worker takes
 # a core for ~200 ms, which the promoted one needs for the requests it takes over.
 STANDBY_REFILL_S = 0.5
@@ -123,12 +125,17 @@ class Pool:
         max_requests = self.max_requests
         if max_requests and self.max_requests_jitter:
             max_requests += random.randint(0, self.max_requests_jitter)
-        command = [sys.executable, "-m", "workers", str(self.spec_path), "--slot", str(slot),
+        # -P: the working directory is not put first on sys.path, so a
+        # `corral/` folder there cannot stand in for ours. PYTHONPATH is still
+        # honoured, as it is by the daemon itself: whoever sets it is trusted.
+        command = [os.path.abspath(sys.executable), "-P", "-m", "corral.workers", str(self.spec_path),
+                   "--slot", str(slot),
                    "--generation", str(generation), "--parent", str(os.getpid()),
                    "--max-requests", str(max_requests)]
         if slot >= STANDBY_BASE:
             command.append("--standby")
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        env = {**os.environ, WORKER_MARKER: str(self.spec_path.parent)}
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
         worker = WorkerProcess(slot, generation, self.config_generation, process, time.monotonic())
         try:
             worker.psutil = psutil.Process(process.pid)
@@ -289,23 +296,31 @@ def kill_stale_workers(runtime_dir: Path, log) -> None:
     """Kill workers left by an earlier daemon of ours that died (they hold our sockets' names).
 
     Workers die with their daemon (parent-death signal), so this finds
-    something only if that failed; it looks at processes of our own user
-    whose spec file lies in our runtime directory and whose parent is gone.
+    something only if that failed. A worker is known by the marker its
+    daemon put in its environment (WORKER_MARKER: the daemon's run
+    directory), read through psutil, never by its command line, which any
+    process can imitate. Called before this daemon spawns any worker, so a
+    marker naming our own pid's directory is a dead namesake's (pid reuse).
     """
     me = os.getuid()
     prefix = str(runtime_dir) + os.sep
-    for process in psutil.process_iter(["pid", "uids", "cmdline"]):
+    for process in psutil.process_iter(["pid", "uids"]):
         try:
-            cmdline = process.info["cmdline"] or []
-            if process.info["uids"] is None or process.info["uids"].real != me:
+            if process.info["uids"] is None or process.info["uids"].real != me or process.pid == os.getpid():
                 continue
-            if "-m" not in cmdline or "workers" not in cmdline or "--parent" not in cmdline:
+            marker = process.environ().get(WORKER_MARKER)
+            if not marker or not marker.startswith(prefix):
                 continue
-            spec = cmdline[cmdline.index("workers") + 1]
-            parent = int(cmdline[cmdline.index("--parent") + 1])
-            if not spec.startswith(prefix) or psutil.pid_exists(parent) and parent != os.getpid():
+            owner = _daemon_pid(marker)
+            if owner is not None and owner != os.getpid() and psutil.pid_exists(owner):
                 continue
             process.kill()
-            log.warning("worker.stale_killed", pid=process.pid, parent=parent)
-        except (psutil.Error, ValueError, IndexError):
+            log.warning("worker.stale_killed", pid=process.pid, parent=owner)
+        except (psutil.Error, ValueError):
             continue
+
+
+def _daemon_pid(run_dir: str) -> int | None:
+    """The pid in a run directory's name (daemon-<pid>), or None."""
+    name = os.path.basename(run_dir.rstrip(os.sep))
+    return int(name[len("daemon-"):]) if name.startswith("daemon-") and name[7:].isdigit() else None

@@ -22,8 +22,8 @@ from pathlib import Path
 import psutil
 import zmq
 
-from supervisor.client import Client, Reply
-from supervisor.config import to_toml
+from corral.client import Client, Reply
+from corral.config import to_toml
 
 REPO = Path(__file__).resolve().parent.parent
 GUESTS = REPO / "guests"
@@ -70,7 +70,7 @@ class Daemon:
     def start(self, wait: bool = True, timeout: float = 30.0) -> "Daemon":
         self.log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "run", "-c", str(self.config_path)],
+            [sys.executable, "-m", "corral", "run", "-c", str(self.config_path)],
             stdout=self.log_file, stderr=subprocess.STDOUT, env=self.env, cwd=self.root)
         if wait:
             self.wait_ready(timeout)

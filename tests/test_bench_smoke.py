@@ -60,7 +60,7 @@ def test_bench_run_quick_prints_every_table_and_leaves_nothing_behind():
 
 
 def corral_bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "supervisor", "bench", *args],
+    return subprocess.run([sys.executable, "-m", "corral", "bench", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
@@ -106,7 +106,7 @@ def test_bench_compare_loads_corral_from_the_other_checkout(tmp_path):
         shutil.copytree(REPO / package, other / package, ignore=shutil.ignore_patterns("__pycache__"))
     # Every process that imports the other checkout's corral leaves a mark.
     with open(other / "supervisor" / "__init__.py", "a") as init:
-        init.write('\nimport os as _os\nopen(_os.path.join(_os.path.dirname(__file__), f"imported-{_os.getpid()}"), "w").close()\n')
+        init.write('\nimport os as _os\nopen(_os.path.join(_os.path.dirname(_os.path.realpath(__file__)), f"imported-{_os.getpid()}"), "w").close()\n')
     before = bench_dirs()
     done = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--half-load",
                            "--systems", "cd", "--compare", str(other)],

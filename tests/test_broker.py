@@ -15,10 +15,11 @@ import pytest
 import zmq
 
 from harness import GUESTS
-from supervisor import config as config_module, logs
-from supervisor.broker import PACK, PACK_AGE_S, Broker
-from supervisor.config import to_toml
-from supervisor.protocol import (W_EVICT, W_READY, W_REPLY, W_REQUEST, Dialect, iter_requests, parse_evict,
+from corral import config as config_module
+from corral.wire import logs
+from corral.broker import PACK, PACK_AGE_S, Broker
+from corral.config import to_toml
+from corral.wire.protocol import (W_EVICT, W_READY, W_REPLY, W_REQUEST, Dialect, iter_requests, parse_evict,
                                  reply_record)
 
 

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from harness import FAULTS, GUESTS
-from supervisor.client import NoReply
+from corral.client import NoReply
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from harness import GUESTS
-from supervisor import config
-from supervisor.config import ConfigError
-from supervisor.config import to_toml as toml
+from corral import config
+from corral.config import ConfigError
+from corral.config import to_toml as toml
 
 EX_CONFIG = 78
 
@@ -125,7 +125,7 @@ def corral_check(path: Path, scratch: Path) -> subprocess.CompletedProcess:
     """`corral check`, its module cache (and any runtime directory) kept in `scratch`."""
     env = {**os.environ, "XDG_CACHE_HOME": str(scratch / "cache"), "RUNTIME_DIRECTORY": str(scratch / "run")}
     env.pop("CACHE_DIRECTORY", None)
-    return subprocess.run([sys.executable, "-m", "supervisor", "check", "-c", str(path)],
+    return subprocess.run([sys.executable, "-m", "corral", "check", "-c", str(path)],
                           capture_output=True, text=True, timeout=60, env=env)
 
 
@@ -175,7 +175,7 @@ def test_corral_check_names_file_key_and_problem(tmp_path, text, words):
 def test_corral_run_names_an_endpoint_it_cannot_bind(tmp_path):
     path = write(tmp_path, f'[supervisor]\nfrontend = "ipc:///no/such/dir/f.sock"\n'
                            f'control = "ipc://{tmp_path}/c.sock"\ncache_dir = "{tmp_path}/cache"\n' + ECHO)
-    run = subprocess.run([sys.executable, "-m", "supervisor", "run", "-c", str(path)],
+    run = subprocess.run([sys.executable, "-m", "corral", "run", "-c", str(path)],
                          capture_output=True, text=True, timeout=60,
                          env={**os.environ, "RUNTIME_DIRECTORY": str(tmp_path / "run")})
     assert run.returncode == 69
@@ -183,7 +183,7 @@ def test_corral_run_names_an_endpoint_it_cannot_bind(tmp_path):
 
 
 def test_corral_run_exits_with_the_config_error_code(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "supervisor", "run", "-c", str(write(tmp_path, "[supervisor]\nx=1\n"))],
+    run = subprocess.run([sys.executable, "-m", "corral", "run", "-c", str(write(tmp_path, "[supervisor]\nx=1\n"))],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == EX_CONFIG
     assert "[supervisor] x: unknown key" in run.stderr

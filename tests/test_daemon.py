@@ -217,28 +217,28 @@ def test_kill_9_of_a_worker_leaves_the_daemon_serving_with_a_new_worker(start_da
 
 
 def test_corral_call_prints_the_body_and_exits_by_status(shared_daemon):
-    run = subprocess.run([sys.executable, "-m", "supervisor", "call", "echo", "hello",
+    run = subprocess.run([sys.executable, "-m", "corral", "call", "echo", "hello",
                           "-e", shared_daemon.frontend], capture_output=True, timeout=30)
     assert (run.returncode, run.stdout) == (0, b"hello\n")
-    run = subprocess.run([sys.executable, "-m", "supervisor", "call", "nope", "x",
+    run = subprocess.run([sys.executable, "-m", "corral", "call", "nope", "x",
                           "-e", shared_daemon.frontend], capture_output=True, timeout=30)
     assert run.returncode == 1 and b"404" in run.stderr
-    run = subprocess.run([sys.executable, "-m", "supervisor", "call", "counter", "incr", "--key", "cli",
+    run = subprocess.run([sys.executable, "-m", "corral", "call", "counter", "incr", "--key", "cli",
                           "-e", shared_daemon.frontend], capture_output=True, timeout=30)
     assert (run.returncode, run.stdout) == (0, b"1\n")
-    run = subprocess.run([sys.executable, "-m", "supervisor", "call", "echo", "-",
+    run = subprocess.run([sys.executable, "-m", "corral", "call", "echo", "-",
                           "-e", shared_daemon.frontend], input=b"from stdin", capture_output=True, timeout=30)
     assert run.stdout == b"from stdin\n"
 
 
 def test_corral_status_lists_workers_and_services(shared_daemon):
-    run = subprocess.run([sys.executable, "-m", "supervisor", "status", "-c", str(shared_daemon.config_path)],
+    run = subprocess.run([sys.executable, "-m", "corral", "status", "-c", str(shared_daemon.config_path)],
                          capture_output=True, timeout=30, env=shared_daemon.env)
     assert run.returncode == 0, run.stderr
     text = run.stdout.decode()
     for word in ("workers", "services", "echo", "counter", "calc", "ready", "closed"):
         assert word in text
-    run = subprocess.run([sys.executable, "-m", "supervisor", "status", "--json", "-c",
+    run = subprocess.run([sys.executable, "-m", "corral", "status", "--json", "-c",
                           str(shared_daemon.config_path)], capture_output=True, timeout=30, env=shared_daemon.env)
     status = json.loads(run.stdout)
     assert {w["state"] for w in status["workers"]} == {"ready"}
@@ -260,17 +260,17 @@ def test_default_config_serves_the_example_guests(tmp_path):
     """`corral run` with no -c serves the packaged config; `corral call echo hello` prints hello."""
     env = {**os.environ, "RUNTIME_DIRECTORY": str(tmp_path / "run"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     env.pop("NOTIFY_SOCKET", None)
-    daemon = subprocess.Popen([sys.executable, "-m", "supervisor", "run"], env=env, cwd=tmp_path,
+    daemon = subprocess.Popen([sys.executable, "-m", "corral", "run"], env=env, cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "wb"))
     try:
         end = time.monotonic() + 60
         while True:
-            run = subprocess.run([sys.executable, "-m", "supervisor", "call", "echo", "hello", "--timeout", "1"],
+            run = subprocess.run([sys.executable, "-m", "corral", "call", "echo", "hello", "--timeout", "1"],
                                  capture_output=True, env=env, timeout=30)
             if run.returncode == 0 or time.monotonic() > end or daemon.poll() is not None:
                 break
         assert run.stdout == b"hello\n", (tmp_path / "log").read_text()[-3000:]
-        run = subprocess.run([sys.executable, "-m", "supervisor", "status"], capture_output=True, env=env, timeout=30)
+        run = subprocess.run([sys.executable, "-m", "corral", "status"], capture_output=True, env=env, timeout=30)
         assert run.returncode == 0 and b"counter" in run.stdout
     finally:
         daemon.send_signal(signal.SIGTERM)

@@ -1,4 +1,4 @@
-"""supervisor.frames: both implementations (the C extension and plain pyzmq) move
+"""corral.wire.frames: both implementations (the C extension and plain pyzmq) move
 whole messages, in order, byte for byte, and report refusals the same way."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from harness import GUESTS
 
 
 def load_frames(pure: bool):
-    """A fresh copy of supervisor.frames, bound to the C extension or not."""
+    """A fresh copy of corral.wire.frames, bound to the C extension or not."""
     saved = os.environ.pop("CORRAL_PURE_PYZMQ", None)
     if pure:
         os.environ["CORRAL_PURE_PYZMQ"] = "1"
     try:
-        spec = importlib.util.find_spec("supervisor.frames")
+        spec = importlib.util.find_spec("corral.wire.frames")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
@@ -53,7 +53,7 @@ def test_the_c_extension_is_built_and_bound():
     """./dev test builds it (gcc is on every machine corral supports); without it
     corral still works, on pyzmq alone, at about half the broker throughput."""
     assert load_frames(pure=False).IMPLEMENTATION == "c", \
-        "supervisor/_zmqframes.c was not built: pip install -e . with a C compiler"
+        "supervisor/wire/_zmqframes.c was not built: pip install -e . with a C compiler"
 
 
 def test_drain_takes_every_waiting_message_whole_and_in_order(frames, pair):

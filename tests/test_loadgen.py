@@ -1,4 +1,4 @@
-"""The load generator (supervisor/loadgen.py) against a ROUTER played by the test.
+"""The load generator (supervisor/client/loadgen.py) against a ROUTER played by the test.
 
 The server answers in bursts, so the client takes several replies per wake-up
 (the drain path), or answers with replies of the wrong shape.
@@ -11,7 +11,7 @@ import threading
 import pytest
 import zmq
 
-from supervisor import loadgen
+from corral.client import loadgen
 
 
 class BurstServer(threading.Thread):

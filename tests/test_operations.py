@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from harness import GUESTS
-from supervisor.client import Client, NoReply
+from corral.client import Client, NoReply
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -258,7 +258,7 @@ def test_restart_one_worker_then_all_gracefully_under_load(start_daemon):
 def test_cli_admin_verbs(start_daemon):
     daemon = start_daemon()
     def corral(*args):
-        return subprocess.run([sys.executable, "-m", "supervisor", *args, "-c", str(daemon.config_path)],
+        return subprocess.run([sys.executable, "-m", "corral", *args, "-c", str(daemon.config_path)],
                               capture_output=True, text=True, timeout=30, env=daemon.env)
     assert corral("scale", "3").returncode == 0
     daemon.wait_ready(workers=3)
@@ -434,7 +434,7 @@ def test_a_runtime_directory_owned_by_someone_else_is_refused(tmp_path, cache_di
     config = tmp_path / "corral.toml"
     config.write_text(f'[supervisor]\nfrontend = "ipc://{tmp_path}/f.sock"\ncontrol = "ipc://{tmp_path}/c.sock"\n'
                       f'cache_dir = "{cache_dir}"\n[apps.echo]\nmodule = "{GUESTS / "echo.wat"}"\n')
-    run = subprocess.run([sys.executable, "-m", "supervisor", "run", "-c", str(config)],
+    run = subprocess.run([sys.executable, "-m", "corral", "run", "-c", str(config)],
                          capture_output=True, text=True, timeout=60,
                          env={**os.environ, "RUNTIME_DIRECTORY": str(trap)})
     assert run.returncode == 77

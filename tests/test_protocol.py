@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor import protocol
-from supervisor.protocol import Dialect, Malformed, Status
+from corral.wire import protocol
+from corral.wire.protocol import Dialect, Malformed, Status
 
 
 def test_native_request_with_meta():

@@ -31,6 +31,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from corral.pool import WORKER_MARKER
 from harness import GUESTS, REPO
 
 UNIT = REPO / "systemd" / "corral.service"
@@ -68,7 +69,7 @@ def runnable_corral() -> str:
     script = Path(sysconfig.get_path("scripts")) / "corral"
     if script.is_file() and os.access(script, os.X_OK):
         return str(script)
-    return f"{sys.executable} -m supervisor"
+    return f"{sys.executable} -m corral"
 
 
 def unit_with_this_checkouts_corral(tmp_path: Path, text: str | None = None) -> Path:
@@ -186,7 +187,7 @@ def test_sample_config_is_valid_and_points_at_the_installed_guests(tmp_path):
         config.write_text(text.replace(installed, f"{GUESTS}/")
                           .replace("ipc:///run/corral/", f"ipc://{runtime}/"))
         env = {**os.environ, "RUNTIME_DIRECTORY": str(runtime), "CACHE_DIRECTORY": str(tmp_path / "cache")}
-        run = subprocess.run([sys.executable, "-m", "supervisor", "check", "-c", str(config)],
+        run = subprocess.run([sys.executable, "-m", "corral", "check", "-c", str(config)],
                              capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "3 apps" in run.stdout
@@ -405,8 +406,9 @@ def test_next_daemon_cleans_up_after_a_sigkilled_one(start_daemon):
     The killed daemon's daemon-<pid>/ directory (its worker sockets and
     specs) stays behind; so would a worker that survived it, if its
     parent-death signal ever failed. That worker is played here by a process
-    whose command line looks like one of the dead daemon's workers, as
-    kill_stale_workers looks for exactly that.
+    carrying the dead daemon's marker in its environment, as kill_stale_workers
+    looks for exactly that; a process that only imitates a worker's command
+    line is left alone.
     """
     first = start_daemon(None, supervisor={"workers": 1})
     runtime = first.root / "run"
@@ -422,9 +424,11 @@ def test_next_daemon_cleans_up_after_a_sigkilled_one(start_daemon):
     assert gone(worker)
     assert stale_dir.is_dir(), "nothing removes a SIGKILLed daemon's directory but the next daemon"
 
-    impostor = subprocess.Popen(
+    impostor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                                env={**os.environ, WORKER_MARKER: str(stale_dir)})
+    lookalike = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(120)",
-         "-m", "workers", str(stale_dir / "spec-1.json"), "--slot", "0", "--generation", "1",
+         "-P", "-m", "corral.workers", str(stale_dir / "spec-1.json"), "--slot", "0", "--generation", "1",
          "--parent", str(first_pid)])
     try:
         second = start_daemon(None, supervisor={"workers": 1}, env={"RUNTIME_DIRECTORY": str(runtime)})
@@ -434,9 +438,11 @@ def test_next_daemon_cleans_up_after_a_sigkilled_one(start_daemon):
         assert (runtime / f"daemon-{second_pid}").is_dir()
         assert [e["pid"] for e in second.events("worker.stale_killed")] == [impostor.pid]
         assert second.call("echo", b"still serving").status == 200
+        assert lookalike.poll() is None, "a command line alone marks no process as a worker"
         assert second.stop() == 0
         assert not (runtime / f"daemon-{second_pid}").exists(), "a clean stop removes its own directory"
     finally:
-        if impostor.poll() is None:
-            impostor.kill()
-            impostor.wait()
+        for process in (impostor, lookalike):
+            if process.poll() is None:
+                process.kill()
+                process.wait()

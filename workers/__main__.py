@@ -1,4 +1,4 @@
-"""Entry of a worker process: `python -m workers SPEC --slot N --generation G --parent PID`.
+"""Entry of a worker process: `python -m corral.workers SPEC --slot N --generation G --parent PID`.
 
 Started by the daemon's pool, never by hand: it connects to the broker's
 backend named in SPEC, announces itself READY and serves until told to
@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers")
+    parser = argparse.ArgumentParser(prog="python -m corral.workers")
     parser.add_argument("spec", type=Path)
     parser.add_argument("--slot", type=int, required=True)
     parser.add_argument("--generation", type=int, required=True)
@@ -29,15 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--standby", action="store_true", help="wait to be promoted: take no requests")
     args = parser.parse_args(argv)
 
-    from workers import oslimits
+    from corral.workers import oslimits
     oslimits.die_with_parent(args.parent)
-    from workers.spec import WorkerSpec
+    from corral.workers.spec import WorkerSpec
     spec = WorkerSpec.load(args.spec)
     oslimits.limit_resources(spec.max_open_files, spec.max_address_space_mib)
 
-    from supervisor import logs
-    from workers.host import Host
-    from workers.loop import WorkerLoop
+    from corral.wire import logs
+    from corral.workers.host import Host
+    from corral.workers.loop import WorkerLoop
     logs.configure(spec.log_level, spec.log_format)
     log = logs.get(worker=f"{args.slot}.{args.generation}", pid=os.getpid())
     try:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the daemon validated the modules; this is the environment
         log.error("worker.start_failed", error=f"{type(exc).__name__}: {exc}")
         return 3
-    from supervisor.tuning import quiet_garbage_collector
+    from corral.wire.tuning import quiet_garbage_collector
     quiet_garbage_collector()
     code = WorkerLoop(spec, args.slot, args.generation, host, log, args.max_requests, args.standby).run()
     # The socket is flushed and closed (its context terminated). Skip the

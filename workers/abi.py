@@ -19,9 +19,9 @@ import wasmtime
 from wasmtime import _bindings as raw_types
 from wasmtime._ffi import dll
 
-from workers import outcome
-from workers.outcome import Outcome
-from supervisor.protocol import Status
+from corral.workers import outcome
+from corral.workers.outcome import Outcome
+from corral.wire.protocol import Status
 
 # Epoch ticks: a ticker thread bumps the engine's epoch every TICK_MS.
 TICK_MS = 5

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import wasmtime
 
-from supervisor.protocol import RetireReason
-from workers import modules, outcome
-from workers.abi import TICK_MS, CorralEntry, PlainEntry
-from workers.outcome import Outcome
-from workers.spec import AppSpec, WorkerSpec
+from corral.wire.protocol import RetireReason
+from corral.workers import modules, outcome
+from corral.workers.abi import TICK_MS, CorralEntry, PlainEntry
+from corral.workers.outcome import Outcome
+from corral.workers.spec import AppSpec, WorkerSpec
 
 MIB = 1024 * 1024
 FIRST_INSTANCE_TIMEOUT_MS = 10_000   # first_instance_fault: at most this, even if timeout_ms is longer

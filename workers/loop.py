@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 import zmq
 
-from supervisor.frames import drain, recv_payload, send_frames
-from supervisor.protocol import (W_DISCONNECT, W_EVICT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST,
+from corral.wire.frames import drain, recv_payload, send_frames
+from corral.wire.protocol import (W_DISCONNECT, W_EVICT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST,
                                  RetireReason, Status, encode_json, iter_requests, parse_evict, reply_record,
                                  retiring_message, worker_identity)
-from workers import outcome
-from workers.host import Guest, Host
+from corral.workers import outcome
+from corral.workers.host import Guest, Host
 
 LINGER_MS = 2000       # long enough for the last replies to leave; the broker is local
 SLOW_CALL_S = 0.001    # a guest call this long (wall time) makes the worker cautious

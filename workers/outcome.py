@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from wasmtime import TrapCode
 
-from supervisor.protocol import Status
+from corral.wire.protocol import Status
 
 _TRAP_NAMES = {code.value: code.name.lower() for code in TrapCode}
 INTERRUPT = TrapCode.INTERRUPT.value

@@ -1,4 +1,4 @@
-"""What a worker is told at start: written by the supervisor, read by `python -m workers`.
+"""What a worker is told at start: written by the supervisor, read by `python -m corral.workers`.
 
 One spec file per config generation; slot and generation come on the
 command line, so every worker of a generation shares the file.

@@ -2,7 +2,7 @@
 CORRAL_HOPS_TRACE=DIR in the environment, in the daemon and (inherited) its workers.
 
 It wraps the three functions every corral message passes through
-(supervisor.frames: drain, recv_payload, send_frames) before any other module
+(corral.wire.frames: drain, recv_payload, send_frames) before any other module
 imports them, and stamps each message with CLOCK_MONOTONIC, which every process
 of the machine shares. At exit (including a worker's os._exit) it writes
 DIR/<pid>.txt: one line per message, "ns direction kind", where kind is the
@@ -18,7 +18,7 @@ if _DIR:
     import atexit
     import time
 
-    import supervisor.frames as _frames
+    import corral.wire.frames as _frames
 
     _events: list[tuple[int, str, str]] = []
     _clock = time.monotonic_ns

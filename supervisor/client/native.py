@@ -1,6 +1,6 @@
 """A client for corral's native dialect (CORRAL1), with many requests in flight.
 
-    from supervisor.client import Client
+    from corral.client import Client
 
     with Client("tcp://127.0.0.1:5555") as client:
         reply = client.call("echo", b"hello")             # one request, wait for it
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from supervisor.protocol import NATIVE
+from corral.wire.protocol import NATIVE
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@
  * with RTLD_NOLOAD, so never a second copy), on the socket handle pyzmq
  * gives (`Socket.underlying`). Nothing here blocks: a drain starts with
  * ZMQ_DONTWAIT and only reads the rest of a message already begun (libzmq
- * delivers a multipart message whole). supervisor/protocol.py wraps it and
+ * delivers a multipart message whole). supervisor/wire/protocol.py wraps it and
  * falls back to plain pyzmq when it cannot be loaded.
  */
 #define PY_SSIZE_T_CLEAN

@@ -53,7 +53,7 @@ def _bind_extension():
     if os.environ.get("CORRAL_PURE_PYZMQ"):
         return None
     try:
-        from supervisor import _zmqframes
+        from corral.wire import _zmqframes
     except ImportError:
         return None
     for path in _libzmq_candidates():

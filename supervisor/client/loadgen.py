@@ -1,6 +1,6 @@
 """The load generator behind `corral bench` and bench/run.py.
 
-    from supervisor import loadgen
+    from corral.client import loadgen
     result = loadgen.run("ipc:///tmp/x/front.sock", b"echo", b"hello",
                          requests=20000, concurrency=32, clients=1, key=None, progress=True)
     print(result.report())          # req/s, p50/p90/p99/max latency (ms), count by status
@@ -10,7 +10,7 @@ Cheap on purpose: the client shares the machine's cores with the server it
 measures. Each client is one raw pyzmq DEALER socket driven by one loop:
 
 * a request goes out, and every reply waiting comes in, with one call each
-  (supervisor/frames.py: `send_frames`, `drain`; the broker's own C
+  (supervisor/wire/frames.py: `send_frames`, `drain`; the broker's own C
   extension where it is built), never `send_multipart`/`recv_multipart`:
   those check every frame's flags (`getsockopt(RCVMORE)` per frame) and
   cost 6x as much (a 5-frame request plus its 4-frame reply: ~15 us against
@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from supervisor.frames import drain, send_frames
+from corral.wire.frames import drain, send_frames
 
 NATIVE = b"CORRAL1"
 OK = b"200"
@@ -662,9 +662,9 @@ def _run_processes(endpoint, frame, shares, rates, concurrency, timeout_s, warmu
     return merge([results.get(i, ClientStats(error="no result")) for i in range(n)], **fields)
 
 
-if __name__ == "__main__":  # python -m supervisor.loadgen ENDPOINT SERVICE [BODY]: a quick look
+if __name__ == "__main__":  # python -m corral.client.loadgen ENDPOINT SERVICE [BODY]: a quick look
     import argparse
-    parser = argparse.ArgumentParser(prog="python -m supervisor.loadgen")
+    parser = argparse.ArgumentParser(prog="python -m corral.client.loadgen")
     parser.add_argument("endpoint")
     parser.add_argument("service")
     parser.add_argument("body", nargs="?", default="hello")

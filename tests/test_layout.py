@@ -1,0 +1,60 @@
+"""The layout says which process runs each piece of code; these are its import rules.
+
+  corral.wire      both sides: imports no other room of corral
+  corral.workers   the worker process: corral.workers and corral.wire only
+  corral.client    client processes: corral.client and corral.wire only
+
+Checked on the source (every import statement, at any depth), not on a
+running interpreter, so that an import inside a function counts too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ROOMS = {  # room -> (folder, rooms it may import)
+    "corral.wire": (REPO / "supervisor" / "wire", {"corral.wire"}),
+    "corral.workers": (REPO / "workers", {"corral.workers", "corral.wire"}),
+    "corral.client": (REPO / "supervisor" / "client", {"corral.client", "corral.wire"}),
+}
+
+
+def corral_imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            pytest.fail(f"{path}:{node.lineno}: relative import; name the room (from corral.x import y)")
+    return [(line, name) for line, name in found if name == "corral" or name.startswith("corral.")]
+
+
+def room_of(name: str) -> str:
+    for room in ROOMS:
+        if name == room or name.startswith(room + "."):
+            return room
+    return "corral"  # the arbiter's own modules (corral.daemon, corral.config, ...)
+
+
+@pytest.mark.parametrize("room", sorted(ROOMS))
+def test_each_room_imports_only_what_its_process_may(room):
+    folder, allowed = ROOMS[room]
+    sources = sorted(folder.glob("*.py"))
+    assert sources, f"{folder} is empty"
+    wrong = [f"{path.relative_to(REPO)}:{line}: imports {name} ({room_of(name)})"
+             for path in sources for line, name in corral_imports(path)
+             if room_of(name) not in allowed]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_rule_catches_a_worker_importing_the_arbiter(tmp_path):
+    """The check itself: an arbiter import in worker code is found."""
+    planted = tmp_path / "bad.py"
+    planted.write_text("def f():\n    from corral.broker import Broker\n")
+    assert [room_of(name) for _, name in corral_imports(planted)] == ["corral"]
