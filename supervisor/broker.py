@@ -64,7 +64,7 @@ class Request:
     """A ledger entry."""
 
     __slots__ = ("ticket", "client", "dialect", "request_id", "service", "key", "body", "deadline",
-                 "idempotent", "received", "state", "probe", "budget_s", "sent")
+                 "idempotent", "received", "state", "probe", "budget_s", "sent", "redelivered")
 
     def __init__(self, ticket: int, client: bytes, dialect: Dialect, request_id: bytes,
                  service: Service, key: bytes | None, body: bytes, deadline: float,
@@ -83,6 +83,7 @@ class Request:
         self.probe = probe
         self.budget_s = 0.0  # the longest the guest may run it, set when it is sent
         self.sent = 0.0      # when it was last sent to a worker
+        self.redelivered = False  # re-dispatched after its worker died: it may have committed
 
 
 @dataclass(eq=False)
@@ -171,6 +172,9 @@ class Broker:
         self.draining = False
         self.rejected: Counter = Counter()     # refused before reaching a queue, by status
         self.dropped_replies = 0
+        # Idempotent requests of a worker declared gone but not yet reaped: re-dispatched only
+        # once it is, so that the old process can no longer commit them (DESIGN 3b).
+        self.unreaped: dict[bytes, list[Request]] = {}
         self.configure(config)
 
     # --- configuration -------------------------------------------------------
@@ -469,8 +473,12 @@ class Broker:
     def assign(self, link: WorkerLink, request: Request, now: float) -> None:
         left_ms = int((request.deadline - now) * 1000)
         if left_ms <= 0:
-            self.expire(request)
-            return
+            if not request.redelivered:
+                self.expire(request)
+                return
+            # Its first attempt may have committed: only a worker can tell, from its token
+            # (it answers the recorded reply, or 504 without running the guest).
+            left_ms = 1
         budget_ms = min(left_ms, request.service.app.timeout_ms)
         request.state = State.SENT
         request.budget_s = budget_ms / 1000
@@ -480,7 +488,9 @@ class Broker:
         batch = self.outbox.get(link)
         if batch is None:
             batch = self.outbox[link] = [W_REQUEST]
-        batch += request_record(request.ticket, left_ms, request.service.name, request.key, request.body)
+        batch += request_record(request.ticket, left_ms, request.service.name, request.key, request.body,
+                                request.ticket if request.idempotent else 0,
+                                protocol.REDELIVERED if request.redelivered else 0)
 
     def send_outbox(self) -> None:
         outbox, self.outbox = self.outbox, {}
@@ -631,8 +641,13 @@ class Broker:
         link.last_sent = time.monotonic()
         return True
 
-    def worker_gone(self, identity: bytes, cause: str) -> None:
-        """A worker died or was killed: answer or re-dispatch everything it held, now."""
+    def worker_gone(self, identity: bytes, cause: str, reaped: bool = False) -> None:
+        """A worker died or was killed: answer everything it held now, and re-dispatch its
+        idempotent requests once it is `reaped` (this call again, from the arbiter's reap)."""
+        if reaped:
+            for request in self.unreaped.pop(identity, ()):
+                if self.ledger.get(request.ticket) is request:
+                    self.requeue(request)
         link = self.links.pop(identity, None)
         if link is None:
             return
@@ -646,7 +661,11 @@ class Broker:
             if self.ledger.get(request.ticket) is not request:
                 continue
             if request.idempotent:
-                self.requeue(request)
+                request.redelivered = True
+                if reaped:
+                    self.requeue(request)
+                else:
+                    self.unreaped.setdefault(identity, []).append(request)
             else:
                 if request.probe:
                     request.service.health.probe_lost()
@@ -674,11 +693,11 @@ class Broker:
                 self.worker_gone(link.identity, "heartbeat lost")
         for service in list(self.waiting):
             for request in service.queue:
-                if request.state is State.QUEUED and request.deadline <= now:
+                if request.state is State.QUEUED and request.deadline <= now and not request.redelivered:
                     self.expire(request)
         for link in self.links.values():
             for request in link.backlog:
-                if request.state is State.QUEUED and request.deadline <= now:
+                if request.state is State.QUEUED and request.deadline <= now and not request.redelivered:
                     self.expire(request)
 
     def drain(self) -> None:

@@ -60,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     reload.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="give up waiting after S seconds (default 120; the reload goes on)")
 
+    from corral import state_admin
+    state_admin.add_verbs(verbs, with_config)
+
     args = parser.parse_args(argv)
     return {"run": run, "check": check, "call": call_verb, "status": status_verb, "bench": bench_verb,
-            "scale": admin_verb, "restart": admin_verb, "reload": admin_verb}[args.verb](args)
+            "scale": admin_verb, "restart": admin_verb, "reload": admin_verb,
+            "state": state_verb}[args.verb](args)
 
 
 def config_path(args: argparse.Namespace) -> Path:
@@ -96,6 +100,7 @@ def check(args: argparse.Namespace) -> int:
     config = load_config(args)
     daemon = Daemon(config.path)
     daemon.cache_dir = paths.cache_dir(config.supervisor.cache_dir)
+    daemon.state_mode = "check"
     try:
         daemon.compile(config)
     except config_module.ConfigError as exc:
@@ -175,7 +180,16 @@ def status_verb(args: argparse.Namespace) -> int:
         counts = ", ".join(f"{k}: {v}" for k, v in s["statuses"].items()) or "-"
         keys = f"  ({s['keys']} keys live, {s['evicted']} evicted)" if "keys" in s else ""
         print(f"  {s['name']:<20} {s['instances']:<12} {s['circuit']:<10} {s['queued']:>6}  {counts}{keys}")
+        if "state" in s:
+            st = s["state"]
+            print(f"  {'':<20} state: {st['commits']} commits, {st['rollbacks']} rollbacks, "
+                  f"{st['bytes']} bytes in {st['scopes']} scopes")
     return 0
+
+
+def state_verb(args: argparse.Namespace) -> int:
+    from corral import state_admin
+    return state_admin.run(args, load_config(args))
 
 
 def admin_verb(args: argparse.Namespace) -> int:

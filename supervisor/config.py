@@ -22,6 +22,7 @@ INSTANCE_MODES = ("reuse", "per-request", "keyed")
 ABORT_POLICIES = ("respawn", "reinstantiate")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "console")
+STATE_DURABILITIES = ("fsync", "os")
 RESERVED_SERVICE_PREFIX = "mmi."
 
 
@@ -59,6 +60,7 @@ class SupervisorSettings:
     max_address_space_mib: int = 0
     user: str = ""  # drop to this user/group when started as root
     group: str = ""
+    state_dir: str = ""  # durable state (DESIGN 3b); default: paths.state_dir()
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,10 @@ class AppSettings:
     on_abort: str = "respawn"
     idempotent: bool = False
     max_keys: int = 1024   # keyed: instances per worker; the least recently used one beyond goes
+    state_durability: str = "fsync"   # durable state (DESIGN 3b): synchronous=FULL; "os": NORMAL
+    max_state_mib: int = 64           # key + value bytes of one scope's live entries
+    max_state_value_kib: int = 128
+    max_state_key_bytes: int = 2048
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,7 @@ _SUPERVISOR_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "max_address_space_mib": (_INT, lambda v: None if v == 0 or v >= 512 else "must be 0 (no limit) or at least 512"),
     "user": (_STR, None),
     "group": (_STR, None),
+    "state_dir": (_STR, None),
 }
 _RESTART_KEYS = {
     "intensity": (_INT, _non_negative),
@@ -166,6 +173,10 @@ _APP_KEYS = {
     "on_abort": (_STR, _one_of(ABORT_POLICIES)),
     "idempotent": ((bool,), None),
     "max_keys": (_INT, _non_negative),
+    "state_durability": (_STR, _one_of(STATE_DURABILITIES)),
+    "max_state_mib": (_INT, _between(1, 1024 * 1024)),
+    "max_state_value_kib": (_INT, _between(0, 1024 * 1024)),
+    "max_state_key_bytes": (_INT, _between(1, 65535)),
 }
 
 _TCP_ENDPOINT = re.compile(r"^tcp://(\*|[A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d+)$")

@@ -42,7 +42,7 @@ from corral.notify import Notifier
 from corral.wire.tuning import quiet_garbage_collector
 from corral.pool import (STANDBY_BASE, Pool, WorkerProcess, WorkerState, describe_exit,
                              kill_stale_workers)
-from corral.workers import modules, oslimits
+from corral.workers import modules, oslimits, state
 from corral.workers.host import EpochTicker, first_instance_fault
 from corral.workers.spec import AppSpec, WorkerSpec
 
@@ -78,6 +78,9 @@ class Daemon:
         self.reload_result: tuple[Config, list[AppSpec]] | ConfigError | None = None
         self.reload_again = False
         self.reload_warnings: list[str] = []   # told to whoever asked for the reload, when it is over
+        # How compile() treats state files (DESIGN 3b): "start" makes them and forgets every
+        # recorded token, "serve" (a reload) makes them, "check" (`corral check`) makes nothing.
+        self.state_mode = "serve"
 
     # --- start -------------------------------------------------------------
 
@@ -86,9 +89,11 @@ class Daemon:
             config = config_module.with_defaults(config_module.load(self.config_path))
             logs.configure(config.logging.level, config.logging.format)
             self.cache_dir = paths.cache_dir(config.supervisor.cache_dir)
-            spec_inputs = self.compile(config)
             runtime = paths.runtime_dir()
-            kill_stale_workers(runtime, self.log)
+            kill_stale_workers(runtime, self.log)   # before the state files: none may still commit
+            self.state_mode = "start"
+            spec_inputs = self.compile(config)
+            self.state_mode = "serve"
             self.clean_stale_run_dirs(runtime)
             self.run_dir = paths.private_dir(runtime / f"daemon-{os.getpid()}")
         except ConfigError as exc:
@@ -138,6 +143,7 @@ class Daemon:
         ticker = EpochTicker(engine)   # a first instance that never returns is interrupted
         ticker.start()
         specs, problems = [], []
+        self.config_being_compiled = config
         try:
             for app in config.apps.values():
                 try:
@@ -157,11 +163,34 @@ class Daemon:
             raise modules.ModuleProblem(f"needs {info.min_memory_bytes // 1048576} MiB of memory at start, "
                                         f"over max_memory_mib = {app.max_memory_mib}")
         spec = AppSpec(app.name, str(app.module), str(artifact), app.instances, app.timeout_ms,
-                       app.max_memory_mib, app.on_abort)
+                       app.max_memory_mib, app.on_abort, app.state_durability, app.max_state_mib,
+                       app.max_state_value_kib, app.max_state_key_bytes)
+        if info.uses_state:
+            self.check_state_file(app)
         fault = first_instance_fault(engine, spec, module, self.cache_dir, bounded)
         if fault:
             raise modules.ModuleProblem(f"its first instance fails: {fault}")
         return spec
+
+    def state_dir(self, config: Config) -> Path:
+        return paths.state_dir(config.supervisor.state_dir, self.cache_dir)
+
+    def check_state_file(self, app: AppSettings) -> None:
+        """A state file that cannot be served is a config problem: named now, not a crash loop later."""
+        config = self.config_being_compiled
+        folder = self.state_dir(config)
+        path = state.database_path(folder, app.name)
+        try:
+            if self.state_mode != "check":
+                paths.private_dir(folder)
+            state.check_file(path, create=self.state_mode != "check", prune_tokens=self.state_mode == "start")
+            sup = config.supervisor
+            if self.state_mode != "check" and os.getuid() == 0 and (sup.user or sup.group):
+                uid, gid = oslimits.resolve(sup.user, sup.group)
+                for item in [folder] + [p for p in folder.glob(f"{app.name}.sqlite3*")]:
+                    os.chown(item, uid, gid)
+        except (state.StateProblem, OSError) as exc:
+            raise modules.ModuleProblem(f"durable state: {exc}") from None
 
     def hand_run_dir_to_worker_user(self, config: Config) -> None:
         """Workers that drop to `user` must still reach the backend socket."""
@@ -188,7 +217,7 @@ class Daemon:
                           log_format=config.logging.format, cache_dir=str(self.cache_dir),
                           max_open_files=sup.max_open_files,
                           max_address_space_mib=sup.max_address_space_mib, user=sup.user, group=sup.group,
-                          apps=apps)
+                          state_dir=str(self.state_dir(config)), apps=apps)
         spec_path = self.run_dir / f"spec-{self.config_generation}.json"
         spec.dump(spec_path)
         self.pool.use_spec(spec_path, self.config_generation, sup.max_requests, sup.max_requests_jitter)
@@ -272,7 +301,7 @@ class Daemon:
 
     def reap(self) -> None:
         for worker, returncode in self.pool.reap():
-            self.broker.worker_gone(worker.identity, worker.cause or describe_exit(returncode))
+            self.broker.worker_gone(worker.identity, worker.cause or describe_exit(returncode), reaped=True)
             self.vacate(worker)
 
     def vacate(self, worker: WorkerProcess) -> None:
@@ -619,7 +648,8 @@ class Daemon:
                              "quarantined": len(service.health.quarantined_until),
                              **({"keys": len(service.affinity), "evicted": service.evicted}
                                 if service.keyed else {}),
-                             "statuses": {str(int(k)): v for k, v in sorted(service.statuses.items())}})
+                             "statuses": {str(int(k)): v for k, v in sorted(service.statuses.items())},
+                             **self.state_status(name.decode())})
         return {"pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 3),
                 "config": str(self.config_path), "config_generation": self.config_generation,
                 "state": "stopping" if self.stopping else "reloading" if self.reloading else "running",
@@ -627,6 +657,12 @@ class Daemon:
                 "services": services, "in_flight": len(self.broker.ledger),
                 "statuses": {str(int(k)): v for k, v in sorted(self.broker.totals().items())},
                 "dropped_replies": self.broker.dropped_replies}
+
+
+    def state_status(self, service: str) -> dict:
+        """Commits, rollbacks and bytes of a service's durable state, as its database says."""
+        stats = state.read_stats(state.database_path(self.state_dir(self.config), service))
+        return {"state": stats} if stats else {}
 
 
 def _with_workers(config: Config, workers: int) -> Config:

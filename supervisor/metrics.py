@@ -76,6 +76,17 @@ def render(daemon: "Daemon") -> str:
         family("corral_keys_evicted_total", "counter", "Key instances dropped over max_keys, by keyed service.")
         for name, service in keyed:
             out.append(f'corral_keys_evicted_total{{service="{name.decode()}"}} {service.evicted}')
+    stored = [(name, daemon.state_status(name.decode()).get("state")) for name, _ in services]
+    stored = [(name, stats) for name, stats in stored if stats]
+    if stored:
+        for metric, kind, key, text in (
+                ("corral_state_commits_total", "counter", "commits", "Requests whose durable-state writes committed."),
+                ("corral_state_rollbacks_total", "counter", "rollbacks",
+                 "Requests whose durable-state writes were dropped (500/502/504, a failed commit)."),
+                ("corral_state_bytes", "gauge", "bytes", "Key and value bytes of live durable-state entries.")):
+            family(metric, kind, text)
+            for name, stats in stored:
+                out.append(f'{metric}{{service="{name.decode()}"}} {stats[key]}')
     family("corral_in_flight", "gauge", "Requests in the broker's ledger (queued or on a worker).")
     out.append(f"corral_in_flight {len(broker.ledger)}")
     family("corral_worker_exits_total", "counter", "Worker processes that exited, by cause.")

@@ -53,6 +53,17 @@ def cache_dir(configured: str = "") -> Path:
     return private_dir(path)
 
 
+def state_dir(configured: str = "", cache: Path | None = None) -> Path:
+    """Where services keep durable state (DESIGN 3b), not made here: systemd's StateDirectory
+    when set, else a folder beside the module cache (never inside it: a cache may be wiped)."""
+    if configured:
+        return Path(configured)
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    cache = cache if cache is not None else cache_dir()
+    return cache.parent / f"{cache.name}-state"
+
+
 def private_dir(path: Path) -> Path:
     """`path`, made if missing, owned by us and closed to others (0700).
 

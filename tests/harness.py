@@ -48,7 +48,8 @@ class Daemon:
         self.config_path = self.root / "corral.toml"
         self.log_path = self.root / "daemon.log"
         sup = {"frontend": self.frontend, "control": self.control, "workers": 2,
-               "heartbeat_ms": 200, "graceful_timeout_s": 5, "cache_dir": str(cache_dir)}
+               "heartbeat_ms": 200, "graceful_timeout_s": 5, "cache_dir": str(cache_dir),
+               "state_dir": str(self.root / "state")}
         sup.update(supervisor or {})
         self.doc = {"supervisor": sup, "restart": restart or {}, "logging": logging or {},
                     **(extra or {}), "apps": apps}

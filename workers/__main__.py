@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(spec.log_level, spec.log_format)
     log = logs.get(worker=f"{args.slot}.{args.generation}", pid=os.getpid())
     try:
-        host = Host(spec)
+        host = Host(spec, log)
         oslimits.drop_privileges(spec.user, spec.group)
         oslimits.die_with_parent(args.parent)  # a change of credentials clears it
         host.warm()

@@ -20,10 +20,11 @@ from pathlib import Path
 import wasmtime
 
 from corral.wire.protocol import RetireReason
-from corral.workers import modules, outcome
+from corral.workers import modules, outcome, state
 from corral.workers.abi import TICK_MS, CorralEntry, PlainEntry
 from corral.workers.outcome import Outcome
 from corral.workers.spec import AppSpec, WorkerSpec
+from corral.workers.statecalls import StateCalls
 
 MIB = 1024 * 1024
 FIRST_INSTANCE_TIMEOUT_MS = 10_000   # first_instance_fault: at most this, even if timeout_ms is longer
@@ -57,8 +58,10 @@ class Guest:
 
     def __init__(self, engine: wasmtime.Engine, app: AppSpec, cache_dir: Path,
                  restart_intensity: int, restart_period_s: float, bounded: bool,
-                 module: wasmtime.Module | None = None):
-        """`module`: the app's, already compiled or deserialized; by default read from app.artifact."""
+                 module: wasmtime.Module | None = None, store: state.Store | None = None):
+        """`module`: the app's, already compiled or deserialized; by default read from app.artifact.
+        `store`: its durable state, for a module that imports the kv_* functions (without one,
+        they answer "storage unavailable")."""
         self.app = app
         self.engine = engine
         if module is None:
@@ -67,6 +70,9 @@ class Guest:
         linker = wasmtime.Linker(engine)
         if self.info.uses_wasi:
             linker.define_wasi()
+        self.state = StateCalls(store) if self.info.uses_state else None
+        if self.state is not None:
+            self.state.define(linker)
         self.pre = linker.instantiate_pre(module)
         self.memory_limit = app.max_memory_mib * MIB
         self.keep_instances = app.instances != "per-request"
@@ -100,7 +106,9 @@ class Guest:
                 return fault
         return entry
 
-    def run(self, key: bytes | None, body: bytes, timeout_ms: int) -> Outcome:
+    def run(self, key: bytes | None, body: bytes, timeout_ms: int,
+            writes: state.WriteSet | None = None) -> Outcome:
+        """`writes`: the request's write set, for a guest that uses durable state."""
         entry = self.instances.get(key)
         if entry is None:
             made = self.instantiate(timeout_ms)
@@ -109,10 +117,17 @@ class Guest:
             entry = made
             if self.keep_instances:
                 self.instances[key] = entry
+        calls = self.state
+        if calls is not None:
+            calls.begin(entry.memory, writes)
         if self.info.corral_abi:
             result = entry.handle_request(body, timeout_ms)
         else:
             result = entry.call(body, timeout_ms)
+        if calls is not None:
+            violation = calls.end()
+            if violation is not None:  # its trap ended the call: an abort, whatever else it says
+                result = outcome.abi_violation(violation)
         if result.poisoned and self.keep_instances:
             del self.instances[key]  # never entered again
         return result
@@ -141,16 +156,29 @@ def first_instance_fault(engine: wasmtime.Engine, app: AppSpec, module: wasmtime
     return made.body.decode(errors="replace") if isinstance(made, Outcome) else None
 
 
+def open_store(spec: WorkerSpec, app: AppSpec, log) -> state.Store:
+    limits = state.Limits(max_key_bytes=app.max_state_key_bytes, max_value_bytes=app.max_state_value_kib * 1024,
+                          max_scope_bytes=app.max_state_mib * MIB)
+    return state.Store(state.database_path(spec.state_dir, app.name), app.state_durability, limits,
+                       spec.restart_period_s, log, busy_timeout_ms=min(state.BUSY_TIMEOUT_MS, spec.heartbeat_ms))
+
+
 class Host:
     """Every app of the worker's spec, on one engine."""
 
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, spec: WorkerSpec, log=None):
         bounded = spec.max_address_space_mib > 0
         self.engine = modules.make_engine(bounded)
         cache_dir = Path(spec.cache_dir)
-        self.guests = {app.name.encode(): Guest(self.engine, app, cache_dir, spec.restart_intensity,
-                                                spec.restart_period_s, bounded)
-                       for app in spec.apps}
+        self.stores: dict[bytes, state.Store] = {}
+        self.guests = {}
+        for app in spec.apps:
+            module = modules.load_artifact(self.engine, Path(app.artifact), Path(app.module), cache_dir, bounded)
+            store = None
+            if modules.inspect(module).uses_state and spec.state_dir:
+                store = self.stores[app.name.encode()] = open_store(spec, app, log)
+            self.guests[app.name.encode()] = Guest(self.engine, app, cache_dir, spec.restart_intensity,
+                                                   spec.restart_period_s, bounded, module=module, store=store)
         EpochTicker(self.engine).start()
 
     def warm(self) -> None:

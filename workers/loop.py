@@ -13,6 +13,11 @@ behind a slow call (except once, the first time a fast guest turns slow).
 Counting calls rather than seconds lets a fast guest that was merely
 descheduled during one call (wall time, on a busy machine) batch again soon.
 
+Durable state (DESIGN 3b): the write set of a request that ends 200 or 422
+is staged on its service's store; every flush first commits what is staged
+(one transaction per store: group commit), and only then sends the replies
+(the output gate). A commit that fails turns its requests' replies into 503.
+
 While a guest runs the worker cannot answer; the broker judges a busy
 worker by the longest call it may be running (DESIGN 4b). When idle, it
 heartbeats every heartbeat_ms, whatever the broker sends meanwhile.
@@ -21,6 +26,8 @@ heartbeats every heartbeat_ms, whatever the broker sends meanwhile.
 from __future__ import annotations
 
 import os
+import signal
+import sqlite3
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -28,17 +35,21 @@ from dataclasses import dataclass
 import zmq
 
 from corral.wire.frames import drain, recv_payload, send_frames
-from corral.wire.protocol import (W_DISCONNECT, W_EVICT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST,
-                                 RetireReason, Status, encode_json, iter_requests, parse_evict, reply_record,
-                                 retiring_message, worker_identity)
+from corral.wire.protocol import (REDELIVERED, W_DISCONNECT, W_EVICT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST,
+                                 RetireReason, Status, encode_json, iter_request_records, parse_evict,
+                                 reply_record, retiring_message, worker_identity)
 from corral.workers import outcome
 from corral.workers.host import Guest, Host
+from corral.workers.state import Store, WriteSet
 
 LINGER_MS = 2000       # long enough for the last replies to leave; the broker is local
 SLOW_CALL_S = 0.001    # a guest call this long (wall time) makes the worker cautious
 CAUTIOUS_CALLS = 64    # ... for this many calls of that guest: replies go out before each
 MAX_BATCH = 64         # replies per message at most
 MAX_DRAIN = 256        # messages taken from the socket per wake-up at most
+# A file whose presence makes the worker SIGKILL itself after its next commit, before the
+# replies leave: the one moment a test cannot reach from outside (tests/test_state.py).
+KILL_AFTER_COMMIT = os.environ.get("CORRAL_TEST_KILL_AFTER_COMMIT", "")
 
 
 @dataclass(slots=True)
@@ -48,6 +59,8 @@ class Job:
     service: bytes
     key: bytes | None
     body: bytes
+    token: int = 0      # idempotent: recorded with its commit (DESIGN 3b)
+    flags: int = 0
 
 
 class WorkerLoop:
@@ -68,6 +81,8 @@ class WorkerLoop:
         self.handled = 0
         self.leaving = False  # the broker said DISCONNECT: finish what we hold, then exit
         self.cautious: dict[bytes, int] = {}   # service -> calls left before batching again
+        self.gated: list[tuple[int, WriteSet]] = []  # (index in replies, write set) of staged requests
+        self.staged: dict[Store, None] = {}          # stores with write sets to commit before the flush
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.ROUTING_ID, self.identity)
@@ -118,8 +133,8 @@ class WorkerLoop:
         if command == W_REQUEST:
             now = time.monotonic()
             jobs = self.jobs
-            for ticket, left_ms, service, key, body in iter_requests(payload):
-                jobs.append(Job(ticket, now + left_ms / 1000, service, key, body))
+            for ticket, left_ms, service, key, body, token, flags in iter_request_records(payload):
+                jobs.append(Job(ticket, now + left_ms / 1000, service, key, body, token, flags))
         elif command == W_DISCONNECT:
             self.leaving = True
         elif command == W_EVICT:
@@ -139,21 +154,41 @@ class WorkerLoop:
             self.flush()
         started = time.monotonic()
         left_ms = int((job.deadline - started) * 1000)
+        writes = None
+        if job.flags & REDELIVERED and guest is not None and guest.state is not None and \
+                guest.state.store is not None and \
+                (recorded := guest.state.store.recorded_reply(job.token)) is not None:
+            # Its first attempt committed, and its worker died before the reply left.
+            self.handled += 1
+            self.replies += reply_record(job.ticket, *recorded)
+            self.pending += 1
+            return None
         if guest is None:
             result = outcome.Outcome(Status.NOT_FOUND, b"this worker does not serve " + job.service)
         elif left_ms <= 0:
             result = outcome.expired()
         else:
+            if guest.state is not None and guest.state.store is not None:
+                writes = WriteSet(guest.state.store, job.key or b"", job.token, job.ticket)
             # Time spent waiting here counts against the request's deadline,
             # never against the guest's own timeout_ms.
-            result = guest.run(job.key, job.body, min(left_ms, guest.app.timeout_ms))
+            result = guest.run(job.key, job.body, min(left_ms, guest.app.timeout_ms), writes)
             if time.monotonic() - started > SLOW_CALL_S:
                 self.cautious[job.service] = CAUTIOUS_CALLS
         self.handled += 1
+        if result.status is Status.OK or result.status is Status.GUEST_ERROR:
+            if writes is not None and writes.writes:
+                writes.store.stage(writes, result.status, result.fault, result.body)
+                self.staged[writes.store] = None
+                self.gated.append((len(self.replies), writes))
+            self.replies += reply_record(job.ticket, result.status, result.fault, result.body)
+            self.pending += 1
+            return None
+        if writes is not None and writes.writes:
+            writes.store.discard(writes)
+            self.staged[writes.store] = None   # its count is saved with the flush below
         self.replies += reply_record(job.ticket, result.status, result.fault, result.body)
         self.pending += 1
-        if result.status is Status.OK or result.status is Status.GUEST_ERROR:
-            return None
         self.flush()  # a fault is news: send it now
         return self.fault(job, guest, result)
 
@@ -167,10 +202,35 @@ class WorkerLoop:
         return None
 
     def flush(self) -> None:
+        if self.staged:
+            self.commit()
         if self.pending:
             self.send(b"".join(self.replies))
             self.replies = [W_REPLY]
             self.pending = 0
+
+    def commit(self) -> None:
+        """The output gate: commit the staged write sets of each store in one transaction;
+        the replies of those that could not commit become 503."""
+        failed: set[int] = set()
+        for store in self.staged:
+            try:
+                store.commit()
+                if KILL_AFTER_COMMIT and os.path.exists(KILL_AFTER_COMMIT):
+                    # Tests: die as if killed between a commit and its reply (once per file).
+                    os.unlink(KILL_AFTER_COMMIT)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            except sqlite3.Error as exc:
+                tickets = [w.ticket for _, w in self.gated if w.store is store]
+                failed.update(tickets)
+                self.log.error("state.commit_failed", file=str(store.path), error=str(exc), requests=len(tickets))
+        if failed:
+            for index, writes in self.gated:
+                if writes.ticket in failed:
+                    self.replies[index:index + 3] = reply_record(writes.ticket, Status.UNAVAILABLE, b"state",
+                                                                 b"state commit failed")
+        self.staged.clear()
+        self.gated.clear()
 
     def send(self, payload: bytes) -> None:
         send_frames(self.socket, (payload,))
@@ -196,6 +256,8 @@ class WorkerLoop:
         self.send(retiring_message(reason.value, tickets))
 
     def exit(self, reason: str) -> int:
+        for store in self.host.stores.values():
+            store.close()
         self.socket.close(linger=LINGER_MS)
         self.context.term()
         self.log.info("worker.exit", reason=reason, handled=self.handled)

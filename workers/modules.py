@@ -17,6 +17,7 @@ from pathlib import Path
 import wasmtime
 
 WASI_MODULE = "wasi_snapshot_preview1"
+STATE_MODULE = "corral"   # the durable-state host functions (workers/statecalls.py)
 
 
 @functools.cache
@@ -62,6 +63,7 @@ class ModuleInfo:
     has_init: bool
     uses_wasi: bool
     min_memory_bytes: int
+    uses_state: bool = False   # imports the kv_* host functions of module `corral`
 
 
 _CORRAL_EXPORTS = {
@@ -73,11 +75,24 @@ _CORRAL_EXPORTS = {
 
 def inspect(module: wasmtime.Module) -> ModuleInfo:
     """Classify a module as corral/1 or plain; raise ModuleProblem if it cannot be served."""
+    from corral.workers.statecalls import SIGNATURES  # not at the top: it loads wasmtime's raw bindings
     imports = [(i.module, i.name) for i in module.imports]
-    foreign = [f"{m}.{n}" for m, n in imports if m != WASI_MODULE]
+    foreign = [f"{m}.{n}" for m, n in imports if m not in (WASI_MODULE, STATE_MODULE)]
     if foreign:
         raise ModuleProblem(f"imports {', '.join(foreign)}, which corral does not provide "
-                            f"(only {WASI_MODULE})")
+                            f"(only {WASI_MODULE} and {STATE_MODULE}.kv_get/kv_put/kv_delete/kv_list)")
+    for item in module.imports:
+        if item.module != STATE_MODULE:
+            continue
+        wanted = SIGNATURES.get(item.name)
+        ty = item.type
+        if wanted is None:
+            raise ModuleProblem(f"imports {STATE_MODULE}.{item.name}, which corral does not provide "
+                                f"(module {STATE_MODULE} has {', '.join(SIGNATURES)})")
+        if not isinstance(ty, wasmtime.FuncType) or \
+                (tuple(ty.params), tuple(ty.results)) != (wanted[0], (wanted[1],)):
+            raise ModuleProblem(f"imports {STATE_MODULE}.{item.name} with the wrong type "
+                                f"(DESIGN 3b: ({', '.join(map(str, wanted[0]))}) -> {wanted[1]})")
     exports = {e.name: e.type for e in module.exports}
     for name, (params, results) in _CORRAL_EXPORTS.items():
         ty = exports.get(name)
@@ -91,7 +106,8 @@ def inspect(module: wasmtime.Module) -> ModuleInfo:
     if corral_abi and ("corral_alloc" not in exports or memory is None):
         raise ModuleProblem("exports corral_handle but not corral_alloc and memory (corral/1 ABI)")
     return ModuleInfo(corral_abi=corral_abi, has_init="corral_init" in exports,
-                      uses_wasi=bool(imports), min_memory_bytes=min_memory)
+                      uses_wasi=any(m == WASI_MODULE for m, _ in imports), min_memory_bytes=min_memory,
+                      uses_state=any(m == STATE_MODULE for m, _ in imports))
 
 
 def cache_path(cache_dir: Path, source: bytes, bounded: bool = False) -> Path:

@@ -20,6 +20,10 @@ class AppSpec:
     timeout_ms: int
     max_memory_mib: int
     on_abort: str     # "respawn" | "reinstantiate"
+    state_durability: str = "fsync"   # durable state (DESIGN 3b): "fsync" | "os"
+    max_state_mib: int = 64
+    max_state_value_kib: int = 128
+    max_state_key_bytes: int = 2048
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class WorkerSpec:
     max_address_space_mib: int = 0
     user: str = ""
     group: str = ""
+    state_dir: str = ""   # one SQLite database per service that uses durable state
     apps: list[AppSpec] = field(default_factory=list)
 
     def dump(self, path: Path) -> None:

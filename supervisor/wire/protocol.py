@@ -27,8 +27,8 @@ it replaces. Every message is one frame: a command byte and its payload
     HEARTBEAT  W_HEARTBEAT
     RETIRING   W_RETIRING u8 len, reason, u64 ticket*    (tickets handed back)
   broker -> worker
-    REQUEST    W_REQUEST (u64 ticket, u32 left_ms, u16 len, u16 len, u32 len,
-                          service, key, body)*
+    REQUEST    W_REQUEST (u64 ticket, u32 left_ms, u16 len, u16 len, u32 len, u64 token,
+                          u8 flags, service, key, body)*
     HEARTBEAT  W_HEARTBEAT
     DISCONNECT W_DISCONNECT    finish what you hold, reply, exit
     EVICT      W_EVICT u16 len, service, key    drop that key's instance (keyed
@@ -41,6 +41,15 @@ it replaces. Every message is one frame: a command byte and its payload
   left_ms: what is left of the request's deadline when it was sent; the guest
   gets the smaller of that (less the time it waited in the worker) and the
   app's timeout_ms.
+
+  token: 0, or for an idempotent request a number the broker assigns once and
+  keeps across re-dispatches (its ticket: unique within a daemon's run, and
+  every recorded token is dropped when the daemon starts). A worker that
+  commits the request's durable-state writes records the token with the
+  reply in the same transaction (DESIGN 3b). flags bit 0 (REDELIVERED): the
+  request is re-dispatched after its worker died (and was reaped); the worker
+  looks the token up and, if it was recorded, answers the recorded reply
+  without running the guest.
 
 A worker takes at most `capacity` requests at once (credit-based flow): the
 broker sends only to workers with free credit, in batches. After an abort
@@ -212,7 +221,8 @@ W_DISCONNECT = b"\x05"
 W_RETIRING = b"\x06"
 W_EVICT = b"\x07"
 
-_REQUEST_RECORD = struct.Struct("!QIHHI")   # ticket, left_ms, len(service), len(key), len(body)
+_REQUEST_RECORD = struct.Struct("!QIHHIQB")  # ticket, left_ms, len(service), len(key), len(body), token, flags
+REDELIVERED = 1
 _REPLY_RECORD = struct.Struct("!QHBI")      # ticket, status, len(fault), len(body)
 _TICKETS = struct.Struct("!Q")
 _EVICT = struct.Struct("!H")                # len(service), then service and key
@@ -231,23 +241,30 @@ def worker_identity(slot: int, generation: int) -> bytes:
 
 
 def request_record(ticket: int, left_ms: int, service: bytes, key: bytes | None,
-                   body: bytes) -> tuple[bytes, ...]:
+                   body: bytes, token: int = 0, flags: int = 0) -> tuple[bytes, ...]:
     """The pieces of one request record; a batch is W_REQUEST + the joined pieces."""
     key = key or b""
-    return _REQUEST_RECORD.pack(ticket, left_ms, len(service), len(key), len(body)), service, key, body
+    return (_REQUEST_RECORD.pack(ticket, left_ms, len(service), len(key), len(body), token, flags),
+            service, key, body)
 
 
 def iter_requests(payload: bytes):
     """(ticket, left_ms, service, key or None, body) for each record of a W_REQUEST payload."""
+    for record in iter_request_records(payload):
+        yield record[:5]
+
+
+def iter_request_records(payload: bytes):
+    """(ticket, left_ms, service, key or None, body, token, flags) for each record of a W_REQUEST payload."""
     unpack, size, at, end = _REQUEST_RECORD.unpack_from, _REQUEST_RECORD.size, 1, len(payload)
     while at < end:
-        ticket, left_ms, service_len, key_len, body_len = unpack(payload, at)
+        ticket, left_ms, service_len, key_len, body_len, token, flags = unpack(payload, at)
         at += size
         service = payload[at:at + service_len]
         at += service_len
         key = payload[at:at + key_len] if key_len else None
         at += key_len
-        yield ticket, left_ms, service, key, payload[at:at + body_len]
+        yield ticket, left_ms, service, key, payload[at:at + body_len], token, flags
         at += body_len
 
 

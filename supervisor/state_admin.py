@@ -1,0 +1,112 @@
+"""`corral state export|import|backup`: the operator's tools for durable state (DESIGN 3b).
+
+They read the config only to find state_dir and the services; they open the
+SQLite files directly, so they work with the daemon running or not: an export
+is one consistent read, an import one transaction, a backup SQLite's online
+backup (each copy consistent even while workers commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from base64 import b64decode, b64encode
+from binascii import Error as Base64Error
+from pathlib import Path
+
+from corral import paths
+from corral.workers import state
+
+EXIT_FAILED = 1
+
+
+def state_dir(config) -> Path:
+    return paths.state_dir(config.supervisor.state_dir, paths.cache_dir(config.supervisor.cache_dir))
+
+
+def add_verbs(verbs, with_config) -> None:
+    group = verbs.add_parser("state", help="export, import or back up the durable state of services")
+    actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    export = with_config(actions.add_parser("export", help="write a service's entries as JSON lines"))
+    export.add_argument("service")
+    export.add_argument("key", nargs="?", help="only this scope: a keyed service's key (UTF-8)")
+    imports = with_config(actions.add_parser("import", help="read JSON lines (as export writes) into a service"))
+    imports.add_argument("service")
+    backup = with_config(actions.add_parser("backup", help="copy every service's database, consistently, "
+                                                           "while serving"))
+    backup.add_argument("dir", type=Path)
+
+
+def run(args: argparse.Namespace, config) -> int:
+    folder = state_dir(config)
+    if args.action == "backup":
+        return backup(folder, config, args.dir)
+    app = config.apps.get(args.service)
+    if app is None:
+        print(f"corral: no service {args.service!r} in {config.path}", file=sys.stderr)
+        return EXIT_FAILED
+    path = state.database_path(folder, args.service)
+    if args.action == "export":
+        return export(path, args.key.encode() if args.key is not None else None)
+    return import_lines(path, app.state_durability)
+
+
+def export(path: Path, scope: bytes | None) -> int:
+    if not path.is_file():
+        return 0  # a service that never wrote anything has nothing to export
+    out = sys.stdout
+    try:
+        for row_scope, key, value in state.export_rows(path, scope):
+            out.write(json.dumps({"scope": b64encode(row_scope).decode(), "key": b64encode(key).decode(),
+                                  "value": b64encode(value).decode()}) + "\n")
+    except state.sqlite3.Error as exc:
+        print(f"corral: state file {path}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    out.flush()
+    return 0
+
+
+def parse_line(number: int, line: str) -> tuple[bytes, bytes, bytes]:
+    try:
+        entry = json.loads(line)
+        if not isinstance(entry, dict) or set(entry) != {"scope", "key", "value"}:
+            raise ValueError('each line is {"scope": b64, "key": b64, "value": b64}')
+        scope, key, value = (b64decode(entry[name], validate=True) for name in ("scope", "key", "value"))
+    except (ValueError, TypeError, Base64Error) as exc:
+        raise ValueError(f"line {number}: {exc}") from None
+    if not key:
+        raise ValueError(f"line {number}: empty key")
+    return scope, key, value
+
+
+def import_lines(path: Path, durability: str) -> int:
+    try:
+        entries = [parse_line(n, line) for n, line in enumerate(sys.stdin, 1) if line.strip()]
+    except ValueError as exc:
+        print(f"corral: {exc}; nothing imported", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        count = state.import_rows(path, entries, durability)
+    except (state.sqlite3.Error, OSError) as exc:
+        print(f"corral: state file {path}: {exc}; nothing imported", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{path}: {count} entries imported")
+    return 0
+
+
+def backup(folder: Path, config, target: Path) -> int:
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    copied = 0
+    for name in sorted(config.apps):
+        path = state.database_path(folder, name)
+        if not path.is_file():
+            continue
+        try:
+            state.backup(path, state.database_path(target, name))
+        except state.sqlite3.Error as exc:
+            print(f"corral: state file {path}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        copied += 1
+    print(f"{target}: {copied} databases copied")
+    return 0
