@@ -561,3 +561,33 @@ def test_check_refuses_other_imports_from_corral(tmp_path):
     checked = corral("check", "-c", str(config))
     assert checked.returncode == 78 and b"corral.kv_scan" in checked.stderr, checked.stderr
     assert not (tmp_path / "state").exists()
+
+
+def test_an_idempotent_request_is_re_dispatched_only_once_its_worker_is_reaped(tmp_path):
+    """Declared gone (heartbeat lost, rss limit, unreachable) is not gone: until the process is
+    reaped it may still commit, so its idempotent requests wait; then they go out with their
+    token and the REDELIVERED flag."""
+    from test_broker import HandWorker, start_broker
+    from corral.wire.protocol import REDELIVERED, Dialect, iter_request_records
+    context, broker, backend = start_broker(tmp_path, {"kv": {"module": KV_OPS}})
+    try:
+        first = HandWorker(context, broker, backend, capacity=4, identity=b"w0.1", service="kv")
+        now = time.monotonic()
+        broker.enqueue(b"client", Dialect.NATIVE, b"r1", broker.services[b"kv"], None, incr(b"n"),
+                       now + 30, True, now, False)
+        broker.dispatch()
+        [(ticket, _, _, _, _, token, flags)] = iter_request_records(first.socket.recv())
+        assert token == ticket and flags == 0
+        second = HandWorker(context, broker, backend, capacity=4, identity=b"w1.1", service="kv")
+        broker.worker_gone(b"w0.1", "heartbeat lost")
+        broker.dispatch()
+        assert not second.socket.poll(300), "re-dispatched while the old worker may still commit"
+        assert ticket in broker.ledger
+        broker.worker_gone(b"w0.1", "killed by signal 9", reaped=True)
+        broker.dispatch()
+        assert second.socket.poll(2000)
+        [(again, _, _, _, _, token, flags)] = iter_request_records(second.socket.recv())
+        assert (again, token, flags) == (ticket, ticket, REDELIVERED)
+    finally:
+        broker.close()
+        context.destroy(linger=0)
