@@ -65,7 +65,8 @@ GUESTS = REPO / "guests"
 ECHO = GUESTS / "echo.wat"
 COUNTER = GUESTS / "counter.wat"
 BASELINES = Path(__file__).resolve().parent / "baselines.py"
-SECTIONS = ("throughput", "half-load", "hops", "host", "instantiate", "abort")
+SECTIONS = ("throughput", "half-load", "hops", "host", "instantiate", "abort", "storage")
+COUNTER_DURABLE = GUESTS / "counter_durable.wat"
 TRACER = Path(__file__).resolve().parent / "tracer"   # the hops section's sitecustomize.py
 P99_TARGET_MS = 2.0
 
@@ -1001,6 +1002,45 @@ def section_abort(opts, procs: Processes, endpoints: Endpoints, report: Report) 
     report.data["abort"] = out
 
 
+def section_storage(opts, procs: Processes, endpoints: Endpoints, report: Report) -> None:
+    """Durable state (DESIGN 3b): a counter that does one kv_get and one kv_put per request,
+    committed with fsync and with os durability, beside the same counter kept in memory."""
+    services = {"memory": {"module": str(COUNTER)},
+                "fsync": {"module": str(COUNTER_DURABLE), "state_durability": "fsync"},
+                "os": {"module": str(COUNTER_DURABLE), "state_durability": "os"}}
+    daemon = Corral(procs, endpoints, opts, name="storage", apps=services)
+    daemon.start()
+    requests = max(opts.requests // 4, 1000)
+    results: dict[str, list[loadgen.Result]] = {name: [] for name in services}
+    try:
+        for name in services:   # warm: instances made, databases open
+            check(loadgen.run(daemon.endpoint, name.encode(), b"incr", requests=200, concurrency=opts.concurrency,
+                              clients=1, key=None, progress=False, framing_name="native"), name)
+        for _ in range(opts.rounds):
+            for name in services:
+                result = loadgen.run(daemon.endpoint, name.encode(), b"incr", requests=requests,
+                                     concurrency=opts.concurrency, clients=opts.clients, key=None,
+                                     progress=opts.progress, framing_name="native")
+                check(result, f"storage {name}")
+                results[name].append(result)
+        state = {s["name"]: s.get("state", {}) for s in daemon.status()["services"]}
+    finally:
+        daemon.stop()
+    medians = {name: median_result(runs) for name, runs in results.items()}
+    base = medians["memory"].throughput
+    report.out(f"== Durable state: a counter, one kv_get + one kv_put per request, {opts.workers} workers "
+               f"({opts.rounds} rounds of {requests} requests, median; {opts.concurrency} in flight)")
+    report.out(f"{'state kept':<36} {'req/s':>9} {'ratio':>7} {'p50 ms':>8} {'p99 ms':>8} {'commits':>9}")
+    labels = {"memory": "in memory (counter.wat)", "os": "durable, state_durability = os",
+              "fsync": "durable, state_durability = fsync"}
+    for name in ("memory", "os", "fsync"):
+        result = medians[name]
+        commits = state.get(name, {}).get("commits", "-")
+        report.out(f"{labels[name]:<36} {result.throughput:>9.0f} {result.throughput / base:>6.2f}x "
+                   f"{result.pct(50):>8.2f} {result.pct(99):>8.2f} {commits:>9}")
+    report.data["storage"] = {name: summary(result) for name, result in medians.items()}
+
+
 def _measure_respawn(procs, endpoints, opts, restart: dict, reps: int, gap_s: float,
                      standby: int) -> tuple[list[float], list[float]]:
     """Trap reply -> a request answered by another worker, `reps` times (and startup times)."""
@@ -1230,6 +1270,9 @@ def main(argv: list[str] | None = None) -> int:
             report.out("")
         if "abort" in opts.sections:
             section_abort(opts, procs, endpoints, report)
+            report.out("")
+        if "storage" in opts.sections:
+            section_storage(opts, procs, endpoints, report)
             report.out("")
         if "host" in opts.sections:
             section_host(opts, root, report)

@@ -108,8 +108,9 @@ def corral(*args: str, stdin: bytes = b"", env: dict | None = None) -> subproces
 
 # --- unit: write sets, staging, commits -----------------------------------------
 
-def make_store(tmp_path: Path, **limits) -> state.Store:
-    return state.Store(tmp_path / "svc.sqlite3", "os", state.Limits(**limits), token_period_s=30)
+def make_store(tmp_path: Path, busy_timeout_ms: int = 200, **limits) -> state.Store:
+    return state.Store(tmp_path / "svc.sqlite3", "os", state.Limits(**limits), token_period_s=30,
+                       busy_timeout_ms=busy_timeout_ms)
 
 
 def test_a_write_set_reads_committed_data_under_its_own_writes(tmp_path):
@@ -187,7 +188,6 @@ def test_a_commit_that_fails_keeps_nothing(tmp_path):
     store.stage(writes, 200, b"", b"")
     blocker = sqlite3.connect(store.path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")        # another writer holds the lock past the busy timeout
-    store.db.execute("PRAGMA busy_timeout = 0")
     with pytest.raises(sqlite3.OperationalError):
         store.commit()
     blocker.execute("ROLLBACK")
@@ -253,10 +253,9 @@ def test_a_write_is_lost_when_the_worker_is_killed_while_the_guest_still_runs(st
 def test_replies_wait_for_their_commit(start_daemon):
     """The output gate. While another writer holds the database's write lock the worker cannot
     commit, so no reply may leave: killed then, the request's write is gone and its client got
-    no 200; let go, the reply comes with its write in the file; held past busy_timeout, the
-    commit fails and the reply is 503."""
-    # A worker waits for the write lock one heartbeat interval at most (busy_timeout).
-    daemon = start_daemon(kv_apps(), supervisor={"workers": 1, "heartbeat_ms": 1000})
+    no 200; let go, the reply comes with its write in the file; held past the busy timeout
+    (5 s, the worker heartbeating meanwhile), the commit fails and the reply is 503."""
+    daemon = start_daemon(kv_apps(), supervisor={"workers": 1})
     db = state.database_path(daemon.root / "state", "kv")
     client = daemon.client()
     assert client.call("kv", put(b"first", b"1")).status == 200
@@ -265,7 +264,7 @@ def test_replies_wait_for_their_commit(start_daemon):
         blocker.execute("BEGIN IMMEDIATE")
         request = client.send("kv", put(b"killed", b"1"))
         with pytest.raises(NoReply):
-            client.wait(request, timeout=0.4)
+            client.wait(request, timeout=1.0)
         os.kill(daemon.worker_pids()[0], signal.SIGKILL)
         assert client.wait(request, timeout=10).status == 502
         blocker.execute("ROLLBACK")
@@ -274,13 +273,13 @@ def test_replies_wait_for_their_commit(start_daemon):
         blocker.execute("BEGIN IMMEDIATE")
         request = client.send("kv", put(b"waited", b"1"))
         with pytest.raises(NoReply):
-            client.wait(request, timeout=0.4)
+            client.wait(request, timeout=1.0)
         blocker.execute("ROLLBACK")
         assert client.wait(request, timeout=10).status == 200
         assert {k for _, k in rows(db)} == {b"first", b"waited"}
 
         blocker.execute("BEGIN IMMEDIATE")
-        reply = client.call("kv", put(b"refused", b"1"), timeout=10)
+        reply = client.call("kv", put(b"refused", b"1"), timeout=state.BUSY_TIMEOUT_MS / 1000 + 10)
         blocker.execute("ROLLBACK")
         assert reply.status == UNAVAILABLE_503 and reply.body == b"state commit failed"
         assert {k for _, k in rows(db)} == {b"first", b"waited"}

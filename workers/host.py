@@ -160,7 +160,7 @@ def open_store(spec: WorkerSpec, app: AppSpec, log) -> state.Store:
     limits = state.Limits(max_key_bytes=app.max_state_key_bytes, max_value_bytes=app.max_state_value_kib * 1024,
                           max_scope_bytes=app.max_state_mib * MIB)
     return state.Store(state.database_path(spec.state_dir, app.name), app.state_durability, limits,
-                       spec.restart_period_s, log, busy_timeout_ms=min(state.BUSY_TIMEOUT_MS, spec.heartbeat_ms))
+                       spec.restart_period_s, log)
 
 
 class Host:

@@ -215,7 +215,7 @@ class WorkerLoop:
         failed: set[int] = set()
         for store in self.staged:
             try:
-                store.commit()
+                store.commit(waiting=self.heartbeat_if_due)
                 if KILL_AFTER_COMMIT and os.path.exists(KILL_AFTER_COMMIT):
                     # Tests: die as if killed between a commit and its reply (once per file).
                     os.unlink(KILL_AFTER_COMMIT)
@@ -231,6 +231,11 @@ class WorkerLoop:
                                                                  b"state commit failed")
         self.staged.clear()
         self.gated.clear()
+
+    def heartbeat_if_due(self) -> None:
+        """While a commit waits for another writer: the broker must still hear from us."""
+        if time.monotonic() - self.last_sent >= self.heartbeat_s:
+            self.send(W_HEARTBEAT)
 
     def send(self, payload: bytes) -> None:
         send_frames(self.socket, (payload,))

@@ -35,6 +35,7 @@ from pathlib import Path
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
+LOCK_STEP_MS = 50
 PRUNE_EVERY_S = 1.0
 LIST_BATCH = 256
 
@@ -158,8 +159,7 @@ class Store:
 
     def __init__(self, path: Path, durability: str, limits: Limits, token_period_s: float, log=None,
                  busy_timeout_ms: int = BUSY_TIMEOUT_MS):
-        """`busy_timeout_ms`: how long a commit waits for another writer before it fails; a
-        worker keeps it under the broker's patience with its silence (a heartbeat interval)."""
+        """`busy_timeout_ms`: how long a commit waits for another writer before it fails."""
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
         self.durability = durability
@@ -178,7 +178,9 @@ class Store:
         if self.db is not None:
             return True
         try:
-            self.db = connect(self.path, self.durability, self.busy_timeout_ms)
+            # SQLite waits for the lock in steps of LOCK_STEP_MS; commit() repeats them, so
+            # that the worker can heartbeat in between (the broker hears nothing otherwise).
+            self.db = connect(self.path, self.durability, LOCK_STEP_MS)
         except (sqlite3.Error, OSError) as exc:
             if self.log is not None:
                 self.log.error("state.unavailable", file=str(self.path), error=str(exc))
@@ -260,9 +262,10 @@ class Store:
         if writes.writes:
             self.rollbacks += 1
 
-    def commit(self, now: float | None = None) -> list["WriteSet"]:
+    def commit(self, now: float | None = None, waiting=None) -> list["WriteSet"]:
         """Commit every staged write set in one transaction; returns them. Raise sqlite3.Error
-        (nothing of them is kept then, and they are unstaged all the same)."""
+        (nothing of them is kept then, and they are unstaged all the same). `waiting()` is
+        called while another writer holds the lock."""
         staged, overlay = self.staged, self.overlay
         self.staged, self.overlay, self.overlay_delta = [], {}, {}
         if not staged and not self.rollbacks:
@@ -275,7 +278,7 @@ class Store:
         db = self.db
         now = time.time() if now is None else now
         try:
-            db.execute("BEGIN IMMEDIATE")
+            self.lock(waiting)
             deltas: dict[bytes, int] = {}
             for (scope, key), value in overlay.items():
                 row = db.execute("SELECT length(value) FROM kv WHERE scope = ? AND key = ?",
@@ -316,6 +319,20 @@ class Store:
             self.rollbacks += len(staged)
             raise
         return staged
+
+
+    def lock(self, waiting) -> None:
+        """BEGIN IMMEDIATE: wait for the write lock up to busy_timeout_ms; raise sqlite3.Error."""
+        give_up = time.monotonic() + self.busy_timeout_ms / 1000
+        while True:
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() >= give_up:
+                    raise
+            if waiting is not None:
+                waiting()
 
 
 _MISSING = object()

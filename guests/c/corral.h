@@ -161,4 +161,35 @@ static inline int64_t corral__handle(corral_handler handler, int32_t ptr, int32_
         fn();                                                    \
     }
 
+/* Durable state (DESIGN 3b): host functions of module "corral". A guest
+ * that calls none of them imports none of them. Keys are 1 to
+ * max_state_key_bytes arbitrary bytes; a keyed app's entries belong to the
+ * instance's key, another app's to the service. A request's writes are its
+ * own until it ends: they commit when it answers 200 or 422 (corral_ok,
+ * corral_error), and are dropped when it unwinds, traps or runs out of
+ * time. Every pointer must lie inside memory: one outside is an abort. */
+#define CORRAL_KV_ABSENT (-1)        /* kv_get: no such key */
+#define CORRAL_KV_BAD_KEY (-2)       /* empty, or over max_state_key_bytes */
+#define CORRAL_KV_TOO_LARGE (-3)     /* kv_put: value over max_state_value_kib */
+#define CORRAL_KV_OVER_QUOTA (-4)    /* kv_put: the scope would pass max_state_mib */
+#define CORRAL_KV_NO_ROOM (-5)       /* kv_list: the next key alone does not fit */
+#define CORRAL_KV_UNAVAILABLE (-6)   /* storage unavailable */
+
+/* The value's length (>= 0), copied to buf only if it fits (len <= cap); or a code above. */
+__attribute__((import_module("corral"), import_name("kv_get")))
+int64_t corral_kv_get(const void *key, uint32_t key_len, void *buf, uint32_t cap);
+/* 0, or CORRAL_KV_BAD_KEY, _TOO_LARGE, _OVER_QUOTA, _UNAVAILABLE. */
+__attribute__((import_module("corral"), import_name("kv_put")))
+int32_t corral_kv_put(const void *key, uint32_t key_len, const void *value, uint32_t value_len);
+/* 1 deleted, 0 was absent, or CORRAL_KV_BAD_KEY, _UNAVAILABLE. */
+__attribute__((import_module("corral"), import_name("kv_delete")))
+int32_t corral_kv_delete(const void *key, uint32_t key_len);
+/* The keys that start with prefix and sort after `after` (bytewise; after_len 0:
+ * from the start), ascending, into buf as u32 little-endian length + bytes, as
+ * many whole keys as fit: the bytes written, 0 when none is left, or
+ * CORRAL_KV_NO_ROOM, _UNAVAILABLE. */
+__attribute__((import_module("corral"), import_name("kv_list")))
+int64_t corral_kv_list(const void *prefix, uint32_t prefix_len, const void *after, uint32_t after_len,
+                       void *buf, uint32_t cap);
+
 #endif /* CORRAL_H */

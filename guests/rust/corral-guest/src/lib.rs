@@ -32,6 +32,8 @@
 
 use std::cell::RefCell;
 
+pub mod kv;
+
 pub const STATUS_OK: u8 = 0;
 pub const STATUS_ERROR: u8 = 1;
 pub const STATUS_PANICKED: u8 = 2;
