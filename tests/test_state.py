@@ -12,12 +12,14 @@ import json
 import os
 import random
 import signal
+import socket
 import sqlite3
 import struct
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from base64 import b64decode, b64encode
 from pathlib import Path
 
@@ -214,7 +216,11 @@ def kv_apps(**overrides) -> dict:
 
 @pytest.mark.timeout(90)
 def test_writes_commit_on_200_and_422_and_nothing_is_kept_on_500_502_504(start_daemon):
-    daemon = start_daemon(kv_apps(), restart={"intensity": 1000})
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = start_daemon(kv_apps(), restart={"intensity": 1000},
+                          extra={"metrics": {"listen": f"127.0.0.1:{port}"}})
     db = state.database_path(daemon.root / "state", "kv")
     assert daemon.call("kv", put(b"ok", b"1")).status == 200
     assert daemon.call("kv", put(b"guest-error", b"1") + end(1)).status == 422
@@ -227,7 +233,11 @@ def test_writes_commit_on_200_and_422_and_nothing_is_kept_on_500_502_504(start_d
     assert reply.status == 200 and reply.body[8:] == b"1" + struct.pack("<q", -1)
     stats = next(s for s in daemon.status()["services"] if s["name"] == "kv")["state"]
     assert stats["commits"] == 2 and stats["bytes"] == len(b"ok1guest-error1")
-    assert stats["rollbacks"] >= 2   # those of the 500s at least; a retired worker may not report its own
+    assert stats["rollbacks"] == 4   # the 500s, 502 and 504 (reinstantiate: the worker stays and tells)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'corral_state_commits_total{service="kv"} 2' in metrics
+    assert 'corral_state_rollbacks_total{service="kv"} 4' in metrics
+    assert f'corral_state_bytes{{service="kv"}} {len(b"ok1guest-error1")}' in metrics
 
 
 @pytest.mark.timeout(60)
