@@ -101,7 +101,12 @@ class Guest:
         entry = CorralEntry(store, instance, self.info.has_init)
         if entry.init:
             entry.set_deadline(timeout_ms)
+            if self.state is not None:
+                self.state.begin(entry.memory, None)   # no request: the kv_* calls answer -6
             fault = entry.enter(entry.init, 0, timeout_ms)
+            violation = self.state.end() if self.state is not None else None
+            if violation is not None:
+                return outcome.abi_violation(violation)
             if fault:
                 return fault
         return entry
