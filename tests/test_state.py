@@ -183,6 +183,21 @@ def test_limits_give_their_codes_and_a_delete_makes_room(tmp_path):
     assert state.WriteSet(store, b"other").put(b"k3", b"x" * 10) == 0   # quotas are per scope
 
 
+def test_a_read_of_staged_writes_is_noted(tmp_path):
+    """A request that read what an earlier one staged shares that one's fate: if the group
+    commit fails, the reader's reply is 503 too (workers/loop.py)."""
+    store = make_store(tmp_path)
+    writer = state.WriteSet(store, b"s")
+    writer.put(b"k", b"v")
+    store.stage(writer, 200, b"", b"")
+    reader = state.WriteSet(store, b"s")
+    assert reader.get(b"other") == state.ABSENT and not reader.saw_staged
+    assert reader.get(b"k") == b"v" and reader.saw_staged
+    lister = state.WriteSet(store, b"s")
+    assert decode_list(lister.list(b"", b"", 100)) == [b"k"] and lister.saw_staged
+    assert not state.WriteSet(store, b"t").saw_staged
+
+
 def test_a_commit_that_fails_keeps_nothing(tmp_path):
     store = make_store(tmp_path)
     writes = state.WriteSet(store, b"s")

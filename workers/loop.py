@@ -181,6 +181,8 @@ class WorkerLoop:
                 writes.store.stage(writes, result.status, result.fault, result.body)
                 self.staged[writes.store] = None
                 self.gated.append((len(self.replies), writes))
+            elif writes is not None and writes.saw_staged:
+                self.gated.append((len(self.replies), writes))   # 503 too if what it read is not kept
             self.replies += reply_record(job.ticket, result.status, result.fault, result.body)
             self.pending += 1
             return None

@@ -343,7 +343,7 @@ class WriteSet:
     """One request's reads and writes in one scope: the committed data (and what is staged)
     under its own writes and deletes."""
 
-    __slots__ = ("store", "scope", "token", "writes", "delta", "base_bytes", "reply", "ticket")
+    __slots__ = ("store", "scope", "token", "writes", "delta", "base_bytes", "reply", "ticket", "saw_staged")
 
     def __init__(self, store: Store, scope: bytes, token: int = 0, ticket: int = 0):
         self.store = store
@@ -354,6 +354,8 @@ class WriteSet:
         self.delta = 0           # bytes this write set adds to the scope (or takes, below 0)
         self.base_bytes = -1     # the scope's bytes under this write set, read at the first put
         self.reply: tuple[int, bytes, bytes] = (0, b"", b"")
+        # It read writes that are staged, not yet committed: its reply shares their fate.
+        self.saw_staged = False
 
     def bad_key(self, key: bytes) -> bool:
         return not key or len(key) > self.store.limits.max_key_bytes
@@ -364,6 +366,8 @@ class WriteSet:
             return BAD_KEY
         value = self.writes.get(key, _MISSING)
         if value is _MISSING:
+            if (self.scope, key) in self.store.overlay:
+                self.saw_staged = True
             try:
                 value = self.store.visible(self.scope, key)
             except sqlite3.Error:
@@ -418,6 +422,7 @@ class WriteSet:
         for (s, key), value in self.store.overlay.items():
             if s == scope and key > after and key.startswith(prefix):
                 shadow[key] = value is not None
+                self.saw_staged = True
         for key, value in self.writes.items():
             if key > after and key.startswith(prefix):
                 shadow[key] = value is not None
