@@ -8,10 +8,12 @@ served, expires in the queue, or its worker dies (502, or re-dispatch when
 the request is idempotent).
 
 Dispatch is credit-based: a worker announces how many requests it can hold
-and the broker sends only to workers with free credit. Among those it packs
-(see Broker.pick): a worker already at work and keeping up gets the next
-request before an idle one is woken. Requests for a key of a keyed app always
-go to the worker that holds the key's instance, in arrival order.
+and the broker sends only to workers with free credit. Which request goes to
+which worker is the dispatch policy's (corral.dispatch): services with queued
+work take turns, and the clients of one service take turns; among workers with
+credit it packs (a worker already at work and keeping up gets the next request
+before an idle one is woken). Requests for a key of a keyed app always go to
+the worker that holds the key's instance, in arrival order.
 
 The broker does no process management: it reports what it learns (a worker
 ready, retiring, silent) as events, and the daemon's arbiter loop acts.
@@ -25,7 +27,6 @@ import struct
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
-from itertools import islice
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -34,6 +35,7 @@ import zmq
 from corral.wire import protocol
 from corral.circuit import Circuit, Health
 from corral.config import AppSettings, Config
+from corral.dispatch import PACK, PACK_AGE_S, ClientQueue, Dispatcher, Rotation  # noqa: F401 (PACK*: tests)
 from corral.metrics import Histogram
 from corral.paths import ipc_in_use, remove_ipc_file
 from corral.wire.frames import NOBLOCK, drain, send_frames
@@ -46,11 +48,6 @@ from corral.wire.protocol import (MAX_KEY, MMI_PREFIX, MMI_SERVICE, NATIVE, STAT
 # neither side can starve the other (or the timers).
 BATCH = 256
 DEFAULT_DEADLINE_S = 30.0
-# Packing (Broker.pick): a worker at work takes more while it holds fewer
-# than PACK requests and its oldest was sent less than PACK_AGE_S ago, for
-# services whose requests typically take (sent to reply) less than that.
-PACK = 4
-PACK_AGE_S = 0.001
 TYPICAL_WEIGHT = 0.05   # of the newest request, in the moving average of a service's round trips
 
 
@@ -90,13 +87,16 @@ class Service:
     name: bytes
     app: AppSettings
     health: Health
-    queue: deque[Request] = field(default_factory=deque)
+    queue: ClientQueue = field(default_factory=ClientQueue)  # fair across clients (keyed: arrival order)
     affinity: dict[bytes, "WorkerLink"] = field(default_factory=dict)  # key -> its worker
     links: list["WorkerLink"] = field(default_factory=list)  # the workers that serve it
     statuses: Counter = field(default_factory=Counter)
     latency: Histogram = field(default_factory=Histogram)
     evicted: int = 0   # keyed: instances dropped over max_keys
     typical_s: float = 0.0  # moving average of the time from sent to a worker to its reply
+
+    def __post_init__(self):
+        self.queue.fair = not self.keyed
 
     @property
     def keyed(self) -> bool:
@@ -137,6 +137,10 @@ class WorkerLink:
         return sum(len(held) for held in self.keys.values())
 
 
+def _is_queued(request: Request) -> bool:
+    return request.state is State.QUEUED
+
+
 class Event(Enum):
     READY = "ready"          # (link,)
     RETIRING = "retiring"    # (link, reason)
@@ -164,8 +168,9 @@ class Broker:
         self.links: dict[bytes, WorkerLink] = {}
         self.ledger: dict[int, Request] = {}
         self.next_ticket = 1
-        self.waiting: set[Service] = set()     # services with a non-empty queue
-        self.backlogged: set[WorkerLink] = set()  # links holding keyed requests not yet sent
+        self.waiting = Rotation()              # services with a non-empty queue, in turn
+        self.dispatcher = Dispatcher(self.waiting)
+        self.backlogged = self.dispatcher.backlogged  # links holding keyed requests not yet sent
         self.outbox: dict[WorkerLink, list[bytes]] = {}
         self.events: list[tuple] = []
         self.draining = False
@@ -206,7 +211,7 @@ class Broker:
                         self.finish(request, Status.NOT_FOUND, b"service removed by reload")
         self.services = services
         self.keyed = {name for name, service in services.items() if service.keyed}
-        self.waiting = {s for s in self.waiting if s.name in services}
+        self.waiting.keep(lambda s: s.name in services)
         for service in services.values():
             service.links = []
         for link in self.links.values():
@@ -362,109 +367,20 @@ class Broker:
     # --- dispatch ------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Hand queued requests to workers with free credit, then send the batches."""
+        """Hand queued requests to workers with free credit (where: the dispatch policy), then
+        send the batches."""
         if not self.waiting and not self.backlogged:
             return
         now = time.monotonic()
-        for link in list(self.backlogged):
-            if link.free > 0 and not link.retiring:
-                self.drain_backlog(link, now)
-        for service in list(self.waiting):
-            queue = service.queue
-            while queue:
-                request = queue[0]
-                if request.state is not State.QUEUED:
-                    queue.popleft()
-                    continue
-                if service.keyed:
-                    if not self.route_keyed(service, request, now):
-                        break
-                else:
-                    link = self.pick(service, now)
-                    if link is None:
-                        break
-                    self.assign(link, request, now)
-                queue.popleft()
-            if not queue:
-                self.waiting.discard(service)
+        for request, link in self.dispatcher.plan(now, _is_queued):
+            self.assign(link, request, now)
+        if self.dispatcher.evictions:
+            evictions, self.dispatcher.evictions = self.dispatcher.evictions, []
+            for link, service, key in evictions:
+                # Sent before any later request for the key, on the same ordered pipe.
+                self.send_worker(link, evict_message(service.name, key))
         if self.outbox:
             self.send_outbox()
-
-    def pick(self, service: Service, now: float) -> WorkerLink | None:
-        """The worker for a service's next request: one already at work and keeping up, else
-        the least loaded (the one used last among equals).
-
-        Packing spares wake-ups: at moderate load on a few cores, workers
-        woken in turn for every request spend more on being woken than on the
-        work (README, "Performance": 12% less CPU per request at 7,700 req/s). A worker is
-        keeping up while its oldest request left less than PACK_AGE_S ago,
-        so one stuck in a slow call is passed over at once, as HAProxy's
-        `balance first` would not. A service whose requests typically take
-        longer is not packed at all: a burst of them is spread at once."""
-        pack = service.typical_s < PACK_AGE_S
-        best = None
-        for link in service.links:
-            if link.retiring or link.free <= 0:
-                continue
-            inflight = link.inflight
-            if pack and inflight and len(inflight) < PACK and \
-                    now - next(iter(inflight.values())).sent < PACK_AGE_S:
-                return link
-            if best is None or (len(inflight), -link.last_assigned) < (len(best.inflight), -best.last_assigned):
-                best = link
-        return best
-
-    def route_keyed(self, service: Service, request: Request, now: float) -> bool:
-        """Send or pin a keyed request to its key's worker; False if no worker can take keys now."""
-        key = request.key
-        link = service.affinity.get(key)
-        if link is None:
-            candidates = [l for l in service.links if not l.retiring]
-            if not candidates:
-                return False
-            link = min(candidates, key=lambda l: (l.key_count, len(l.inflight) + len(l.backlog)))
-            service.affinity[key] = link
-            held = link.keys.setdefault(service.name, {})
-            held[key] = None
-            if service.app.max_keys and len(held) > service.app.max_keys:
-                self.evict_least_recent(link, service, held, key)
-        else:
-            held = link.keys[service.name]
-            del held[key]
-            held[key] = None  # now the most recent
-        if link.free > 0 and not link.backlog:
-            self.assign(link, request, now)
-        else:
-            link.backlog.append(request)
-            self.backlogged.add(link)
-        return True
-
-    def evict_least_recent(self, link: WorkerLink, service: Service, held: dict[bytes, None],
-                           new_key: bytes) -> None:
-        """Over max_keys: the worker drops the instance of its least recently used key
-        that has no request on it (the key's state goes; its next request starts afresh,
-        on whichever worker the broker picks then)."""
-        busy = {new_key}
-        busy.update(r.key for r in link.inflight.values() if r.service is service)
-        busy.update(r.key for r in link.backlog if r.service is service)
-        for key in islice(held, len(busy) + 1):
-            if key not in busy:
-                break
-        else:
-            return  # all busy: retried when the next new key comes
-        del held[key]
-        service.affinity.pop(key, None)  # (a key of a service removed and re-added by a reload has none)
-        service.evicted += 1
-        # Sent before any later request for the key, on the same ordered pipe.
-        self.send_worker(link, evict_message(service.name, key))
-
-    def drain_backlog(self, link: WorkerLink, now: float) -> None:
-        while link.backlog and link.free > 0:
-            request = link.backlog.popleft()
-            if request.state is State.QUEUED:
-                self.assign(link, request, now)
-        if not link.backlog:
-            self.backlogged.discard(link)
 
     def assign(self, link: WorkerLink, request: Request, now: float) -> None:
         left_ms = int((request.deadline - now) * 1000)
