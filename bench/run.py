@@ -4,7 +4,7 @@
     python bench/run.py                  everything (about 65 s on 2 cores)
     python bench/run.py --quick          everything, small (about 10 s): the CI smoke run
     python bench/run.py --throughput     only some sections: --throughput --half-load
-                                         --hops --host --instantiate --abort (any combination)
+                                         --hops --host --instantiate --abort --fairness (any combination)
 
 Sections (see bench/README.md for what each number means):
 
