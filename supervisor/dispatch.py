@@ -70,7 +70,10 @@ class ClientQueue:
         return lane
 
     def append(self, request) -> None:
-        self._lane(request, False).append(request)
+        lane = self.lanes.get(request.client if self.fair else b"")
+        if lane is None:  # (the common case is inlined: append runs for every request)
+            lane = self._lane(request, False)
+        lane.append(request)
         self.length += 1
 
     def appendleft(self, request) -> None:
@@ -179,7 +182,17 @@ class Dispatcher:
         if len(waiting) == 1:
             # One service: no one to take turns with; drain it in one go.
             (service,) = waiting
-            yield from self._drain(service, now, is_queued)
+            if service.keyed:
+                yield from self._drain(service, now, is_queued)
+            else:
+                queue, pick = service.queue, self.pick
+                while queue.length:
+                    link = pick(service, now)
+                    if link is None:
+                        break
+                    request = queue.popleft()
+                    if is_queued(request):
+                        yield request, link
             if not service.queue:
                 waiting.discard(service)
             return
