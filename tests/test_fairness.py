@@ -8,8 +8,13 @@
 
 from __future__ import annotations
 
+import re
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 
 import psutil
 import pytest
@@ -59,6 +64,12 @@ class Flood(threading.Thread):
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.join(10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def service_status(daemon, name: str) -> dict:
@@ -165,11 +176,25 @@ def test_a_client_that_never_reads_cannot_grow_the_daemon_and_others_are_served(
 
 @pytest.mark.timeout(120)
 def test_over_max_inflight_per_client_a_client_is_answered_429_and_another_is_not(start_daemon):
-    daemon = start_daemon({"faults": {"module": FAULTS}}, supervisor={"max_inflight_per_client": 5})
+    port = free_port()
+    daemon = start_daemon({"faults": {"module": FAULTS}}, supervisor={"max_inflight_per_client": 5},
+                          extra={"metrics": {"listen": f"127.0.0.1:{port}"}})
     greedy, other = daemon.client(), daemon.client()
     ids = [greedy.send("faults", b"slow") for _ in range(20)]   # a quarter second each
     mine = [other.send("faults", b"slow") for _ in range(5)]
-    replies = greedy.gather(ids, timeout=60)
+    last = greedy.wait(ids[-1], timeout=30)
+    assert last.status == 429                                   # at once, while its five run
+    # who is doing what, while it is going on: status, `corral status`, metrics
+    rows = daemon.wait_for(lambda: [c for c in daemon.status()["clients"] if c["refused"] == 15],
+                           what="the greedy client's refusals in status")
+    assert rows[0]["queued"] + rows[0]["running"] == 5 and not rows[0]["over_budget"]
+    shown = subprocess.run([sys.executable, "-m", "corral", "status", "-c", str(daemon.config_path)],
+                           capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(rf"^  {rows[0]['client']}\s+\d+\s+\d+\s+0\s+0\s+15$", shown.stdout, re.M), shown.stdout
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert f'corral_client_refused_total{{client="{rows[0]["client"]}"}} 15' in metrics.splitlines(), metrics
+    replies = {**greedy.gather(ids[:-1], timeout=60), ids[-1]: last}
     statuses = [replies[i].status for i in ids]
     assert statuses[:5] == [200] * 5 and statuses[5:] == [429] * 15
     assert b"max_inflight_per_client" in replies[ids[5]].body
