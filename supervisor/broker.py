@@ -230,7 +230,7 @@ class Broker:
         self.max_body = sup.max_message_kib * 1024
         self.max_inflight_per_client = sup.max_inflight_per_client
         self.max_client_backlog = sup.max_client_backlog_mib * 1024 * 1024
-        # Per peer, for connections made from now on (README, "Memory"): a client
+        # Per peer, for connections made from now on (README, "Fairness and memory"): a client
         # that reads never has more replies in its pipe than requests in flight.
         self.frontend.setsockopt(zmq.SNDHWM, sup.max_inflight_per_client)
         self.frontend.setsockopt(zmq.RCVHWM, sup.max_inflight_per_client)
@@ -445,6 +445,9 @@ class Broker:
                 account.over = True
                 self.log.warning("client.over_backlog", client=account.label, held_bytes=account.unsent,
                                  in_flight=account.inflight)
+                # (with nothing else held, one reply alone was over the budget: the next
+                # flush finds the outbox empty and lets the client in again)
+                self.unsent.add(account)
             return
         account.outbox.append((frames, cost))
         account.unsent += cost
