@@ -106,6 +106,35 @@ def test_a_flooded_service_does_not_starve_another_on_the_same_workers(start_dae
     assert service_status(daemon, "echo2")["statuses"].get("504", 0) == 0
 
 
+@pytest.mark.timeout(120)
+def test_the_clients_of_one_service_take_turns_in_its_queue(start_daemon):
+    """A light client's requests wait for a turn among the flooding clients, not behind the
+    whole queue: counted in the service's replies while they wait, not in time."""
+    # four connections at max_inflight_per_client (1000) each: echo's queue deep, not full
+    daemon = start_daemon({"echo": {"module": GUESTS / "echo.wat"}})
+    client = daemon.client()
+    floods = [Flood(daemon.frontend, b"echo", window=1000) for _ in range(4)]
+    try:
+        for flood in floods:
+            flood.start()
+        daemon.wait_for(lambda: service_status(daemon, "echo")["queued"] > 3000, timeout=30, what="echo flooded")
+        for round_ in range(3):
+            before = service_status(daemon, "echo")
+            ids = [client.send("echo", b"light %d" % i) for i in range(20)]
+            replies = client.gather(ids, timeout=60)
+            after = service_status(daemon, "echo")
+            assert sorted(r.status for r in replies.values()) == [200] * 20
+            served = after["statuses"]["200"] - before["statuses"]["200"]
+            # first come, first served, they would wait for the whole queue ahead of them
+            assert served < before["queued"] / 2, f"round {round_}: {served} served while the light client " \
+                                                   f"waited, with {before['queued']} queued ahead of it"
+    finally:
+        for flood in floods:
+            flood.stop.set()
+        for flood in floods:
+            flood.join(10)
+
+
 @pytest.mark.timeout(240)
 def test_a_client_that_never_reads_cannot_grow_the_daemon_and_others_are_served(start_daemon):
     body = b"r" * (8 * 1024)
