@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """corral against its baselines, in one go, on this machine (DESIGN section 8; issue 5).
 
-    python bench/run.py                  everything (about 65 s on 2 cores)
-    python bench/run.py --quick          everything, small (about 10 s): the CI smoke run
+    python bench/run.py                  everything (about 2 minutes on 2 cores)
+    python bench/run.py --quick          everything, small (about 15 s): the CI smoke run
     python bench/run.py --throughput     only some sections: --throughput --half-load
                                          --hops --host --instantiate --abort --fairness (any combination)
 
