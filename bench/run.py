@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """corral against its baselines, in one go, on this machine (DESIGN section 8; issue 5).
 
-    python bench/run.py                  everything (about 65 s on 2 cores)
-    python bench/run.py --quick          everything, small (about 10 s): the CI smoke run
+    python bench/run.py                  everything (about 2 minutes on 2 cores)
+    python bench/run.py --quick          everything, small (about 15 s): the CI smoke run
     python bench/run.py --throughput     only some sections: --throughput --half-load
-                                         --hops --host --instantiate --abort (any combination)
+                                         --hops --host --instantiate --abort --fairness (any combination)
 
 Sections (see bench/README.md for what each number means):
 
@@ -25,6 +25,9 @@ Sections (see bench/README.md for what each number means):
   instantiate  the time to make a fresh instance of the echo guest (Guest.instantiate)
   abort        abort-to-serving-again through the real daemon, for on_abort =
                "reinstantiate" (keyed counter guest) and "respawn" (workers = 1)
+  fairness     a light client's p99 (open loop) beside a client flooding the same
+               service, and another service on the same workers, against its p99
+               alone: the ratios
 
 Everything it starts runs in its own process group under one private
 directory in /tmp; all of it is stopped and removed at the end, on an error,
@@ -65,7 +68,7 @@ GUESTS = REPO / "guests"
 ECHO = GUESTS / "echo.wat"
 COUNTER = GUESTS / "counter.wat"
 BASELINES = Path(__file__).resolve().parent / "baselines.py"
-SECTIONS = ("throughput", "half-load", "hops", "host", "instantiate", "abort", "storage")
+SECTIONS = ("throughput", "half-load", "hops", "host", "instantiate", "abort", "storage", "fairness")
 COUNTER_DURABLE = GUESTS / "counter_durable.wat"
 TRACER = Path(__file__).resolve().parent / "tracer"   # the hops section's sitecustomize.py
 P99_TARGET_MS = 2.0
@@ -1085,6 +1088,80 @@ def _measure_respawn(procs, endpoints, opts, restart: dict, reps: int, gap_s: fl
     return respawn_ms, ready_ms
 
 
+FLOOD_WINDOW = 1000   # requests a flooding client keeps in flight: the default max_inflight_per_client
+
+
+def flood(endpoint: str, service: str, window: int) -> None:
+    """A flooding client (a process of its own, killed when done): `window` requests always
+    in flight, each reply read and replaced at once."""
+    from corral.wire.frames import NOBLOCK, drain, send_frames
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, 0)
+    socket.setsockopt(zmq.RCVHWM, 0)
+    socket.connect(endpoint)
+    request = [b"CORRAL1", b"0", service.encode(), b"", b"flood"]
+    for _ in range(window):
+        send_frames(socket, request, 0)
+    while True:
+        socket.poll(1000)
+        for _ in drain(socket, 1000):
+            send_frames(socket, request, NOBLOCK)
+
+
+def section_fairness(opts, procs: Processes, endpoints: Endpoints, report: Report) -> None:
+    """A light client's latency beside a flood, same service and another, against it alone."""
+    apps = {"echo": {"module": str(ECHO)}, "echo2": {"module": str(ECHO)}}
+    daemon = Corral(procs, endpoints, opts, name="fairness", apps=apps)
+    requests, rate = (300, 300.0) if opts.quick else (3000, 500.0)
+    daemon.start()
+    results: dict[str, list[loadgen.Result]] = {"alone": [], "echo": [], "echo2": []}
+    try:
+        for _ in range(opts.rounds):
+            for flooded in results:
+                flooder = None
+                if flooded != "alone":
+                    flooder = procs.start([sys.executable, "-c",
+                                           f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                                           f"import run; run.flood({daemon.endpoint!r}, {flooded!r}, "
+                                           f"{FLOOD_WINDOW})"])
+                    end = time.monotonic() + 30
+                    while not any(s["name"] == flooded and s["queued"] > FLOOD_WINDOW // 2
+                                  for s in daemon.status()["services"]):
+                        if time.monotonic() > end or flooder.poll() is not None:
+                            raise BenchError(f"fairness: the flood on {flooded} did not build a queue")
+                        time.sleep(0.05)
+                try:
+                    results[flooded].append(loadgen.run(daemon.endpoint, b"echo", opts.body.encode(),
+                                                        requests=requests, concurrency=1, rate=rate,
+                                                        warmup=20))
+                finally:
+                    if flooder is not None:
+                        procs.stop(flooder, sig=signal.SIGKILL)
+                end = time.monotonic() + 30
+                while daemon.status()["in_flight"]:   # the flood's leftovers, before the next run
+                    if time.monotonic() > end:
+                        raise BenchError("fairness: the flood's requests were not all answered")
+                    time.sleep(0.05)
+    finally:
+        daemon.stop()
+    medians = {name: median_result(runs, by=lambda r: -r.pct(99)) for name, runs in results.items()}
+    alone = medians["alone"].pct(99)
+    report.out(f"== Fairness: a light client ({rate:.0f} req/s open loop, {requests} requests, on echo) "
+               f"beside a flooding one ({FLOOD_WINDOW} in flight), {opts.workers} workers, "
+               f"median of {opts.rounds}")
+    report.out(f"{'light client on echo':<36} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}  {'not 200':>7}")
+    labels = {"alone": "alone", "echo": "flood on echo (same service)", "echo2": "flood on echo2 (other service)"}
+    for name, result in medians.items():
+        report.out(f"{labels[name]:<36} {result.pct(50):>8.3f} {result.pct(99):>8.3f} {result.max_ms:>8.3f}  "
+                   f"{result.failed:>7}")
+    for name in ("echo", "echo2"):
+        ratio = medians[name].pct(99) / alone if alone > 0 else float("inf")
+        report.out(f"ratio p99 beside a flood on {name} / alone = {ratio:.2f}")
+    report.data["fairness"] = {name: [r.summary() for r in runs] for name, runs in results.items()}
+
+
 def _events(log: Path, name: str) -> list[dict]:
     events = []
     try:
@@ -1273,6 +1350,9 @@ def main(argv: list[str] | None = None) -> int:
             report.out("")
         if "storage" in opts.sections:
             section_storage(opts, procs, endpoints, report)
+            report.out("")
+        if "fairness" in opts.sections:
+            section_fairness(opts, procs, endpoints, report)
             report.out("")
         if "host" in opts.sections:
             section_host(opts, root, report)

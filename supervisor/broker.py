@@ -8,10 +8,12 @@ served, expires in the queue, or its worker dies (502, or re-dispatch when
 the request is idempotent).
 
 Dispatch is credit-based: a worker announces how many requests it can hold
-and the broker sends only to workers with free credit. Among those it packs
-(see Broker.pick): a worker already at work and keeping up gets the next
-request before an idle one is woken. Requests for a key of a keyed app always
-go to the worker that holds the key's instance, in arrival order.
+and the broker sends only to workers with free credit. Which request goes to
+which worker is the dispatch policy's (corral.dispatch): services with queued
+work take turns, and the clients of one service take turns; among workers with
+credit it packs (a worker already at work and keeping up gets the next request
+before an idle one is woken). Requests for a key of a keyed app always go to
+the worker that holds the key's instance, in arrival order.
 
 The broker does no process management: it reports what it learns (a worker
 ready, retiring, silent) as events, and the daemon's arbiter loop acts.
@@ -25,7 +27,6 @@ import struct
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
-from itertools import islice
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -34,6 +35,7 @@ import zmq
 from corral.wire import protocol
 from corral.circuit import Circuit, Health
 from corral.config import AppSettings, Config
+from corral.dispatch import PACK, PACK_AGE_S, ClientQueue, Dispatcher, Rotation  # noqa: F401 (PACK*: tests)
 from corral.metrics import Histogram
 from corral.paths import ipc_in_use, remove_ipc_file
 from corral.wire.frames import NOBLOCK, drain, send_frames
@@ -46,12 +48,15 @@ from corral.wire.protocol import (MAX_KEY, MMI_PREFIX, MMI_SERVICE, NATIVE, STAT
 # neither side can starve the other (or the timers).
 BATCH = 256
 DEFAULT_DEADLINE_S = 30.0
-# Packing (Broker.pick): a worker at work takes more while it holds fewer
-# than PACK requests and its oldest was sent less than PACK_AGE_S ago, for
-# services whose requests typically take (sent to reply) less than that.
-PACK = 4
-PACK_AGE_S = 0.001
 TYPICAL_WEIGHT = 0.05   # of the newest request, in the moving average of a service's round trips
+# A reply held for a slow client costs this much beyond its frames' bytes (the
+# list and bytes objects holding it): the budget bounds memory, not payload.
+REPLY_OVERHEAD = 200
+# Messages a worker has not read, at most (requests are bounded by its credit;
+# the rest are heartbeats and evictions): past it, the worker is unreachable.
+WORKER_HWM = 1000
+TOP_CLIENTS = 10        # clients shown in status and metrics, the busiest first
+SWEEP_EVERY_S = 5.0     # idle client accounts are forgotten this often
 
 
 class State(Enum):
@@ -64,7 +69,8 @@ class Request:
     """A ledger entry."""
 
     __slots__ = ("ticket", "client", "dialect", "request_id", "service", "key", "body", "deadline",
-                 "idempotent", "received", "state", "probe", "budget_s", "sent", "redelivered")
+                 "idempotent", "received", "state", "probe", "budget_s", "sent", "redelivered",
+                 "account")
 
     def __init__(self, ticket: int, client: bytes, dialect: Dialect, request_id: bytes,
                  service: Service, key: bytes | None, body: bytes, deadline: float,
@@ -84,6 +90,7 @@ class Request:
         self.budget_s = 0.0  # the longest the guest may run it, set when it is sent
         self.sent = 0.0      # when it was last sent to a worker
         self.redelivered = False  # re-dispatched after its worker died: it may have committed
+        self.account: ClientAccount | None = None  # whose limits it counts against
 
 
 @dataclass(eq=False)
@@ -91,13 +98,17 @@ class Service:
     name: bytes
     app: AppSettings
     health: Health
-    queue: deque[Request] = field(default_factory=deque)
+    queue: ClientQueue = field(default_factory=ClientQueue)  # fair across clients (keyed: arrival order)
     affinity: dict[bytes, "WorkerLink"] = field(default_factory=dict)  # key -> its worker
     links: list["WorkerLink"] = field(default_factory=list)  # the workers that serve it
     statuses: Counter = field(default_factory=Counter)
     latency: Histogram = field(default_factory=Histogram)
     evicted: int = 0   # keyed: instances dropped over max_keys
+    dropped: int = 0   # replies that could not be delivered (client gone, or over its budget)
     typical_s: float = 0.0  # moving average of the time from sent to a worker to its reply
+
+    def __post_init__(self):
+        self.queue.fair = not self.keyed
 
     @property
     def keyed(self) -> bool:
@@ -107,6 +118,37 @@ class Service:
     def open(self) -> bool:
         """Takes requests without a look at its circuit, quarantine or key (the fast path)."""
         return not self.keyed and self.health.circuit is Circuit.CLOSED and not self.health.quarantined_until
+
+
+class ClientAccount:
+    """One client's share of the broker: requests open, and replies ZeroMQ would not take yet.
+
+    A client is a connection (routing identity) or, once CURVE names
+    clients, a key name (Broker.client_key). Its replies go straight to the
+    frontend while its pipe is under the high-water mark (SNDHWM, set to
+    max_inflight_per_client: a client that reads never has more replies
+    outstanding than requests in flight). At the mark ZeroMQ answers EAGAIN
+    (ROUTER_MANDATORY) and the replies wait here, in order, their bytes
+    counted; past max_client_backlog_mib they are dropped and the client is
+    `over`: refused with 429 until its outbox has drained, that is until it
+    has read."""
+
+    __slots__ = ("name", "inflight", "outbox", "unsent", "dropped", "refused", "over")
+
+    def __init__(self, name: bytes):
+        self.name = name
+        self.inflight = 0              # accepted and not yet answered, queued or running
+        self.outbox: deque[tuple[list[bytes], int]] = deque()  # (frames, cost) ZeroMQ would not take
+        self.unsent = 0                # bytes in the outbox, REPLY_OVERHEAD each included
+        self.dropped = 0               # replies dropped: over the budget, or the client was gone
+        self.refused = 0               # requests answered 429
+        self.over = False              # dropped a reply over the budget; refused until it reads
+
+    @property
+    def label(self) -> str:
+        """For status and metrics: a key name as it is, a routing identity in hex."""
+        name = self.name
+        return name.decode() if name.isascii() and name.isprintable() and name[:1] != b"\x00" else name.hex()
 
 
 @dataclass(eq=False)
@@ -138,6 +180,10 @@ class WorkerLink:
         return sum(len(held) for held in self.keys.values())
 
 
+def _is_queued(request: Request) -> bool:
+    return request.state is State.QUEUED
+
+
 class Event(Enum):
     READY = "ready"          # (link,)
     RETIRING = "retiring"    # (link, reason)
@@ -149,15 +195,13 @@ class Broker:
         self.log = log
         self.frontend = context.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.frontend.setsockopt(zmq.SNDHWM, 100_000)
-        self.frontend.setsockopt(zmq.RCVHWM, 100_000)
         self.frontend.setsockopt(zmq.LINGER, 1000)  # so the last replies of a drain leave
         self.use_settings(config)
         self.frontend_bound: dict[str, str] = {}   # endpoint as configured -> as bound (wildcards resolved)
         self.bind_frontend(config.supervisor.frontend)
         self.backend = context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.backend.setsockopt(zmq.SNDHWM, 0)
+        self.backend.setsockopt(zmq.SNDHWM, WORKER_HWM)
         self.backend.setsockopt(zmq.RCVHWM, 0)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.bind(backend)
@@ -165,8 +209,9 @@ class Broker:
         self.links: dict[bytes, WorkerLink] = {}
         self.ledger: dict[int, Request] = {}
         self.next_ticket = 1
-        self.waiting: set[Service] = set()     # services with a non-empty queue
-        self.backlogged: set[WorkerLink] = set()  # links holding keyed requests not yet sent
+        self.waiting = Rotation()              # services with a non-empty queue, in turn
+        self.dispatcher = Dispatcher(self.waiting)
+        self.backlogged = self.dispatcher.backlogged  # links holding keyed requests not yet sent
         self.outbox: dict[WorkerLink, list[bytes]] = {}
         self.events: list[tuple] = []
         self.draining = False
@@ -175,6 +220,9 @@ class Broker:
         # Idempotent requests of a worker declared gone but not yet reaped: re-dispatched only
         # once it is, so that the old process can no longer commit them (DESIGN 3b).
         self.unreaped: dict[bytes, list[Request]] = {}
+        self.accounts: dict[bytes, ClientAccount] = {}   # clients with something open or held
+        self.unsent: set[ClientAccount] = set()          # accounts with replies in their outbox
+        self.next_sweep = 0.0
         self.configure(config)
 
     # --- configuration -------------------------------------------------------
@@ -185,6 +233,12 @@ class Broker:
         self.liveness = sup.liveness
         self.max_queue = sup.max_queue
         self.max_body = sup.max_message_kib * 1024
+        self.max_inflight_per_client = sup.max_inflight_per_client
+        self.max_client_backlog = sup.max_client_backlog_mib * 1024 * 1024
+        # Per peer, for connections made from now on (README, "Fairness and memory"): a client
+        # that reads never has more replies in its pipe than requests in flight.
+        self.frontend.setsockopt(zmq.SNDHWM, sup.max_inflight_per_client)
+        self.frontend.setsockopt(zmq.RCVHWM, sup.max_inflight_per_client)
         # A frame far over the limit disconnects its sender in libzmq; up to
         # twice the limit is read, so that it can be answered 413. (Connections
         # made before a reload keep the limit they were made with.)
@@ -210,7 +264,7 @@ class Broker:
                         self.finish(request, Status.NOT_FOUND, b"service removed by reload")
         self.services = services
         self.keyed = {name for name, service in services.items() if service.keyed}
-        self.waiting = {s for s in self.waiting if s.name in services}
+        self.waiting.keep(lambda s: s.name in services)
         for service in services.values():
             service.links = []
         for link in self.links.values():
@@ -302,11 +356,20 @@ class Broker:
     def enqueue(self, client: bytes, dialect: Dialect, request_id: bytes, service: Service,
                 key: bytes | None, body: bytes, deadline: float, idempotent: bool, now: float,
                 probe: bool) -> None:
-        """Open the request's ledger entry and queue it for a worker."""
+        """Open the request's ledger entry and queue it for a worker (or refuse it: 429)."""
+        name = self.client_key(client)
+        account = self.accounts.get(name)
+        if account is None:
+            account = self.accounts[name] = ClientAccount(name)
+        if account.over or account.inflight >= self.max_inflight_per_client:
+            self.refuse(account, client, dialect, request_id)
+            return
+        account.inflight += 1
         ticket = self.next_ticket
         self.next_ticket = ticket + 1
         request = Request(ticket, client, dialect, request_id, service, key, body, deadline,
                           idempotent, now, probe)
+        request.account = account
         self.ledger[ticket] = request
         service.queue.append(request)
         self.waiting.add(service)
@@ -343,15 +406,86 @@ class Broker:
         status = Status.OK if request.body in self.services else Status.NOT_FOUND
         return status, STATUS_FRAMES[status]
 
-    def send_client(self, frames: list[bytes]) -> None:
+    def client_key(self, identity: bytes) -> bytes:
+        """Whose limits a connection counts against: its routing identity. (The hook for
+        CURVE: there, every connection of one key name counts as one client.)"""
+        return identity
+
+    def refuse(self, account: ClientAccount, client: bytes, dialect: Dialect, request_id: bytes) -> None:
+        account.refused += 1
+        self.rejected[Status.TOO_MANY_REQUESTS] += 1
+        if account.over:
+            detail = b"unread replies over max_client_backlog_mib: read them first"
+        else:
+            detail = b"%d requests open: over max_inflight_per_client" % account.inflight
+        self.send_client(reply_frames(dialect, client, request_id,
+                                      STATUS_FRAMES[Status.TOO_MANY_REQUESTS], detail), account)
+
+    def send_client(self, frames: list[bytes], account: ClientAccount | None = None,
+                    service: Service | None = None) -> None:
+        """Send a reply now, or hold it in its client's outbox while ZeroMQ will not take it."""
+        if account is None:
+            account = self.accounts.get(self.client_key(frames[0]))
+        if account is not None and account.outbox:
+            self.hold(account, frames, service)  # behind the replies already waiting, in order
+            return
         try:
             send_frames(self.frontend, frames, NOBLOCK)
         except zmq.ZMQError as exc:
-            # The client is gone (EHOSTUNREACH) or not reading (EAGAIN): the
-            # reply cannot be delivered; nothing else is affected.
-            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+            if exc.errno == errno.EAGAIN:  # the client's pipe is full: it is not reading
+                if account is None:
+                    name = self.client_key(frames[0])
+                    account = self.accounts[name] = ClientAccount(name)
+                self.hold(account, frames, service)
+                return
+            if exc.errno != errno.EHOSTUNREACH:
                 raise
-            self.dropped_replies += 1
+            self.drop(account, service)  # the client is gone
+
+    def hold(self, account: ClientAccount, frames: list[bytes], service: Service | None) -> None:
+        cost = REPLY_OVERHEAD + sum(map(len, frames))
+        if account.unsent + cost > self.max_client_backlog:
+            self.drop(account, service)
+            if not account.over:
+                account.over = True
+                self.log.warning("client.over_backlog", client=account.label, held_bytes=account.unsent,
+                                 in_flight=account.inflight)
+                # (with nothing else held, one reply alone was over the budget: the next
+                # flush finds the outbox empty and lets the client in again)
+                self.unsent.add(account)
+            return
+        account.outbox.append((frames, cost))
+        account.unsent += cost
+        self.unsent.add(account)
+
+    def drop(self, account: ClientAccount | None, service: Service | None) -> None:
+        self.dropped_replies += 1
+        if account is not None:
+            account.dropped += 1
+        if service is not None:
+            service.dropped += 1
+
+    def flush_clients(self) -> None:
+        """Send what the slow clients' outboxes hold, as far as ZeroMQ takes it."""
+        for account in list(self.unsent):
+            outbox = account.outbox
+            while outbox:
+                frames, cost = outbox[0]
+                try:
+                    send_frames(self.frontend, frames, NOBLOCK)
+                except zmq.ZMQError as exc:
+                    if exc.errno == errno.EAGAIN:
+                        break
+                    if exc.errno != errno.EHOSTUNREACH:
+                        raise
+                    self.drop(account, None)  # gone while its replies waited
+                outbox.popleft()
+                account.unsent -= cost
+            if not outbox:
+                self.unsent.discard(account)
+                if account.over:
+                    account.over = False
+                    self.log.info("client.reading", client=account.label, dropped=account.dropped)
 
     def finish(self, request: Request, status: Status, body: bytes, now: float | None = None) -> None:
         """Send a request's one reply and close its ledger entry."""
@@ -360,115 +494,31 @@ class Broker:
         service = request.service
         service.latency.observe((now or time.monotonic()) - request.received)
         service.statuses[status] += 1
+        account = request.account
+        if account is not None:
+            account.inflight -= 1
         self.send_client(reply_frames(request.dialect, request.client, request.request_id,
-                                      STATUS_FRAMES[status], body))
+                                      STATUS_FRAMES[status], body), account, service)
 
     # --- dispatch ------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Hand queued requests to workers with free credit, then send the batches."""
+        """Hand queued requests to workers with free credit (where: the dispatch policy), then
+        send the batches."""
+        if self.unsent:
+            self.flush_clients()
         if not self.waiting and not self.backlogged:
             return
         now = time.monotonic()
-        for link in list(self.backlogged):
-            if link.free > 0 and not link.retiring:
-                self.drain_backlog(link, now)
-        for service in list(self.waiting):
-            queue = service.queue
-            while queue:
-                request = queue[0]
-                if request.state is not State.QUEUED:
-                    queue.popleft()
-                    continue
-                if service.keyed:
-                    if not self.route_keyed(service, request, now):
-                        break
-                else:
-                    link = self.pick(service, now)
-                    if link is None:
-                        break
-                    self.assign(link, request, now)
-                queue.popleft()
-            if not queue:
-                self.waiting.discard(service)
+        for request, link in self.dispatcher.plan(now, _is_queued):
+            self.assign(link, request, now)
+        if self.dispatcher.evictions:
+            evictions, self.dispatcher.evictions = self.dispatcher.evictions, []
+            for link, service, key in evictions:
+                # Sent before any later request for the key, on the same ordered pipe.
+                self.send_worker(link, evict_message(service.name, key))
         if self.outbox:
             self.send_outbox()
-
-    def pick(self, service: Service, now: float) -> WorkerLink | None:
-        """The worker for a service's next request: one already at work and keeping up, else
-        the least loaded (the one used last among equals).
-
-        Packing spares wake-ups: at moderate load on a few cores, workers
-        woken in turn for every request spend more on being woken than on the
-        work (README, "Performance": 12% less CPU per request at 7,700 req/s). A worker is
-        keeping up while its oldest request left less than PACK_AGE_S ago,
-        so one stuck in a slow call is passed over at once, as HAProxy's
-        `balance first` would not. A service whose requests typically take
-        longer is not packed at all: a burst of them is spread at once."""
-        pack = service.typical_s < PACK_AGE_S
-        best = None
-        for link in service.links:
-            if link.retiring or link.free <= 0:
-                continue
-            inflight = link.inflight
-            if pack and inflight and len(inflight) < PACK and \
-                    now - next(iter(inflight.values())).sent < PACK_AGE_S:
-                return link
-            if best is None or (len(inflight), -link.last_assigned) < (len(best.inflight), -best.last_assigned):
-                best = link
-        return best
-
-    def route_keyed(self, service: Service, request: Request, now: float) -> bool:
-        """Send or pin a keyed request to its key's worker; False if no worker can take keys now."""
-        key = request.key
-        link = service.affinity.get(key)
-        if link is None:
-            candidates = [l for l in service.links if not l.retiring]
-            if not candidates:
-                return False
-            link = min(candidates, key=lambda l: (l.key_count, len(l.inflight) + len(l.backlog)))
-            service.affinity[key] = link
-            held = link.keys.setdefault(service.name, {})
-            held[key] = None
-            if service.app.max_keys and len(held) > service.app.max_keys:
-                self.evict_least_recent(link, service, held, key)
-        else:
-            held = link.keys[service.name]
-            del held[key]
-            held[key] = None  # now the most recent
-        if link.free > 0 and not link.backlog:
-            self.assign(link, request, now)
-        else:
-            link.backlog.append(request)
-            self.backlogged.add(link)
-        return True
-
-    def evict_least_recent(self, link: WorkerLink, service: Service, held: dict[bytes, None],
-                           new_key: bytes) -> None:
-        """Over max_keys: the worker drops the instance of its least recently used key
-        that has no request on it (the key's state goes; its next request starts afresh,
-        on whichever worker the broker picks then)."""
-        busy = {new_key}
-        busy.update(r.key for r in link.inflight.values() if r.service is service)
-        busy.update(r.key for r in link.backlog if r.service is service)
-        for key in islice(held, len(busy) + 1):
-            if key not in busy:
-                break
-        else:
-            return  # all busy: retried when the next new key comes
-        del held[key]
-        service.affinity.pop(key, None)  # (a key of a service removed and re-added by a reload has none)
-        service.evicted += 1
-        # Sent before any later request for the key, on the same ordered pipe.
-        self.send_worker(link, evict_message(service.name, key))
-
-    def drain_backlog(self, link: WorkerLink, now: float) -> None:
-        while link.backlog and link.free > 0:
-            request = link.backlog.popleft()
-            if request.state is State.QUEUED:
-                self.assign(link, request, now)
-        if not link.backlog:
-            self.backlogged.discard(link)
 
     def assign(self, link: WorkerLink, request: Request, now: float) -> None:
         left_ms = int((request.deadline - now) * 1000)
@@ -699,6 +749,29 @@ class Broker:
             for request in link.backlog:
                 if request.state is State.QUEUED and request.deadline <= now and not request.redelivered:
                     self.expire(request)
+        if now >= self.next_sweep:
+            self.next_sweep = now + SWEEP_EVERY_S
+            self.forget_idle_clients()
+
+    def forget_idle_clients(self) -> None:
+        """Let go of the accounts of clients with nothing open or held (connections come
+        and go; their counts live on in the totals)."""
+        for name, account in list(self.accounts.items()):
+            if not account.inflight and not account.outbox and not account.over:
+                del self.accounts[name]
+
+    def clients(self, top: int = TOP_CLIENTS) -> list[dict]:
+        """The busiest clients (most open, then most held, dropped, refused): what each has
+        queued, running, held unread and dropped."""
+        queued: Counter = Counter()
+        for request in list(self.ledger.values()):
+            if request.state is State.QUEUED and request.account is not None:
+                queued[request.account] += 1
+        accounts = sorted(list(self.accounts.values()),
+                          key=lambda a: (a.inflight, a.unsent, a.dropped, a.refused), reverse=True)
+        return [{"client": a.label, "queued": queued[a], "running": a.inflight - queued[a],
+                 "unread_bytes": a.unsent, "dropped": a.dropped, "refused": a.refused, "over_budget": a.over}
+                for a in accounts[:top]]
 
     def drain(self) -> None:
         self.draining = True

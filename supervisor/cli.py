@@ -175,15 +175,23 @@ def status_verb(args: argparse.Namespace) -> int:
         print(f"  {w['slot']:>4} {w['generation']:>4} {w['pid']:>8} {w['state']:<9} {w['requests']:>9} "
               f"{w['faults']:>6} {rss:>8} {cpu:>6}")
     print("\nservices:")
-    print(f"  {'name':<20} {'instances':<12} {'circuit':<10} {'queued':>6}  statuses")
+    print(f"  {'name':<20} {'instances':<12} {'circuit':<10} {'queued':>6} {'running':>7} {'dropped':>7}  statuses")
     for s in status["services"]:
         counts = ", ".join(f"{k}: {v}" for k, v in s["statuses"].items()) or "-"
         keys = f"  ({s['keys']} keys live, {s['evicted']} evicted)" if "keys" in s else ""
-        print(f"  {s['name']:<20} {s['instances']:<12} {s['circuit']:<10} {s['queued']:>6}  {counts}{keys}")
+        print(f"  {s['name']:<20} {s['instances']:<12} {s['circuit']:<10} {s['queued']:>6} "
+              f"{s.get('running', 0):>7} {s.get('dropped', 0):>7}  {counts}{keys}")
         if "state" in s:
             st = s["state"]
             print(f"  {'':<20} state: {st['commits']} commits, {st['rollbacks']} rollbacks, "
                   f"{st['bytes']} bytes in {st['scopes']} scopes")
+    if status.get("clients"):
+        print("\nclients (the busiest first):")
+        print(f"  {'client':<24} {'queued':>7} {'running':>7} {'unread KiB':>10} {'dropped':>8} {'refused':>8}")
+        for c in status["clients"]:
+            over = "  over budget" if c["over_budget"] else ""
+            print(f"  {c['client'][:24]:<24} {c['queued']:>7} {c['running']:>7} {c['unread_bytes'] / 1024:>10.0f} "
+                  f"{c['dropped']:>8} {c['refused']:>8}{over}")
     return 0
 
 

@@ -45,6 +45,8 @@ class SupervisorSettings:
     max_rss_mib: int = 512  # 0: no limit
     max_queue: int = 10000
     max_message_kib: int = 16384
+    max_inflight_per_client: int = 1000   # accepted and not yet answered, queued or running; more: 429
+    max_client_backlog_mib: int = 64      # replies one client has not read yet; over it: dropped, 429
     # Beyond DESIGN: requests a worker may hold at once (credit-based flow).
     pipeline: int = 16
     # Planned recycling (gunicorn's max_requests / max_requests_jitter); 0: off.
@@ -143,6 +145,8 @@ _SUPERVISOR_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "max_rss_mib": (_INT, _non_negative),
     "max_queue": (_INT, _positive),
     "max_message_kib": (_INT, _between(1, 1024 * 1024)),
+    "max_inflight_per_client": (_INT, _between(1, 1_000_000)),
+    "max_client_backlog_mib": (_INT, _between(1, 1024 * 1024)),
     "pipeline": (_INT, _between(1, 256)),
     "max_requests": (_INT, _non_negative),
     "max_requests_jitter": (_INT, _non_negative),

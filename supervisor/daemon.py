@@ -371,7 +371,7 @@ class Daemon:
             self.broker.tick(now)
             if self.broker.events:
                 self.handle_broker_events()
-            fast = self.broker.waiting or self.broker.backlogged
+            fast = self.broker.waiting or self.broker.backlogged or self.broker.unsent
             self.next_tick = now + (0.01 if fast else self.broker.heartbeat_s / 2)
         self.pool.due(now)
         if now >= self.next_rss:
@@ -640,11 +640,16 @@ class Daemon:
                             "rss_bytes": rss, "cpu_percent": cpu,
                             "uptime_s": round(time.monotonic() - worker.started, 3)})
         services = []
+        running: dict = {}
+        for link in links.values():
+            for request in link.inflight.values():
+                running[request.service] = running.get(request.service, 0) + 1
         for name, service in self.broker.services.items():
             services.append({"name": name.decode(), "instances": service.app.instances,
                              "circuit": service.health.circuit.value,
                              "circuit_opened": service.health.opened,
-                             "queued": len(service.queue),
+                             "queued": len(service.queue), "running": running.get(service, 0),
+                             "dropped": service.dropped,
                              "quarantined": len(service.health.quarantined_until),
                              **({"keys": len(service.affinity), "evicted": service.evicted}
                                 if service.keyed else {}),
@@ -656,7 +661,8 @@ class Daemon:
                 "workers_target": self.config.supervisor.workers, "workers": workers,
                 "services": services, "in_flight": len(self.broker.ledger),
                 "statuses": {str(int(k)): v for k, v in sorted(self.broker.totals().items())},
-                "dropped_replies": self.broker.dropped_replies}
+                "dropped_replies": self.broker.dropped_replies,
+                "clients": self.broker.clients()}
 
 
     def state_status(self, service: str) -> dict:

@@ -64,6 +64,25 @@ def render(daemon: "Daemon") -> str:
     family("corral_queue_depth", "gauge", "Requests waiting for a worker, by service.")
     for name, service in services:
         out.append(f'corral_queue_depth{{service="{name.decode()}"}} {len(service.queue)}')
+    family("corral_replies_dropped_total", "counter",
+           "Replies not delivered (the client was gone, or over max_client_backlog_mib), by service.")
+    for name, service in services:
+        out.append(f'corral_replies_dropped_total{{service="{name.decode()}"}} {service.dropped}')
+    clients = broker.clients()
+    if clients:
+        for metric, field, kind, text in (
+                ("corral_client_queued", "queued", "gauge", "Requests queued, by client (the busiest few)."),
+                ("corral_client_running", "running", "gauge", "Requests on a worker, by client (the busiest few)."),
+                ("corral_client_unread_bytes", "unread_bytes", "gauge",
+                 "Reply bytes held for a client that is not reading (the busiest few)."),
+                ("corral_client_dropped_total", "dropped", "counter",
+                 "Replies dropped for a client (the busiest few)."),
+                ("corral_client_refused_total", "refused", "counter",
+                 "Requests answered 429, by client (the busiest few).")):
+            family(metric, kind, text)
+            for client in clients:
+                label = client["client"].replace("\\", "\\\\").replace('"', '\\"')
+                out.append(f'{metric}{{client="{label}"}} {client[field]}')
     family("corral_circuit_open", "gauge", "1 while a service's circuit is open or half-open.")
     for name, service in services:
         state = service.health.circuit.value

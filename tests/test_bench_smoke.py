@@ -52,6 +52,8 @@ def test_bench_run_quick_prints_every_table_and_leaves_nothing_behind():
     assert re.search(rf"^fresh instance = {NUMBER} us", out, re.M), out
     assert re.search(rf"^reinstantiate\s+trap sent .*\s{NUMBER}\s+{NUMBER}\s+{NUMBER}$", out, re.M), out
     assert re.search(rf"^respawn\s+trap reply .*\s{NUMBER}\s+{NUMBER}\s+{NUMBER}$", out, re.M), out
+    # fairness: the light client's p99 beside a flood on its service and on another
+    assert len(re.findall(rf"^ratio p99 beside a flood on echo2? / alone = {NUMBER}", out, re.M)) == 2, out
     # clean-up: no private directory, no process started from one
     assert bench_dirs() <= before, f"left behind: {bench_dirs() - before}"
     left = [p.info for p in psutil.process_iter(["pid", "cmdline"])

@@ -19,8 +19,8 @@ from corral import config as config_module
 from corral.wire import logs
 from corral.broker import PACK, PACK_AGE_S, Broker
 from corral.config import to_toml
-from corral.wire.protocol import (W_EVICT, W_READY, W_REPLY, W_REQUEST, Dialect, iter_requests, parse_evict,
-                                 reply_record)
+from corral.wire.protocol import (W_EVICT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, Dialect, iter_requests,
+                                 parse_evict, reply_record)
 
 
 class HandWorker:
@@ -188,3 +188,20 @@ def test_a_service_whose_requests_take_long_is_spread_at_once(two_workers):
     workers[0].received = workers[1].received = 0
     submit(broker, b"echo", 6)
     assert received(workers) == [3, 3]
+
+
+def test_a_worker_that_stops_reading_cannot_grow_the_broker(two_workers):
+    """Requests are bounded by credit; everything else sent to a worker (heartbeats) by its
+    pipe's high-water mark: past it the send fails, and nothing piles up in the broker."""
+    broker, workers = two_workers
+    submit(broker, b"echo", 100)     # 16 credit each: the rest stays queued
+    assert sum(len(link.inflight) for link in broker.links.values()) == 32
+    assert len(broker.services[b"echo"].queue) == 68
+    link = broker.links[b"w0.1"]     # its worker never reads from now on
+    refused_at = None
+    for sent in range(1, 1_000_001):
+        if not broker.send_worker(link, W_HEARTBEAT):
+            refused_at = sent
+            break
+    # the broker's pipe (WORKER_HWM), the socket buffers, the worker's own pipe: then no more
+    assert refused_at is not None, "a million messages queued for a worker that does not read"

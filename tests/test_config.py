@@ -36,6 +36,7 @@ def test_defaults_are_filled_in(tmp_path):
     loaded = config.load(write(tmp_path, ECHO))
     assert loaded.supervisor.workers == 2
     assert loaded.supervisor.frontend == ("tcp://127.0.0.1:5555",)
+    assert (loaded.supervisor.max_inflight_per_client, loaded.supervisor.max_client_backlog_mib) == (1000, 64)
     assert loaded.apps["echo"].instances == "reuse"
     assert loaded.apps["echo"].on_abort == "respawn"
     assert loaded.apps["echo"].module == GUESTS / "echo.wat"
@@ -72,6 +73,8 @@ def test_frontend_may_list_several_endpoints(tmp_path):
     ("[supervisor]\nfrontend = \"ipc:///" + "x" * 120 + "\"\n", "[supervisor] frontend", "longer"),
     ("[supervisor]\ncontrol = \"udp://x\"\n", "[supervisor] control", "not a tcp://"),
     ("[supervisor]\ngraceful_timeout_s = -1\n", "[supervisor] graceful_timeout_s", "greater than 0"),
+    ("[supervisor]\nmax_inflight_per_client = 0\n", "[supervisor] max_inflight_per_client", "between 1 and"),
+    ("[supervisor]\nmax_client_backlog_mib = 0\n", "[supervisor] max_client_backlog_mib", "between 1 and"),
     ("[restart]\nintensity = 1.5\n", "[restart] intensity", "must be an integer"),
     ("[restart]\nbackoff_initial_ms = 500\nbackoff_max_ms = 100\n", "[restart] backoff_initial_ms", "exceed"),
     ("[logging]\nformat = \"xml\"\n", "[logging] format", "one of"),

@@ -90,6 +90,7 @@ class Status(IntEnum):
     BAD_REQUEST = 400
     NOT_FOUND = 404
     TOO_LARGE = 413
+    TOO_MANY_REQUESTS = 429
     GUEST_ERROR = 422
     UNWIND = 500
     ABORT = 502
