@@ -113,9 +113,18 @@ def client_endpoint(args: argparse.Namespace) -> str:
     return endpoint.replace("tcp://*:", "tcp://127.0.0.1:").replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
 
 
+def require_listener(endpoint: str) -> None:
+    """Exit 3 at once when nothing listens on `endpoint`, rather than after a timeout."""
+    from corral.client.probe import nothing_listening
+    if nothing_listening(endpoint):
+        print(f"corral: nothing is listening on {endpoint} (is the daemon running?)", file=sys.stderr)
+        raise SystemExit(EXIT_NO_REPLY)
+
+
 def call_verb(args: argparse.Namespace) -> int:
     from corral.client import Client, NoReply
     body = sys.stdin.buffer.read() if args.body == "-" else args.body.encode()
+    require_listener(client_endpoint(args))
     with Client(client_endpoint(args)) as client:
         try:
             reply = client.call(args.service, body, timeout=args.timeout, key=args.key,
@@ -137,6 +146,7 @@ def control_request(args: argparse.Namespace, verb: str, arguments: dict, timeou
     """The daemon's answer to one verb; exit 3 with `no_answer` (or the usual question) if none comes."""
     import zmq
     endpoint = load_config(args).supervisor.control
+    require_listener(endpoint)
     context = zmq.Context.instance()
     socket = context.socket(zmq.REQ)
     socket.setsockopt(zmq.LINGER, 0)
@@ -200,6 +210,7 @@ def admin_verb(args: argparse.Namespace) -> int:
 
 def bench_verb(args: argparse.Namespace) -> int:
     from corral.client import loadgen
+    require_listener(client_endpoint(args))
     result = loadgen.run(client_endpoint(args), args.service.encode(), args.body.encode(),
                          requests=args.requests, concurrency=args.concurrency, clients=args.clients,
                          key=args.key, rate=args.rate,
