@@ -59,3 +59,25 @@ def test_corral_call_to_an_ipc_path_that_does_not_exist(tmp_path):
     done = corral("call", "echo", "x", "-e", f"ipc://{tmp_path}/gone.sock", "--timeout", "30")
     assert done.returncode == 3
     assert done.stderr == f"corral: nothing is listening on ipc://{tmp_path}/gone.sock (is the daemon running?)\n"
+
+
+def check_config(tmp_path, wat: str):
+    (tmp_path / "bad.wat").write_text(wat)
+    path = tmp_path / "corral.toml"
+    path.write_text(f'[supervisor]\ncache_dir = "{tmp_path}/cache"\n[apps.bad]\nmodule = "bad.wat"\n')
+    return corral("check", "-c", path)
+
+
+def test_corral_check_shows_the_whole_type_error(tmp_path):
+    done = check_config(tmp_path, "(module\n  (func $f (result i32)\n    i64.const 1))\n")
+    assert done.returncode == 78
+    assert "bad.wat does not compile: failed to compile: wasm[0]::function[0]::f" in done.stderr
+    assert "Caused by:" in done.stderr   # wasmtime's cause, and where
+    assert "Invalid input WebAssembly code at offset 26: type mismatch: expected i32, found i64" in done.stderr
+
+
+def test_corral_check_shows_the_line_and_column_of_a_wat_syntax_error(tmp_path):
+    done = check_config(tmp_path, "(module\n  (func $f (result i32)\n    i32.cost 1))\n")
+    assert done.returncode == 78
+    assert "bad.wat does not compile: unknown operator or unexpected token" in done.stderr
+    assert "--> bad.wat:3:5" in done.stderr and "i32.cost 1))" in done.stderr, done.stderr
