@@ -81,3 +81,39 @@ def test_corral_check_shows_the_line_and_column_of_a_wat_syntax_error(tmp_path):
     assert done.returncode == 78
     assert "bad.wat does not compile: unknown operator or unexpected token" in done.stderr
     assert "--> bad.wat:3:5" in done.stderr and "i32.cost 1))" in done.stderr, done.stderr
+
+
+@pytest.mark.timeout(120)
+def test_two_daemons_with_two_configs_and_no_control_key_each_get_their_own(cache_dir):
+    """The default control socket is derived from the config file's path, so a
+    second daemon in the same runtime directory does not collide with the first."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from harness import Daemon
+    shared = Path(tempfile.mkdtemp(prefix="crl-rt-", dir="/tmp"))   # one runtime directory for both
+    daemons = []
+    try:
+        for _ in range(2):
+            daemon = Daemon({"echo": {"module": GUESTS / "echo.wat"}}, cache_dir, supervisor={"workers": 1},
+                            env={"RUNTIME_DIRECTORY": str(shared)})
+            daemons.append(daemon)
+            del daemon.doc["supervisor"]["control"]
+            daemon.write_config()
+            daemon.start(wait=False)
+            daemon.control = daemon.wait_for(lambda: daemon.events("daemon.started"),
+                                             timeout=30, what="daemon.started")[0]["control"]
+            daemon.wait_ready()
+        assert daemons[0].control != daemons[1].control
+        assert sorted(p.name for p in shared.glob("control-*.sock")) == \
+            sorted(d.control.rsplit("/", 1)[1] for d in daemons)
+        for daemon in daemons:
+            done = corral("status", "-c", daemon.config_path, env=daemon.env)
+            assert done.returncode == 0, done.stderr
+            assert f"config {daemon.config_path}" in done.stdout
+        for daemon in daemons:
+            assert daemon.stop() == 0
+    finally:
+        for daemon in daemons:
+            daemon.cleanup()
+        shutil.rmtree(shared, ignore_errors=True)
