@@ -244,10 +244,15 @@ class Pool:
             worker = self.processes.pop(pid, None)
             if worker is None:
                 continue
-            worker.process.returncode = os.waitstatus_to_exitcode(status)
+            code = worker.process.returncode = os.waitstatus_to_exitcode(status)
             self.exits[worker.exit_kind] += 1
-            self.log.info("worker.exited", worker=worker.name, pid=pid,
-                          how=describe_exit(worker.process.returncode), cause=worker.cause)
+            how = describe_exit(code)
+            if worker.cause is None and code != 0:
+                # Nobody here asked it to go: a signal from outside, or a crash.
+                cause = f"{how}, not by corral" if code < 0 else f"{how}, unasked"
+                self.log.warning("worker.exited", worker=worker.name, pid=pid, how=how, cause=cause)
+            else:
+                self.log.info("worker.exited", worker=worker.name, pid=pid, how=how, cause=worker.cause)
             exited.append((worker, worker.process.returncode))
         return exited
 
