@@ -118,7 +118,7 @@ class Health:
         self.circuit = Circuit.OPEN
         self.open_until = now + self.backoff_s
         self.opened += 1
-        self.log.warning("circuit.opened", service=self.service, reason=why,
+        self.log.warning("circuit.opened", service=self.service, cause=why,
                          backoff_ms=int(self.backoff_s * 1000))
         self.backoff_s = min(self.backoff_s * 2, self.backoff_max_s)
 

@@ -81,7 +81,8 @@ class WorkerProcess:
 
     @property
     def name(self) -> str:
-        return f"{self.home}.{self.generation}"
+        """How logs name it: its routing id, as the broker's lines and the worker's own do."""
+        return self.identity.decode()
 
 
 def describe_exit(returncode: int) -> str:
@@ -205,7 +206,7 @@ class Pool:
         worker.cause = f"retired ({reason})"
         worker.exit_kind = reason
         worker.kill_at = time.monotonic() + timeout_s
-        self.log.warning("worker.retiring", worker=worker.name, pid=worker.pid, reason=reason)
+        self.log.warning("worker.retiring", worker=worker.name, pid=worker.pid, cause=reason)
 
     def stop(self, worker: WorkerProcess, cause: str, timeout_s: float) -> None:
         """The broker asked the worker to leave; kill it if it is not gone in time."""

@@ -117,3 +117,33 @@ def test_two_daemons_with_two_configs_and_no_control_key_each_get_their_own(cach
         for daemon in daemons:
             daemon.cleanup()
         shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.timeout(120)
+def test_log_events_one_per_state_change_with_one_name_per_thing(start_daemon):
+    import re
+    from harness import FAULTS
+    daemon = start_daemon({"faults": {"module": FAULTS}}, supervisor={"workers": 1})
+    assert daemon.call("faults", b"unreachable").status == 502      # the worker retires and is respawned
+    daemon.wait_for(lambda: len(daemon.events("worker.exited")) == 1, what="the retired worker gone")
+    daemon.wait_for(lambda: len(daemon.events("worker.ready")) == 2, what="its successor ready")
+    assert daemon.stop() == 0
+    events = daemon.events()
+    workers = {e["pid"]: e["worker"] for e in events if e["event"] == "worker.spawned"}
+    assert len(workers) == 2
+    for pid in workers:
+        said = [e["event"] for e in events if e.get("pid") == pid and e["event"].startswith("worker.")]
+        for name in ("worker.spawned", "worker.ready", "worker.exited"):
+            assert said.count(name) == 1, (pid, said)
+    assert [e["event"] for e in events].count("worker.retiring") == 1
+    assert not [e for e in events if e["event"] == "worker.exit"]
+    assert not [e for e in events if "reason" in e], "one word for why: cause"
+    for event in events:
+        assert event["component"] in ("daemon", "worker"), event
+        if "worker" in event:
+            assert re.fullmatch(r"w\d+\.\d+", event["worker"]), event
+            if "pid" in event and event["event"] != "daemon.started":
+                assert workers[event["pid"]] == event["worker"], event
+    fault = [e for e in events if e["event"] == "request.fault"]
+    assert fault and fault[0]["component"] == "worker" and fault[0]["worker"] == workers[fault[0]["pid"]]
+    assert [e["cause"] for e in events if e["event"] == "worker.retiring"] == ["abort"]

@@ -329,7 +329,7 @@ def test_max_requests_recycles_workers_without_losing_requests(start_daemon):
         replies = client.gather(list(ids), timeout=30)
         assert all(r.status == 200 and r.body == ids[i] for i, r in replies.items())
     daemon.wait_for(lambda: first.isdisjoint(daemon.worker_pids()), what="recycled workers")
-    assert any(e.get("reason") == "max_requests" for e in daemon.events("worker.retiring"))
+    assert any(e.get("cause") == "max_requests" for e in daemon.events("worker.retiring"))
 
 
 # --- OS limits of the workers --------------------------------------------------------------

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from corral.wire import logs
     logs.configure(spec.log_level, spec.log_format)
-    log = logs.get(worker=f"{args.slot}.{args.generation}", pid=os.getpid())
+    # The fields of the daemon's lines about this worker (pool.WorkerProcess.name).
+    log = logs.get(component="worker", worker=f"w{args.slot}.{args.generation}", pid=os.getpid())
     try:
         # Imported here, so that an untested wasmtime (abi.UntestedWasmtime) is logged.
         from corral.workers.host import Host

@@ -80,7 +80,6 @@ class WorkerLoop:
         self.send(W_READY + encode_json({"pid": os.getpid(), "capacity": self.spec.capacity,
                                          "services": [g.decode() for g in self.host.guests],
                                          "standby": self.standby, "heartbeat_ms": self.spec.heartbeat_ms}))
-        self.log.info("worker.ready", services=len(self.host.guests), standby=self.standby)
         while True:
             if not self.jobs:
                 self.flush()
@@ -178,7 +177,6 @@ class WorkerLoop:
 
     def retire(self, reason: RetireReason) -> int:
         """Leave after a fault: hand back what has not started, wait for the broker's word."""
-        self.log.warning("worker.retiring", reason=reason.value, handed_back=len(self.jobs))
         self.hand_back(reason)
         deadline = time.monotonic() + max(10 * self.heartbeat_s, 5.0)
         while not self.leaving and time.monotonic() < deadline:
@@ -198,5 +196,4 @@ class WorkerLoop:
     def exit(self, reason: str) -> int:
         self.socket.close(linger=LINGER_MS)
         self.context.term()
-        self.log.info("worker.exit", reason=reason, handled=self.handled)
         return 0
