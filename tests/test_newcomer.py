@@ -147,3 +147,95 @@ def test_log_events_one_per_state_change_with_one_name_per_thing(start_daemon):
     fault = [e for e in events if e["event"] == "request.fault"]
     assert fault and fault[0]["component"] == "worker" and fault[0]["worker"] == workers[fault[0]["pid"]]
     assert [e["cause"] for e in events if e["event"] == "worker.retiring"] == ["abort"]
+
+
+def test_corral_version():
+    import importlib.metadata as metadata
+    done = corral("--version")
+    assert done.returncode == 0
+    assert done.stdout == (f"corral {metadata.version('corral')} (wasmtime {metadata.version('wasmtime')}, "
+                           f"pyzmq {metadata.version('pyzmq')})\n")
+
+
+def test_every_option_of_bench_has_help(monkeypatch):
+    import argparse
+    from corral import cli
+    seen = {}
+
+    def capture(self, args=None, namespace=None):
+        seen["parser"] = self
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "echo"])
+    verbs = next(a for a in seen["parser"]._actions if isinstance(a, argparse._SubParsersAction))
+    bench = verbs.choices["bench"]
+    missing = [a.dest for a in bench._actions if not a.help]
+    assert not missing, f"corral bench options without help: {missing}"
+    assert "warm-up" in bench.format_help()
+
+
+def test_corral_check_says_1_app(tmp_path):
+    path = tmp_path / "corral.toml"
+    path.write_text(f'[supervisor]\ncache_dir = "{tmp_path}/cache"\n[apps.echo]\nmodule = "{GUESTS / "echo.wat"}"\n')
+    done = corral("check", "-c", path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{path}: ok, 1 app: echo\n"
+
+
+def test_a_str_body_is_a_clear_type_error():
+    from corral.client import Client
+    with Client("inproc://nobody-needed") as client:
+        with pytest.raises(TypeError, match=r"^the body must be bytes, not str \(encode it: body.encode\(\)\)$"):
+            client.send("echo", "hello")
+        with pytest.raises(TypeError, match="not int"):
+            client.call("echo", 3)
+
+
+def test_no_reply_says_the_timeout_rounded():
+    import zmq
+    from corral.client import Client, NoReply
+    context = zmq.Context()
+    try:
+        silent = context.socket(zmq.ROUTER)
+        silent.bind("inproc://silent")
+        with Client("inproc://silent", context) as client:
+            with pytest.raises(NoReply, match=r"^no reply within 0\.123 s$"):
+                client.call("echo", b"x", timeout=0.123456789)
+            ids = [client.send("echo", b"x") for _ in range(2)]
+            with pytest.raises(NoReply, match=r"^2 of 2 replies missing after 0\.0457 s$"):
+                client.gather(ids, timeout=0.0456789)
+    finally:
+        context.destroy(linger=0)
+
+
+@pytest.mark.timeout(120)
+def test_bench_counts_only_timed_requests_and_says_so(start_daemon):
+    daemon = start_daemon({"echo": {"module": GUESTS / "echo.wat"}}, supervisor={"workers": 1})
+    done = corral("bench", "echo", "-n", "40", "--concurrency", "4", "--warmup", "7", "--no-progress",
+                  "-e", daemon.frontend, "-c", daemon.config_path)
+    assert done.returncode == 0, done.stderr
+    first, *rest = done.stdout.splitlines()
+    assert first.endswith("40 requests, 1 client, 4 in flight each (closed loop) "
+                          "(after 8 warm-up requests per client, not counted here)"), first
+    assert "  status      200: 40" in rest
+    served = {s["name"]: s["statuses"] for s in daemon.status()["services"]}["echo"]
+    assert served == {"200": 48}   # the check, the warm-up and the 40: the daemon counts all (as --help says)
+
+
+@pytest.mark.timeout(120)
+def test_status_shows_the_absolute_config_path_when_run_with_a_relative_one(cache_dir):
+    from harness import Daemon
+    daemon = Daemon({"echo": {"module": GUESTS / "echo.wat"}}, cache_dir, supervisor={"workers": 1})
+    try:
+        daemon.log_file = open(daemon.log_path, "ab")
+        daemon.process = subprocess.Popen([sys.executable, "-m", "corral", "run", "-c", "corral.toml"],
+                                          stdout=daemon.log_file, stderr=subprocess.STDOUT,
+                                          env=daemon.env, cwd=daemon.root)
+        daemon.wait_ready()
+        done = corral("status", "-c", "corral.toml", env=daemon.env, cwd=daemon.root)
+        assert done.returncode == 0, done.stderr
+        assert f"config {daemon.config_path} (generation 1)" in done.stdout.splitlines()[0]
+        assert daemon.stop() == 0
+    finally:
+        daemon.cleanup()
