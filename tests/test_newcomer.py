@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness import GUESTS, REPO
+from harness import GUESTS
 
 
 def corral(*args, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:

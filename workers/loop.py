@@ -84,7 +84,7 @@ class WorkerLoop:
             if not self.jobs:
                 self.flush()
                 if self.leaving:
-                    return self.exit("disconnect")
+                    return self.exit()
                 self.wait_for_work()
                 continue
             retire = self.run_one(self.jobs.popleft())
@@ -186,14 +186,14 @@ class WorkerLoop:
                 continue
             if self.jobs:  # sent before the broker saw RETIRING
                 self.hand_back(reason)
-        return self.exit(reason.value)
+        return self.exit()
 
     def hand_back(self, reason: RetireReason) -> None:
         tickets = [job.ticket for job in self.jobs]
         self.jobs.clear()
         self.send(retiring_message(reason.value, tickets))
 
-    def exit(self, reason: str) -> int:
+    def exit(self) -> int:
         self.socket.close(linger=LINGER_MS)
         self.context.term()
         return 0
