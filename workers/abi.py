@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib
-import importlib.metadata
 import json
 import math
 from ctypes import addressof, byref, c_bool, c_size_t, c_uint8, c_uint64, c_void_p, memmove, string_at
@@ -42,6 +41,7 @@ class UntestedWasmtime(ImportError):
     """The installed wasmtime-py lacks a private name the hot path uses."""
 
     def __init__(self, name: str):
+        import importlib.metadata   # only now: a worker that starts well never pays for it
         try:
             version = importlib.metadata.version("wasmtime")
         except importlib.metadata.PackageNotFoundError:
