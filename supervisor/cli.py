@@ -10,6 +10,7 @@ from pathlib import Path
 EXIT_FAILED_REPLY = 1   # a reply came, but not 200
 EXIT_NO_REPLY = 3       # no reply within --timeout, or the daemon is not there
 EX_CONFIG = 78
+EX_SOFTWARE = 70        # the installed wasmtime is not one corral was tested with
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,17 +91,31 @@ def load_config(args: argparse.Namespace):
         raise SystemExit(EX_CONFIG) from None
 
 
+def import_daemon(report):
+    """corral.daemon's Daemon; an untested wasmtime (abi.UntestedWasmtime, raised
+    as the daemon imports the instance check) is reported and exits 70."""
+    try:
+        from corral.daemon import Daemon
+    except ImportError as exc:
+        if type(exc).__name__ != "UntestedWasmtime":
+            raise
+        report(str(exc))
+        raise SystemExit(EX_SOFTWARE) from None
+    return Daemon
+
+
 def run(args: argparse.Namespace) -> int:
     from corral.wire import logs
-    from corral.daemon import Daemon
     logs.configure()
+    Daemon = import_daemon(lambda message: logs.get(component="daemon").error("daemon.start_failed",
+                                                                             error=message))
     return Daemon(config_path(args).absolute()).run()   # status and logs name the file wherever it ran
 
 
 def check(args: argparse.Namespace) -> int:
     from corral import config as config_module
     from corral import paths
-    from corral.daemon import Daemon
+    Daemon = import_daemon(lambda message: print(f"corral: {message}", file=sys.stderr))
     config = load_config(args)
     daemon = Daemon(config.path)
     daemon.cache_dir = paths.cache_dir(config.supervisor.cache_dir)

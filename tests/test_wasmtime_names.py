@@ -71,3 +71,27 @@ def test_pyproject_allows_only_the_tested_range():
         installed = importlib.metadata.version(name)
         assert requirement.specifier.contains(installed), f"{name} {installed} is outside {requirement}"
         assert any(s.operator == "<" for s in requirement.specifier), f"{name}: no upper bound"
+
+
+def test_check_and_run_say_so_and_exit_70(tmp_path):
+    """A whole daemon start with an untested wasmtime (one name taken out by a
+    sitecustomize on PYTHONPATH, which every process of it loads)."""
+    import json
+    import os
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import wasmtime._bindings as b\ndel b.wasmtime_exnref_t\n")
+    config = tmp_path / "corral.toml"
+    config.write_text(f'[supervisor]\nfrontend = "ipc://{tmp_path}/f.sock"\ncontrol = "ipc://{tmp_path}/c.sock"\n'
+                      f'cache_dir = "{tmp_path}/cache"\n[apps.echo]\nmodule = "{ROOT / "guests" / "echo.wat"}"\n')
+    env = {**os.environ, "PYTHONPATH": str(site), "RUNTIME_DIRECTORY": str(tmp_path / "run")}
+    expected = (f"wasmtime {importlib.metadata.version('wasmtime')} has no wasmtime._bindings.wasmtime_exnref_t, "
+                "which corral's hot path (corral/workers/abi.py) uses; corral is tested with wasmtime>=50,<51")
+    check = subprocess.run([sys.executable, "-m", "corral", "check", "-c", str(config)],
+                           capture_output=True, text=True, timeout=60, env=env)
+    assert (check.returncode, check.stderr) == (70, f"corral: {expected}\n")
+    run = subprocess.run([sys.executable, "-m", "corral", "run", "-c", str(config)],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 70
+    line = json.loads(run.stderr.strip().splitlines()[-1])
+    assert (line["event"], line["level"], line["error"]) == ("daemon.start_failed", "error", expected)
