@@ -147,6 +147,7 @@ def test_log_events_one_per_state_change_with_one_name_per_thing(start_daemon):
     fault = [e for e in events if e["event"] == "request.fault"]
     assert fault and fault[0]["component"] == "worker" and fault[0]["worker"] == workers[fault[0]["pid"]]
     assert [e["cause"] for e in events if e["event"] == "worker.retiring"] == ["abort"]
+    assert [e["cause"] for e in events if e["event"] == "worker.exited"][0] == "retired (abort)"
 
 
 def test_corral_version():
