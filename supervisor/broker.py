@@ -788,11 +788,6 @@ class Broker:
             totals.update(service.statuses)
         return totals
 
-    @property
-    def queued(self) -> int:
-        return sum(len(s.queue) for s in self.services.values()) + \
-            sum(len(l.backlog) for l in self.links.values())
-
     def close(self) -> None:
         self.frontend.close()
         self.backend.close(linger=0)

@@ -15,10 +15,10 @@ is blamed; quarantined answers do not count toward the budget.
 from __future__ import annotations
 
 import hashlib
-from collections import deque
 from enum import Enum
 
 from corral.config import RestartSettings
+from corral.wire.window import SlidingWindow
 
 QUARANTINE_AFTER = 3
 
@@ -37,13 +37,13 @@ class Health:
     def __init__(self, service: str, restart: RestartSettings, log):
         self.service = service
         self.log = log
+        self.aborts = SlidingWindow(restart.period_s)
+        self.poison: dict[bytes, SlidingWindow] = {}   # body digest -> its aborts
         self.use_restart(restart)
         self.backoff_s = self.backoff_initial_s
         self.circuit = Circuit.CLOSED
         self.open_until = 0.0
         self.probing = False
-        self.aborts: deque[float] = deque()
-        self.poison: dict[bytes, deque[float]] = {}   # body digest -> abort times
         self.quarantined_until: dict[bytes, float] = {}
         self.opened = 0  # how many times the circuit opened (for status)
 
@@ -51,6 +51,8 @@ class Health:
         """The budget and backoff of a (re)loaded config; the circuit's state is kept."""
         self.intensity = restart.intensity
         self.period_s = restart.period_s
+        for window in (self.aborts, *self.poison.values()):
+            window.period_s = restart.period_s
         self.backoff_initial_s = restart.backoff_initial_ms / 1000
         self.backoff_max_s = restart.backoff_max_ms / 1000
 
@@ -84,23 +86,22 @@ class Health:
     def record_abort(self, body: bytes, now: float, probe: bool) -> None:
         """An instance of this service aborted (502) or hit its deadline (504) on `body`."""
         key = digest(body)
-        times = self.poison.setdefault(key, deque())
-        times.append(now)
-        while times and times[0] < now - self.period_s:
-            times.popleft()
-        if len(times) >= QUARANTINE_AFTER:
+        poison = self.poison.get(key)
+        if poison is None:
+            poison = self.poison[key] = SlidingWindow(self.period_s)
+        poison.add(now)
+        if poison.count(now) >= QUARANTINE_AFTER:
             self.quarantined_until[key] = now + self.period_s
             del self.poison[key]
             self.log.warning("request.quarantined", service=self.service, digest=key.hex(),
                              seconds=self.period_s)
-        self.aborts.append(now)
-        while self.aborts and self.aborts[0] < now - self.period_s:
-            self.aborts.popleft()
+        self.aborts.add(now)
+        aborts = self.aborts.count(now)
         if probe:
             self.probing = False
             self._open(now, "probe aborted")
-        elif self.circuit is Circuit.CLOSED and len(self.aborts) > self.intensity:
-            self._open(now, f"{len(self.aborts)} aborts in {self.period_s:g} s")
+        elif self.circuit is Circuit.CLOSED and aborts > self.intensity:
+            self._open(now, f"{aborts} aborts in {self.period_s:g} s")
 
     def record_verdict(self, now: float) -> None:
         """A probe came back without aborting: close the circuit."""
@@ -118,13 +119,13 @@ class Health:
         self.circuit = Circuit.OPEN
         self.open_until = now + self.backoff_s
         self.opened += 1
-        self.log.warning("circuit.opened", service=self.service, reason=why,
+        self.log.warning("circuit.opened", service=self.service, cause=why,
                          backoff_ms=int(self.backoff_s * 1000))
         self.backoff_s = min(self.backoff_s * 2, self.backoff_max_s)
 
     def forget_old(self, now: float) -> None:
         """Drop poison records older than the period (called now and then, not per request)."""
-        for key in [k for k, times in self.poison.items() if times[-1] < now - self.period_s]:
+        for key in [k for k, window in self.poison.items() if window.count(now) == 0]:
             del self.poison[key]
         for key in [k for k, until in self.quarantined_until.items() if until <= now]:
             del self.quarantined_until[key]

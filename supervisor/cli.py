@@ -10,10 +10,12 @@ from pathlib import Path
 EXIT_FAILED_REPLY = 1   # a reply came, but not 200
 EXIT_NO_REPLY = 3       # no reply within --timeout, or the daemon is not there
 EX_CONFIG = 78
+EX_SOFTWARE = 70        # the installed wasmtime is not one corral was tested with
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="corral", description=__doc__)
+    parser.add_argument("--version", action="version", version=version())
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -37,16 +39,23 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
     bench = with_config(verbs.add_parser("bench", help="load a service and print req/s and latency"))
-    bench.add_argument("service")
-    bench.add_argument("body", nargs="?", default="hello")
-    bench.add_argument("-n", "--requests", type=int, default=10000)
+    bench.add_argument("service", help="the service to load")
+    bench.add_argument("body", nargs="?", default="hello", help="the body of every request (default: hello)")
+    bench.add_argument("-n", "--requests", type=int, default=10000,
+                       help="requests to time, in all (default 10000); before them each client sends one "
+                            "request to check that the service answers, then --warmup requests: those are "
+                            "not in the numbers printed")
+    bench.add_argument("--warmup", type=int, metavar="W",
+                       help="warm-up requests per client, sent and answered before the timed run "
+                            "(default: 4 x --concurrency, at most 1000); the daemon serves them, and counts "
+                            "them in corral status, like any other request")
     bench.add_argument("--concurrency", type=int, default=32, help="requests in flight")
     bench.add_argument("--clients", type=int, default=1, help="client sockets (each its own process)")
     bench.add_argument("--rate", type=float, metavar="R",
                        help="open loop: R requests per second in all, on a fixed schedule whatever the "
                             "replies do (latency at a given load); default: closed loop, --concurrency "
                             "in flight")
-    bench.add_argument("-e", "--endpoint")
+    bench.add_argument("-e", "--endpoint", help="frontend endpoint (default: the config's first)")
     bench.add_argument("--key", help="key, for a keyed service")
     bench.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on stderr (default: when stderr is a terminal)")
@@ -86,17 +95,31 @@ def load_config(args: argparse.Namespace):
         raise SystemExit(EX_CONFIG) from None
 
 
+def import_daemon(report):
+    """corral.daemon's Daemon; an untested wasmtime (abi.UntestedWasmtime, raised
+    as the daemon imports the instance check) is reported and exits 70."""
+    try:
+        from corral.daemon import Daemon
+    except ImportError as exc:
+        if type(exc).__name__ != "UntestedWasmtime":
+            raise
+        report(str(exc))
+        raise SystemExit(EX_SOFTWARE) from None
+    return Daemon
+
+
 def run(args: argparse.Namespace) -> int:
     from corral.wire import logs
-    from corral.daemon import Daemon
     logs.configure()
-    return Daemon(config_path(args)).run()
+    Daemon = import_daemon(lambda message: logs.get(component="daemon").error("daemon.start_failed",
+                                                                             error=message))
+    return Daemon(config_path(args).absolute()).run()   # status and logs name the file wherever it ran
 
 
 def check(args: argparse.Namespace) -> int:
     from corral import config as config_module
     from corral import paths
-    from corral.daemon import Daemon
+    Daemon = import_daemon(lambda message: print(f"corral: {message}", file=sys.stderr))
     config = load_config(args)
     daemon = Daemon(config.path)
     daemon.cache_dir = paths.cache_dir(config.supervisor.cache_dir)
@@ -107,7 +130,8 @@ def check(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"corral: {problem}", file=sys.stderr)
         return EX_CONFIG
-    print(f"{config.path}: ok, {len(config.apps)} apps: {', '.join(sorted(config.apps))}")
+    count = len(config.apps)
+    print(f"{config.path}: ok, {count} app{'' if count == 1 else 's'}: {', '.join(sorted(config.apps))}")
     return 0
 
 
@@ -118,9 +142,18 @@ def client_endpoint(args: argparse.Namespace) -> str:
     return endpoint.replace("tcp://*:", "tcp://127.0.0.1:").replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
 
 
+def require_listener(endpoint: str) -> None:
+    """Exit 3 at once when nothing listens on `endpoint`, rather than after a timeout."""
+    from corral.client.probe import nothing_listening
+    if nothing_listening(endpoint):
+        print(f"corral: nothing is listening on {endpoint} (is the daemon running?)", file=sys.stderr)
+        raise SystemExit(EXIT_NO_REPLY)
+
+
 def call_verb(args: argparse.Namespace) -> int:
     from corral.client import Client, NoReply
     body = sys.stdin.buffer.read() if args.body == "-" else args.body.encode()
+    require_listener(client_endpoint(args))
     with Client(client_endpoint(args)) as client:
         try:
             reply = client.call(args.service, body, timeout=args.timeout, key=args.key,
@@ -142,6 +175,7 @@ def control_request(args: argparse.Namespace, verb: str, arguments: dict, timeou
     """The daemon's answer to one verb; exit 3 with `no_answer` (or the usual question) if none comes."""
     import zmq
     endpoint = load_config(args).supervisor.control
+    require_listener(endpoint)
     context = zmq.Context.instance()
     socket = context.socket(zmq.REQ)
     socket.setsockopt(zmq.LINGER, 0)
@@ -216,15 +250,39 @@ def admin_verb(args: argparse.Namespace) -> int:
         return 1
     for warning in reply.get("warnings", []):
         print(f"corral: warning: {warning}", file=sys.stderr)
-    print(json.dumps(reply))
+    print(admin_sentence(args.verb, reply))
     return 0
+
+
+def admin_sentence(verb: str, reply: dict) -> str:
+    """What an admin verb did, said in words."""
+    if verb == "scale":
+        workers = reply["workers"]
+        return f"scaling to {workers} worker{'' if workers == 1 else 's'}"
+    if verb == "restart":
+        slots = reply["restarting"]
+        return f"restarting the worker{'' if len(slots) == 1 else 's'} in slot{'' if len(slots) == 1 else 's'} " \
+               f"{', '.join(map(str, slots))}, one at a time"
+    return f"reloaded: every worker serves config generation {reply['config_generation']}"
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+    parts = []
+    for name in ("corral", "wasmtime", "pyzmq"):
+        try:
+            parts.append(f"{name} {installed(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} (not installed)")
+    return f"{parts[0]} ({', '.join(parts[1:])})"
 
 
 def bench_verb(args: argparse.Namespace) -> int:
     from corral.client import loadgen
+    require_listener(client_endpoint(args))
     result = loadgen.run(client_endpoint(args), args.service.encode(), args.body.encode(),
                          requests=args.requests, concurrency=args.concurrency, clients=args.clients,
-                         key=args.key, rate=args.rate,
+                         key=args.key, rate=args.rate, warmup=args.warmup,
                          progress=sys.stderr.isatty() if args.progress is None else args.progress)
     print(result.report())
     return 0 if result.failed == 0 else 1

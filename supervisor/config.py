@@ -352,7 +352,7 @@ def with_defaults(config: Config) -> Config:
     if config.supervisor.control:
         return config
     return replace(config, supervisor=replace(config.supervisor,
-                                              control=paths.default_control_endpoint()))
+                                              control=paths.default_control_endpoint(config.path)))
 
 
 def to_toml(doc: dict[str, Any]) -> str:

@@ -34,7 +34,8 @@ class Control:
         self.socket.setsockopt(zmq.MAXMSGSIZE, 65536)
         if ipc_path(endpoint) is not None:
             if ipc_in_use(endpoint):
-                raise zmq.ZMQError(zmq.EADDRINUSE, f"control endpoint {endpoint} is in use")
+                raise zmq.ZMQError(zmq.EADDRINUSE, f"control endpoint {endpoint} is in use (by another "
+                                                   f"daemon?): set [supervisor] control to another endpoint")
             old_umask = os.umask(0o177)  # the socket file is created 0600
             try:
                 self.socket.bind(endpoint)

@@ -268,6 +268,10 @@ class Daemon:
                     elif item == wakeup:
                         self.drain_wakeup()
             busy_turns = busy_turns + 1 if found else 0
+            if broker.events:
+                # Before a reap: a worker's RETIRING read this turn must still find it
+                # (it exits as soon as it is told to, often before SIGCHLD is handled).
+                self.handle_broker_events()
             if self.signals or self.reload_result is not None:
                 self.handle_signals()
             broker.dispatch()

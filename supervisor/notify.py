@@ -29,10 +29,6 @@ class Notifier:
         self.last_watchdog = 0.0
         self.last_status = ""
 
-    @property
-    def enabled(self) -> bool:
-        return self.socket is not None
-
     def send(self, *fields: str) -> None:
         if self.socket is None:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import site
 import socket
@@ -77,8 +78,11 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def default_control_endpoint() -> str:
-    return f"ipc://{runtime_dir(create=False) / 'control.sock'}"
+def default_control_endpoint(config_path: Path) -> str:
+    """One control socket per config file, so that two daemons with two configs
+    never meet on it; `corral status -c FILE` finds it from the same file."""
+    digest = hashlib.sha256(str(Path(config_path).resolve()).encode()).hexdigest()[:12]
+    return f"ipc://{runtime_dir(create=False) / f'control-{digest}.sock'}"
 
 
 def ipc_path(endpoint: str) -> str | None:

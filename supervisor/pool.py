@@ -81,7 +81,8 @@ class WorkerProcess:
 
     @property
     def name(self) -> str:
-        return f"{self.home}.{self.generation}"
+        """How logs name it: its routing id, as the broker's lines and the worker's own do."""
+        return self.identity.decode()
 
 
 def describe_exit(returncode: int) -> str:
@@ -205,7 +206,7 @@ class Pool:
         worker.cause = f"retired ({reason})"
         worker.exit_kind = reason
         worker.kill_at = time.monotonic() + timeout_s
-        self.log.warning("worker.retiring", worker=worker.name, pid=worker.pid, reason=reason)
+        self.log.warning("worker.retiring", worker=worker.name, pid=worker.pid, cause=reason)
 
     def stop(self, worker: WorkerProcess, cause: str, timeout_s: float) -> None:
         """The broker asked the worker to leave; kill it if it is not gone in time."""
@@ -244,10 +245,15 @@ class Pool:
             worker = self.processes.pop(pid, None)
             if worker is None:
                 continue
-            worker.process.returncode = os.waitstatus_to_exitcode(status)
+            code = worker.process.returncode = os.waitstatus_to_exitcode(status)
             self.exits[worker.exit_kind] += 1
-            self.log.info("worker.exited", worker=worker.name, pid=pid,
-                          how=describe_exit(worker.process.returncode), cause=worker.cause)
+            how = describe_exit(code)
+            if worker.cause is None and code != 0:
+                # Nobody here asked it to go: a signal from outside, or a crash.
+                cause = f"{how}, not by corral" if code < 0 else f"{how}, unasked"
+                self.log.warning("worker.exited", worker=worker.name, pid=pid, how=how, cause=cause)
+            else:
+                self.log.info("worker.exited", worker=worker.name, pid=pid, how=how, cause=worker.cause)
             exited.append((worker, worker.process.returncode))
         return exited
 

@@ -129,7 +129,7 @@ def test_chaos(start_daemon):
         # (the killer thread may SIGKILL it between its 502 reply and its RETIRING message)
         assert left or event["pid"] in killed, f"worker {event['worker']} aborted but did not retire"
         assert any(e.get("event") == "worker.spawned" and e.get("worker", "").split(".") ==
-                   [str(slot), str(g)] for e in events for g in range(generation + 1, generation + 200)), \
+                   [f"w{slot}", str(g)] for e in events for g in range(generation + 1, generation + 200)), \
             f"no new worker in slot {slot} after {event['worker']} aborted"
 
     # A request that is not idempotent, in flight on a killed worker, gets 502 naming the signal.

@@ -214,6 +214,9 @@ def test_kill_9_of_a_worker_leaves_the_daemon_serving_with_a_new_worker(start_da
         assert daemon.call("echo", b"%d" % i).body == b"%d" % i
     exited = [e for e in daemon.events("worker.exited") if e["pid"] == victim["pid"]]
     assert exited and "signal 9" in exited[0]["how"]
+    # killed from outside: a warning that names the signal, not info with no cause
+    assert exited[0]["level"] == "warning"
+    assert exited[0]["cause"] == "killed by signal 9 (SIGKILL), not by corral", exited[0]
 
 
 def test_corral_call_prints_the_body_and_exits_by_status(shared_daemon):

@@ -131,7 +131,7 @@ def test_abort_with_respawn_retires_the_worker_and_a_new_one_serves(start_daemon
     assert after["generation"] == before["generation"] + 1
     assert client.call("faults", b"count").body == b"1"   # fresh process, fresh instance
     retiring = daemon.events("worker.retiring")
-    assert any(e.get("reason") == "abort" for e in retiring)
+    assert any(e.get("cause") == "abort" for e in retiring)
     daemon.wait_for(lambda: before["pid"] not in [w["pid"] for w in daemon.status()["workers"]],
                     what="the retired worker gone")
 
@@ -170,7 +170,7 @@ def test_escalation_ladder_retires_a_worker_whose_instances_keep_aborting(start_
     assert daemon.worker_pids() == [pid]            # within the budget: instances replaced in-process
     assert client.call("counter", b"trap", key="k3").status == 502
     daemon.wait_for(lambda: (p := daemon.worker_pids()) and p != [pid], what="escalation to a new process")
-    assert any(e.get("reason") == "escalation" for e in daemon.events("worker.retiring"))
+    assert any(e.get("cause") == "escalation" for e in daemon.events("worker.retiring"))
 
 
 # --- deadlines ------------------------------------------------------------------

@@ -135,3 +135,38 @@ def test_the_daemon_serves_on_plain_pyzmq_too(start_daemon):
     assert all(r.status == 200 and r.body == ids[i] for i, r in replies.items())
     assert daemon.call("nope").status == 404
     assert daemon.events("daemon.started")[0]["frames"] == "pyzmq"
+
+
+def test_send_frames_on_a_closed_socket_is_enotsock(frames):
+    context = zmq.Context()
+    try:
+        socket = context.socket(zmq.DEALER)
+        socket.close()
+        with pytest.raises(zmq.ZMQError) as caught:
+            frames.send_frames(socket, [b"x"], frames.NOBLOCK)
+        assert type(caught.value) is zmq.ZMQError and caught.value.errno == errno.ENOTSOCK
+    finally:
+        context.destroy(linger=0)
+
+
+def test_drain_on_a_closed_socket_is_enotsock(frames):
+    context = zmq.Context()
+    try:
+        socket = context.socket(zmq.DEALER)
+        socket.close()
+        with pytest.raises(zmq.ZMQError) as caught:
+            frames.drain(socket, 10)
+        assert type(caught.value) is zmq.ZMQError and caught.value.errno == errno.ENOTSOCK
+    finally:
+        context.destroy(linger=0)
+
+
+def test_the_extension_binds_only_to_a_module_already_loaded():
+    """It is bound through pyzmq's own extension module (RTLD_NOLOAD: never a
+    second libzmq); a file that is not loaded in this process is refused."""
+    import sys
+    from corral.wire import _zmqframes
+    pyzmq_module = sys.modules[zmq.backend.Socket.__module__].__file__
+    with pytest.raises(OSError, match="not loaded"):
+        _zmqframes.load(zmq.__file__, lambda error: None)  # a .py file: never dlopen'd
+    _zmqframes.load(pyzmq_module, load_frames(pure=False)._raise)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -260,12 +259,14 @@ def test_cli_admin_verbs(start_daemon):
     def corral(*args):
         return subprocess.run([sys.executable, "-m", "corral", *args, "-c", str(daemon.config_path)],
                               capture_output=True, text=True, timeout=30, env=daemon.env)
-    assert corral("scale", "3").returncode == 0
+    scaled = corral("scale", "3")
+    assert (scaled.returncode, scaled.stdout) == (0, "scaling to 3 workers\n")
     daemon.wait_ready(workers=3)
-    assert corral("restart", "2").returncode == 0
+    restarted = corral("restart", "2")
+    assert (restarted.returncode, restarted.stdout) == (0, "restarting the worker in slot 2, one at a time\n")
     reloaded = corral("reload")   # returns once every worker serves the new config
     assert reloaded.returncode == 0, reloaded.stderr
-    assert json.loads(reloaded.stdout) == {"ok": True, "config_generation": 2}
+    assert reloaded.stdout == "reloaded: every worker serves config generation 2\n"
     serving = [w for w in daemon.status()["workers"] if w["state"] == "ready"]
     assert len(serving) == 2 and all(w["config_generation"] == 2 for w in serving), serving
     failed = corral("restart", "9")
@@ -329,7 +330,7 @@ def test_max_requests_recycles_workers_without_losing_requests(start_daemon):
         replies = client.gather(list(ids), timeout=30)
         assert all(r.status == 200 and r.body == ids[i] for i, r in replies.items())
     daemon.wait_for(lambda: first.isdisjoint(daemon.worker_pids()), what="recycled workers")
-    assert any(e.get("reason") == "max_requests" for e in daemon.events("worker.retiring"))
+    assert any(e.get("cause") == "max_requests" for e in daemon.events("worker.retiring"))
 
 
 # --- OS limits of the workers --------------------------------------------------------------

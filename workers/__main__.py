@@ -36,11 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     oslimits.limit_resources(spec.max_open_files, spec.max_address_space_mib)
 
     from corral.wire import logs
-    from corral.workers.host import Host
-    from corral.workers.loop import WorkerLoop
     logs.configure(spec.log_level, spec.log_format)
-    log = logs.get(worker=f"{args.slot}.{args.generation}", pid=os.getpid())
+    # The fields of the daemon's lines about this worker (pool.WorkerProcess.name).
+    log = logs.get(component="worker", worker=f"w{args.slot}.{args.generation}", pid=os.getpid())
     try:
+        # Imported here, so that an untested wasmtime (abi.UntestedWasmtime) is logged.
+        from corral.workers.host import Host
+        from corral.workers.loop import WorkerLoop
         host = Host(spec, log)
         oslimits.drop_privileges(spec.user, spec.group)
         oslimits.die_with_parent(args.parent)  # a change of credentials clears it

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 import wasmtime
 
 from corral.wire.protocol import RetireReason
+from corral.wire.window import SlidingWindow
 from corral.workers import modules, outcome, state
 from corral.workers.abi import TICK_MS, CorralEntry, PlainEntry
 from corral.workers.outcome import Outcome
@@ -78,8 +78,7 @@ class Guest:
         self.keep_instances = app.instances != "per-request"
         self.instances: dict[bytes | None, CorralEntry | PlainEntry] = {}
         self.intensity = restart_intensity
-        self.period_s = restart_period_s
-        self.aborts: deque[float] = deque()
+        self.aborts = SlidingWindow(restart_period_s)
 
     def instantiate(self, timeout_ms: int) -> CorralEntry | PlainEntry | Outcome:
         store = wasmtime.Store(self.engine)
@@ -141,10 +140,8 @@ class Guest:
         """After a poisoning fault: does the worker retire, per on_abort and the ladder?"""
         if self.app.on_abort == "respawn":
             return RetireReason.ABORT
-        self.aborts.append(now)
-        while self.aborts and self.aborts[0] < now - self.period_s:
-            self.aborts.popleft()
-        return RetireReason.ESCALATION if len(self.aborts) > self.intensity else None
+        self.aborts.add(now)
+        return RetireReason.ESCALATION if self.aborts.count(now) > self.intensity else None
 
 
 def first_instance_fault(engine: wasmtime.Engine, app: AppSpec, module: wasmtime.Module, cache_dir: Path,

@@ -95,12 +95,11 @@ class WorkerLoop:
         self.send(W_READY + encode_json({"pid": os.getpid(), "capacity": self.spec.capacity,
                                          "services": [g.decode() for g in self.host.guests],
                                          "standby": self.standby, "heartbeat_ms": self.spec.heartbeat_ms}))
-        self.log.info("worker.ready", services=len(self.host.guests), standby=self.standby)
         while True:
             if not self.jobs:
                 self.flush()
                 if self.leaving:
-                    return self.exit("disconnect")
+                    return self.exit()
                 self.wait_for_work()
                 continue
             retire = self.run_one(self.jobs.popleft())
@@ -245,7 +244,6 @@ class WorkerLoop:
 
     def retire(self, reason: RetireReason) -> int:
         """Leave after a fault: hand back what has not started, wait for the broker's word."""
-        self.log.warning("worker.retiring", reason=reason.value, handed_back=len(self.jobs))
         self.hand_back(reason)
         deadline = time.monotonic() + max(10 * self.heartbeat_s, 5.0)
         while not self.leaving and time.monotonic() < deadline:
@@ -255,17 +253,16 @@ class WorkerLoop:
                 continue
             if self.jobs:  # sent before the broker saw RETIRING
                 self.hand_back(reason)
-        return self.exit(reason.value)
+        return self.exit()
 
     def hand_back(self, reason: RetireReason) -> None:
         tickets = [job.ticket for job in self.jobs]
         self.jobs.clear()
         self.send(retiring_message(reason.value, tickets))
 
-    def exit(self, reason: str) -> int:
+    def exit(self) -> int:
         for store in self.host.stores.values():
             store.close()
         self.socket.close(linger=LINGER_MS)
         self.context.term()
-        self.log.info("worker.exit", reason=reason, handled=self.handled)
         return 0

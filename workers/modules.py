@@ -135,8 +135,8 @@ def compile_cached(engine: wasmtime.Engine, source_path: Path, cache_dir: Path,
         wasm = wasmtime.wat2wasm(source.decode()) if source_path.suffix == ".wat" else source
         module = wasmtime.Module(engine, wasm)
     except (wasmtime.WasmtimeError, UnicodeDecodeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModuleProblem(f"{source_path.name} does not compile: {first_line}") from None
+        message = str(exc).strip().replace("--> <anon>:", f"--> {source_path.name}:") or type(exc).__name__
+        raise ModuleProblem(f"{source_path.name} does not compile: {message}") from None
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
     with os.fdopen(fd, "wb") as stream:
         stream.write(module.serialize())

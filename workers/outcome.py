@@ -31,9 +31,6 @@ class Outcome:  # not frozen: a frozen dataclass costs three times as much to ma
     poisoned: bool = False   # the instance is in an undefined state: never enter it again
 
 
-OK_EMPTY = Outcome(Status.OK, b"")
-
-
 def from_response(response: bytes) -> Outcome:
     """A corral/1 response: a status byte, then the body."""
     status = STATUS_BYTES.get(response[0])

@@ -341,6 +341,7 @@ class Result:
     max_lag_ms: float = 0.0
     late_sends: int = 0
     errors: list[str] = field(default_factory=list)
+    warmup: int = 0            # requests per client sent and answered before the timed run (the check's too)
 
     @property
     def missing(self) -> int:
@@ -380,9 +381,11 @@ class Result:
         load = (f"open loop at {self.rate:.0f} req/s offered" if self.rate
                 else f"{self.concurrency} in flight each (closed loop)")
         clients = f"{self.clients} client{'s' if self.clients != 1 else ''}"
+        warmup = (f" (after {self.warmup} warm-up request{'s' if self.warmup != 1 else ''} per client, "
+                  f"not counted here)" if self.warmup else "")
         lines = [
             f"{self.service} at {self.endpoint} ({self.framing}): {self.requests} requests, "
-            f"{clients}, {load}",
+            f"{clients}, {load}{warmup}",
             f"  throughput  {self.throughput:,.0f} req/s  ({self.received} replies in {self.elapsed_s:.3f} s)",
             f"  latency ms  p50 {self.pct(50):.3f}  p90 {self.pct(90):.3f}  p99 {self.pct(99):.3f}  "
             f"max {self.max_ms:.3f}  mean {self.mean_ms:.3f}",
@@ -549,7 +552,8 @@ def run(endpoint: str, service: bytes, body: bytes, requests: int, concurrency: 
     shares = _split(requests, clients)
     rates = [rate * share / requests for share in shares] if rate else [None] * clients
     fields = dict(service=service.decode(errors="replace"), endpoint=endpoint, framing=framing_name,
-                  requests=requests, concurrency=concurrency, clients=clients, rate=rate)
+                  requests=requests, concurrency=concurrency, clients=clients, rate=rate,
+                  warmup=1 + warmup)   # connect_check's request, then the warm-up proper
     if clients == 1:
         context = zmq.Context()
         bar = Progress(requests, 1) if progress else None

@@ -40,6 +40,10 @@ class NoReply(TimeoutError):
     """No reply came within the timeout."""
 
 
+def _seconds(timeout: float) -> str:
+    return f"{timeout:.3g}"
+
+
 class Client:
     def __init__(self, endpoint: str, context: zmq.Context | None = None):
         self.context = context or zmq.Context.instance()
@@ -57,6 +61,9 @@ class Client:
              deadline_ms: int | None = None, idempotent: bool | None = None,
              request_id: bytes | None = None) -> bytes:
         """Send one request without waiting; returns its request id."""
+        if not isinstance(body, (bytes, bytearray, memoryview)):
+            raise TypeError(f"the body must be bytes, not {type(body).__name__}"
+                            + (" (encode it: body.encode())" if isinstance(body, str) else ""))
         request_id = request_id or b"%d" % next(self._ids)
         meta = {}
         if key is not None:
@@ -78,7 +85,7 @@ class Client:
 
     def _recv(self, timeout: float | None) -> Reply:
         if not self.poller.poll(None if timeout is None else int(timeout * 1000)):
-            raise NoReply(f"no reply within {timeout} s")
+            raise NoReply(f"no reply within {_seconds(timeout)} s")
         frames = self.socket.recv_multipart()
         if len(frames) != 4 or frames[0] != NATIVE:
             raise ValueError(f"not a CORRAL1 reply: {frames[:4]!r}")
@@ -91,7 +98,10 @@ class Client:
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if end is None else max(0.0, end - time.monotonic())
-            reply = self._recv(left)
+            try:
+                reply = self._recv(left)
+            except NoReply:
+                raise NoReply(f"no reply within {_seconds(timeout)} s") from None  # the whole wait, not what was left
             if reply.request_id == request_id:
                 return reply
             self._arrived[reply.request_id] = reply
@@ -107,7 +117,7 @@ class Client:
                 reply = self._recv(left)
             except NoReply:
                 raise NoReply(f"{len(wanted) - len(replies)} of {len(wanted)} replies missing "
-                              f"after {timeout} s") from None
+                              f"after {_seconds(timeout)} s") from None
             if reply.request_id in wanted:
                 replies[reply.request_id] = reply
             else:

@@ -6,12 +6,15 @@
  * 5 us of a 30 us budget. Here a drain of every waiting message, frames and
  * all, is one call: 0.5 us per message.
  *
- * It calls the very libzmq that pyzmq loaded (found by the caller, opened
- * with RTLD_NOLOAD, so never a second copy), on the socket handle pyzmq
- * gives (`Socket.underlying`). Nothing here blocks: a drain starts with
- * ZMQ_DONTWAIT and only reads the rest of a message already begun (libzmq
- * delivers a multipart message whole). supervisor/wire/protocol.py wraps it and
- * falls back to plain pyzmq when it cannot be loaded.
+ * It calls the very libzmq that pyzmq loaded, on the socket handle pyzmq
+ * gives (`Socket.underlying`): the caller names pyzmq's own extension module,
+ * which is opened with RTLD_NOLOAD (so never a second copy) and whose handle
+ * dlsym searches together with the libraries it was linked against (pyzmq's
+ * bundled libzmq, or libzmq inside the module itself). Refusals are raised by
+ * a Python function the caller hands to load(), so that both implementations
+ * in corral/wire/frames.py raise the same zmq exceptions. Nothing here
+ * blocks: a drain starts with ZMQ_DONTWAIT and only reads the rest of a
+ * message already begun (libzmq delivers a multipart message whole).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -32,11 +35,15 @@ static size_t (*msg_size)(const zmq_msg_t *);
 static int (*msg_more)(const zmq_msg_t *);
 static int (*zsend)(void *, const void *, size_t, int);
 static int (*zerrno)(void);
+static PyObject *raise_errno;  /* errno -> raises the zmq exception pyzmq would */
 
 static PyObject *load(PyObject *self, PyObject *args) {
     const char *path;
-    if (!PyArg_ParseTuple(args, "s", &path))
+    PyObject *raiser;
+    if (!PyArg_ParseTuple(args, "sO", &path, &raiser))
         return NULL;
+    if (!PyCallable_Check(raiser))
+        return PyErr_Format(PyExc_TypeError, "load(path, raise_errno): raise_errno must be callable");
     void *lib = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
     if (lib == NULL)
         return PyErr_Format(PyExc_OSError, "libzmq is not loaded from %s: %s", path, dlerror());
@@ -52,7 +59,19 @@ static PyObject *load(PyObject *self, PyObject *args) {
         msg_init = NULL;
         return PyErr_Format(PyExc_OSError, "%s lacks a zmq_msg_* or zmq_send symbol", path);
     }
+    Py_INCREF(raiser);
+    Py_XSETREF(raise_errno, raiser);
     Py_RETURN_NONE;
+}
+
+/* NULL with the exception raise_errno(error) raised. */
+static PyObject *fail(int error) {
+    PyObject *result = PyObject_CallFunction(raise_errno, "i", error);
+    if (result != NULL) {
+        Py_DECREF(result);
+        PyErr_Format(PyExc_RuntimeError, "raise_errno(%d) returned instead of raising", error);
+    }
+    return NULL;
 }
 
 static int loaded(void) {
@@ -79,8 +98,7 @@ static PyObject *frame(void *socket, int first, int *more, int *empty) {
             *empty = 1;
             return NULL;
         }
-        errno = error;
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return fail(error);
     }
     PyObject *bytes = PyBytes_FromStringAndSize(msg_data(&msg), (Py_ssize_t)msg_size(&msg));
     *more = msg_more(&msg);
@@ -137,9 +155,10 @@ static PyObject *drain(PyObject *self, PyObject *args) {
     return messages;
 }
 
-/* send(handle, frames, flags) -> 0, or the errno of a frame libzmq refused
- * (EAGAIN at the high-water mark, EHOSTUNREACH for a gone ROUTER peer: both
- * refused at the first frame, before anything is queued). */
+/* send(handle, frames, flags) -> None; a frame libzmq refuses is raised through
+ * raise_errno (EAGAIN at the high-water mark, EHOSTUNREACH for a gone ROUTER
+ * peer: both refused at the first frame, before anything is queued). EINTR
+ * is retried, as pyzmq does. */
 static PyObject *send(PyObject *self, PyObject *args) {
     unsigned long long handle;
     PyObject *frames;
@@ -157,21 +176,24 @@ static PyObject *send(PyObject *self, PyObject *args) {
             Py_DECREF(sequence);
             return NULL;
         }
-        int rc = zsend(socket, view.buf, (size_t)view.len, flags | (i + 1 < count ? ZMQ_SNDMORE : 0));
+        int rc, error = 0;
+        do {
+            rc = zsend(socket, view.buf, (size_t)view.len, flags | (i + 1 < count ? ZMQ_SNDMORE : 0));
+        } while (rc < 0 && (error = zerrno()) == EINTR);
         PyBuffer_Release(&view);
         if (rc < 0) {
             Py_DECREF(sequence);
-            return PyLong_FromLong(zerrno());
+            return fail(error);
         }
     }
     Py_DECREF(sequence);
-    return PyLong_FromLong(0);
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"load", load, METH_VARARGS, "load(libzmq_path): bind to the libzmq pyzmq has loaded"},
+    {"load", load, METH_VARARGS, "load(path, raise_errno): bind to the libzmq that the loaded module at path links"},
     {"drain", drain, METH_VARARGS, "drain(handle, limit) -> list of messages (lists of frames)"},
-    {"send", send, METH_VARARGS, "send(handle, frames, flags) -> 0 or errno"},
+    {"send", send, METH_VARARGS, "send(handle, frames, flags) -> None; refusals raised via raise_errno"},
     {NULL, NULL, 0, NULL},
 };
 

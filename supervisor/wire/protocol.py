@@ -97,10 +97,6 @@ class Status(IntEnum):
     UNAVAILABLE = 503
     DEADLINE = 504
 
-    @property
-    def frame(self) -> bytes:
-        return STATUS_FRAMES[self]
-
 
 STATUS_FRAMES = {status: b"%d" % status for status in Status}
 STATUS_BY_CODE = {int(status): status for status in Status}  # cheaper than Status(code)
@@ -233,7 +229,6 @@ MAX_KEY = 0xFFFF
 class RetireReason(str, Enum):
     ABORT = "abort"              # a trap poisoned an instance (on_abort = "respawn")
     ESCALATION = "escalation"    # instances aborted more than restart.intensity times
-    DISCONNECT = "disconnect"    # the broker asked it to leave
     MAX_REQUESTS = "max_requests"
 
 

@@ -1,0 +1,242 @@
+"""What a newcomer tripped over, each fixed: commands aimed at no daemon, compile
+messages, a second daemon's control socket, signals from outside, and the
+small sayings of the CLI and the client."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness import GUESTS
+
+
+def corral(*args, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "corral", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def nowhere(tmp_path):
+    """A config whose endpoints nobody serves: an ipc path that does not exist, a tcp port nobody binds."""
+    port = free_port()
+    path = tmp_path / "corral.toml"
+    path.write_text(f'[supervisor]\nfrontend = "tcp://127.0.0.1:{port}"\n'
+                    f'control = "ipc://{tmp_path}/no-such.sock"\n'
+                    f'[apps.echo]\nmodule = "{GUESTS / "echo.wat"}"\n')
+    return path, port
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("verb", [
+    ["call", "echo", "x", "--timeout", "30"],           # the frontend: a refused tcp connect
+    ["bench", "echo", "-n", "10"],
+    ["status"],                                          # the control endpoint: no such ipc path
+    ["scale", "3"],
+])
+def test_a_command_aimed_at_no_daemon_says_so_at_once(nowhere, verb):
+    config, port = nowhere
+    started = time.monotonic()
+    done = corral(*verb, "-c", config)
+    elapsed = time.monotonic() - started
+    endpoint = f"tcp://127.0.0.1:{port}" if verb[0] in ("call", "bench") else f"ipc://{config.parent}/no-such.sock"
+    assert done.returncode == 3, done
+    assert done.stderr == f"corral: nothing is listening on {endpoint} (is the daemon running?)\n"
+    assert elapsed < 5, elapsed   # not after --timeout (30 s) or the control wait (5 s)
+
+
+@pytest.mark.timeout(60)
+def test_corral_call_to_an_ipc_path_that_does_not_exist(tmp_path):
+    done = corral("call", "echo", "x", "-e", f"ipc://{tmp_path}/gone.sock", "--timeout", "30")
+    assert done.returncode == 3
+    assert done.stderr == f"corral: nothing is listening on ipc://{tmp_path}/gone.sock (is the daemon running?)\n"
+
+
+def check_config(tmp_path, wat: str):
+    (tmp_path / "bad.wat").write_text(wat)
+    path = tmp_path / "corral.toml"
+    path.write_text(f'[supervisor]\ncache_dir = "{tmp_path}/cache"\n[apps.bad]\nmodule = "bad.wat"\n')
+    return corral("check", "-c", path)
+
+
+def test_corral_check_shows_the_whole_type_error(tmp_path):
+    done = check_config(tmp_path, "(module\n  (func $f (result i32)\n    i64.const 1))\n")
+    assert done.returncode == 78
+    assert "bad.wat does not compile: failed to compile: wasm[0]::function[0]::f" in done.stderr
+    assert "Caused by:" in done.stderr   # wasmtime's cause, and where
+    assert "Invalid input WebAssembly code at offset 26: type mismatch: expected i32, found i64" in done.stderr
+
+
+def test_corral_check_shows_the_line_and_column_of_a_wat_syntax_error(tmp_path):
+    done = check_config(tmp_path, "(module\n  (func $f (result i32)\n    i32.cost 1))\n")
+    assert done.returncode == 78
+    assert "bad.wat does not compile: unknown operator or unexpected token" in done.stderr
+    assert "--> bad.wat:3:5" in done.stderr and "i32.cost 1))" in done.stderr, done.stderr
+
+
+@pytest.mark.timeout(120)
+def test_two_daemons_with_two_configs_and_no_control_key_each_get_their_own(cache_dir):
+    """The default control socket is derived from the config file's path, so a
+    second daemon in the same runtime directory does not collide with the first."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from harness import Daemon
+    shared = Path(tempfile.mkdtemp(prefix="crl-rt-", dir="/tmp"))   # one runtime directory for both
+    daemons = []
+    try:
+        for _ in range(2):
+            daemon = Daemon({"echo": {"module": GUESTS / "echo.wat"}}, cache_dir, supervisor={"workers": 1},
+                            env={"RUNTIME_DIRECTORY": str(shared)})
+            daemons.append(daemon)
+            del daemon.doc["supervisor"]["control"]
+            daemon.write_config()
+            daemon.start(wait=False)
+            daemon.control = daemon.wait_for(lambda: daemon.events("daemon.started"),
+                                             timeout=30, what="daemon.started")[0]["control"]
+            daemon.wait_ready()
+        assert daemons[0].control != daemons[1].control
+        assert sorted(p.name for p in shared.glob("control-*.sock")) == \
+            sorted(d.control.rsplit("/", 1)[1] for d in daemons)
+        for daemon in daemons:
+            done = corral("status", "-c", daemon.config_path, env=daemon.env)
+            assert done.returncode == 0, done.stderr
+            assert f"config {daemon.config_path}" in done.stdout
+        for daemon in daemons:
+            assert daemon.stop() == 0
+    finally:
+        for daemon in daemons:
+            daemon.cleanup()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.timeout(120)
+def test_log_events_one_per_state_change_with_one_name_per_thing(start_daemon):
+    import re
+    from harness import FAULTS
+    daemon = start_daemon({"faults": {"module": FAULTS}}, supervisor={"workers": 1})
+    assert daemon.call("faults", b"unreachable").status == 502      # the worker retires and is respawned
+    daemon.wait_for(lambda: len(daemon.events("worker.exited")) == 1, what="the retired worker gone")
+    daemon.wait_for(lambda: len(daemon.events("worker.ready")) == 2, what="its successor ready")
+    assert daemon.stop() == 0
+    events = daemon.events()
+    workers = {e["pid"]: e["worker"] for e in events if e["event"] == "worker.spawned"}
+    assert len(workers) == 2
+    for pid in workers:
+        said = [e["event"] for e in events if e.get("pid") == pid and e["event"].startswith("worker.")]
+        for name in ("worker.spawned", "worker.ready", "worker.exited"):
+            assert said.count(name) == 1, (pid, said)
+    assert [e["event"] for e in events].count("worker.retiring") == 1
+    assert not [e for e in events if e["event"] == "worker.exit"]
+    assert not [e for e in events if "reason" in e], "one word for why: cause"
+    for event in events:
+        assert event["component"] in ("daemon", "worker"), event
+        if "worker" in event:
+            assert re.fullmatch(r"w\d+\.\d+", event["worker"]), event
+            if "pid" in event and event["event"] != "daemon.started":
+                assert workers[event["pid"]] == event["worker"], event
+    fault = [e for e in events if e["event"] == "request.fault"]
+    assert fault and fault[0]["component"] == "worker" and fault[0]["worker"] == workers[fault[0]["pid"]]
+    assert [e["cause"] for e in events if e["event"] == "worker.retiring"] == ["abort"]
+    assert [e["cause"] for e in events if e["event"] == "worker.exited"][0] == "retired (abort)"
+
+
+def test_corral_version():
+    import importlib.metadata as metadata
+    done = corral("--version")
+    assert done.returncode == 0
+    assert done.stdout == (f"corral {metadata.version('corral')} (wasmtime {metadata.version('wasmtime')}, "
+                           f"pyzmq {metadata.version('pyzmq')})\n")
+
+
+def test_every_option_of_bench_has_help(monkeypatch):
+    import argparse
+    from corral import cli
+    seen = {}
+
+    def capture(self, args=None, namespace=None):
+        seen["parser"] = self
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "echo"])
+    verbs = next(a for a in seen["parser"]._actions if isinstance(a, argparse._SubParsersAction))
+    bench = verbs.choices["bench"]
+    missing = [a.dest for a in bench._actions if not a.help]
+    assert not missing, f"corral bench options without help: {missing}"
+    assert "warm-up" in bench.format_help()
+
+
+def test_corral_check_says_1_app(tmp_path):
+    path = tmp_path / "corral.toml"
+    path.write_text(f'[supervisor]\ncache_dir = "{tmp_path}/cache"\n[apps.echo]\nmodule = "{GUESTS / "echo.wat"}"\n')
+    done = corral("check", "-c", path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{path}: ok, 1 app: echo\n"
+
+
+def test_a_str_body_is_a_clear_type_error():
+    from corral.client import Client
+    with Client("inproc://nobody-needed") as client:
+        with pytest.raises(TypeError, match=r"^the body must be bytes, not str \(encode it: body.encode\(\)\)$"):
+            client.send("echo", "hello")
+        with pytest.raises(TypeError, match="not int"):
+            client.call("echo", 3)
+
+
+def test_no_reply_says_the_timeout_rounded():
+    import zmq
+    from corral.client import Client, NoReply
+    context = zmq.Context()
+    try:
+        silent = context.socket(zmq.ROUTER)
+        silent.bind("inproc://silent")
+        with Client("inproc://silent", context) as client:
+            with pytest.raises(NoReply, match=r"^no reply within 0\.123 s$"):
+                client.call("echo", b"x", timeout=0.123456789)
+            ids = [client.send("echo", b"x") for _ in range(2)]
+            with pytest.raises(NoReply, match=r"^2 of 2 replies missing after 0\.0457 s$"):
+                client.gather(ids, timeout=0.0456789)
+    finally:
+        context.destroy(linger=0)
+
+
+@pytest.mark.timeout(120)
+def test_bench_counts_only_timed_requests_and_says_so(start_daemon):
+    daemon = start_daemon({"echo": {"module": GUESTS / "echo.wat"}}, supervisor={"workers": 1})
+    done = corral("bench", "echo", "-n", "40", "--concurrency", "4", "--warmup", "7", "--no-progress",
+                  "-e", daemon.frontend, "-c", daemon.config_path)
+    assert done.returncode == 0, done.stderr
+    first, *rest = done.stdout.splitlines()
+    assert first.endswith("40 requests, 1 client, 4 in flight each (closed loop) "
+                          "(after 8 warm-up requests per client, not counted here)"), first
+    assert "  status      200: 40" in rest
+    served = {s["name"]: s["statuses"] for s in daemon.status()["services"]}["echo"]
+    assert served == {"200": 48}   # the check, the warm-up and the 40: the daemon counts all (as --help says)
+
+
+@pytest.mark.timeout(120)
+def test_status_shows_the_absolute_config_path_when_run_with_a_relative_one(cache_dir):
+    from harness import Daemon
+    daemon = Daemon({"echo": {"module": GUESTS / "echo.wat"}}, cache_dir, supervisor={"workers": 1})
+    try:
+        daemon.log_file = open(daemon.log_path, "ab")
+        daemon.process = subprocess.Popen([sys.executable, "-m", "corral", "run", "-c", "corral.toml"],
+                                          stdout=daemon.log_file, stderr=subprocess.STDOUT,
+                                          env=daemon.env, cwd=daemon.root)
+        daemon.wait_ready()
+        done = corral("status", "-c", "corral.toml", env=daemon.env, cwd=daemon.root)
+        assert done.returncode == 0, done.stderr
+        assert f"config {daemon.config_path} (generation 1)" in done.stdout.splitlines()[0]
+        assert daemon.stop() == 0
+    finally:
+        daemon.cleanup()
