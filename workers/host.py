@@ -19,7 +19,7 @@ from pathlib import Path
 
 import wasmtime
 
-from corral.wire.protocol import RetireReason
+from corral.wire.protocol import RetireReason, Status
 from corral.workers import modules, outcome
 from corral.workers.abi import TICK_MS, CorralEntry, PlainEntry
 from corral.workers.outcome import Outcome
@@ -97,7 +97,8 @@ class Guest:
             entry.set_deadline(timeout_ms)
             fault = entry.enter(entry.init, 0, timeout_ms)
             if fault:
-                return fault
+                # an instance whose init did not finish holds half-made state
+                return outcome.init_unwound(fault.body) if fault.status is Status.UNWIND else fault
         return entry
 
     def run(self, key: bytes | None, body: bytes, timeout_ms: int) -> Outcome:
