@@ -7,6 +7,7 @@ the test run (guests/build.py)."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,10 @@ def test_ten_thousand_escaped_panics_leave_memory_size_and_stack_pointer_unchang
         assert result.status == 500 and PANIC.match(result.body).group(1) == str(n + 3).encode(), result
     assert state() == before
     assert guest.run(b"k", b"get", 1000).body == str(1 + ESCAPES).encode()
+
+
+def test_the_languages_example_config_checks(built_guests, tmp_path):
+    from test_config import corral_check
+    run = corral_check(Path(__file__).resolve().parent.parent / "config" / "languages.toml", tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "ok, 2 apps" in run.stdout

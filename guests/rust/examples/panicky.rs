@@ -2,7 +2,7 @@
 //! for the fault-model and chaos tests.
 //!
 //!   panic          panics (panic=abort build: `unreachable` trap, 502;
-//!                  panic=unwind build: status byte 2, 500)
+//!                  panic=unwind build: an escaped exception, 500 with the message)
 //!   error          returns Err: status byte 1, 422, the instance is fine
 //!   alloc <n>      allocates n more bytes and keeps them; when the allocator
 //!                  gets no memory (memory.grow returned -1 at the app's
