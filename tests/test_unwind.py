@@ -123,7 +123,7 @@ def test_an_exception_escaping_corral_init_fails_the_instantiation(engine, tmp_p
     guest = make_guest(engine, INIT_THROWS, tmp_path)
     result = guest.run(b"k", b"anything", 1000)
     assert result.status == 502 and result.poisoned, result
-    assert result.body.startswith(b"abort: instantiation failed: corral_init")
+    assert result.body == b"abort: instantiation failed: an exception escaped corral_init"
     assert b"k" not in guest.instances
 
 
@@ -159,3 +159,12 @@ def test_inspect_accepts_the_unwind_exports_and_a_message_export_needs_memory(en
     with pytest.raises(modules.ModuleProblem, match="corral_exception_message"):
         modules.inspect(compile_wat(engine, """(module
           (func (export "corral_exception_message") (param i32) (result i64) (i64.const 0)))"""))
+
+
+def test_corral_check_refuses_a_module_whose_corral_init_throws(tmp_path):
+    from test_config import corral_check
+    config = tmp_path / "corral.toml"
+    config.write_text(f'[apps.x]\nmodule = "{INIT_THROWS}"\n')
+    run = corral_check(config, tmp_path)
+    assert run.returncode == 78, run.stdout + run.stderr
+    assert "an exception escaped corral_init" in run.stderr

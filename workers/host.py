@@ -98,7 +98,7 @@ class Guest:
             fault = entry.enter(entry.init, 0, timeout_ms)
             if fault:
                 # an instance whose init did not finish holds half-made state
-                return outcome.init_unwound(fault.body) if fault.status is Status.UNWIND else fault
+                return outcome.init_unwound(fault) if fault.status is Status.UNWIND else fault
         return entry
 
     def run(self, key: bytes | None, body: bytes, timeout_ms: int) -> Outcome:

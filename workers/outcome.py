@@ -62,10 +62,12 @@ def exception_message_failed(detail: str) -> Outcome:
                    poisoned=True)
 
 
-def init_unwound(detail: bytes) -> Outcome:
+def init_unwound(unwind: Outcome) -> Outcome:
     """An exception escaped corral_init: the instance never became ready to serve."""
-    return Outcome(Status.ABORT, b"abort: instantiation failed: corral_init " + detail, b"instantiate",
-                   poisoned=True)
+    detail = b"abort: instantiation failed: an exception escaped corral_init"
+    if unwind.body != UNWOUND:
+        detail += b": " + unwind.body.removeprefix(b"unwind: ")
+    return Outcome(Status.ABORT, detail, b"instantiate", poisoned=True)
 
 
 def trap_text(code: int | None, message: str) -> str:
