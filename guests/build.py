@@ -195,10 +195,16 @@ def cargo_build(toolchain: RustToolchain, strategy: str, linker: Path) -> Path:
 def build_rust(out: Path, force: bool = False) -> dict[str, Path]:
     outputs = {f"rust_{example}{suffix}": (strategy, example)
                for strategy, suffix in PANIC_STRATEGIES.items() for example in RUST_EXAMPLES}
+    toolchain = find_rust()
+    # a new rustc rebuilds everything, even outputs newer than their sources
+    version = subprocess.run([toolchain.rustc, "-vV"], capture_output=True, text=True, check=True).stdout
+    stamp = out / "rustc.txt"
+    stamp_text = f"{toolchain.rustc}\n{version}"
+    if not stamp.is_file() or stamp.read_text() != stamp_text:
+        force = True
     sources = rust_sources()
     if not force and all(fresh(out / f"{name}.wasm", sources) for name in outputs):
         return {name: out / f"{name}.wasm" for name in outputs}
-    toolchain = find_rust()
     linker = wasm_linker(CARGO_CACHE)
     built = {}
     for strategy in PANIC_STRATEGIES:
@@ -211,6 +217,7 @@ def build_rust(out: Path, force: bool = False) -> dict[str, Path]:
             shutil.copyfile(folder / f"{example}.wasm", temporary)
             os.replace(temporary, wasm)
             built[name] = wasm
+    stamp.write_text(stamp_text)
     return built
 
 

@@ -83,7 +83,8 @@ class Entry:
         self.store = store
         self.instance = instance
         self.context = _address(store._context())
-        memory = instance.exports(store).get("memory")
+        exports = instance.exports(store)
+        memory = exports.get("memory")
         self.memory = addressof(memory._memory) if isinstance(memory, wasmtime.Memory) else 0
         self.args = (raw_types.wasmtime_val_raw_t * max(arg_slots, 2))()
         self.args_at = addressof(self.args)
@@ -91,7 +92,6 @@ class Entry:
         self.trap_at = addressof(self.trap)
         self.base = self.size = 0  # linear memory as last seen (see memory_view)
         self._keep = [memory]  # the Python objects that own the raw structs
-        exports = instance.exports(store)
         stack = exports.get("__stack_pointer")
         self.stack = addressof(stack._global) if isinstance(stack, wasmtime.Global) else 0
         self.saved_stack = raw_types.wasmtime_val_t()
