@@ -43,6 +43,21 @@ def test_panic_unwind_is_500_with_the_panic_message_and_the_count_survives(count
 
 
 @pytest.mark.timeout(90)
+def test_after_an_unwound_panic_the_guest_is_no_longer_panicking(start_daemon, built_guests):
+    # corral_exception_message rethrows the exception inside catch_unwind, which lowers
+    # std's panic count; without that call thread::panicking() stays true for good
+    daemon = start_daemon({"panicky": {"module": built_guests["rust_panicky_unwind"]}},
+                          supervisor={"workers": 1})
+    client = daemon.client()
+    assert client.call("panicky", b"panicking").body == b"false"
+    for _ in range(3):
+        reply = client.call("panicky", b"panic")
+        assert reply.status == 500 and reply.body.endswith(b": panicky: asked to panic"), reply
+        assert client.call("panicky", b"panicking").body == b"false"
+    assert client.call("panicky", b"tick").body == b"1"
+
+
+@pytest.mark.timeout(90)
 def test_panic_abort_is_502_and_the_count_starts_again(counters):
     client = counters.client()
     assert [client.call("counter_abort", b"", key="alice").body for _ in range(3)] == [b"1", b"2", b"3"]

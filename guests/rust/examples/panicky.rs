@@ -11,6 +11,9 @@
 //!   try-alloc <n>  the same, but a failed allocation is handled: 422
 //!   stack          recurses until the stack is gone: a trap, 502
 //!   loop           spins forever: 504 at the app's timeout_ms
+//!   panicking      answers std::thread::panicking() ("true"/"false"): after a
+//!                  panic that unwound it must be false again, or every Drop
+//!                  that asks (a MutexGuard poisoning its Mutex) goes wrong
 //!   anything else  adds one to the count and answers it (ASCII decimal), so
 //!                  a fresh instance answers 1 to its first request
 //!
@@ -48,6 +51,7 @@ fn handle(request: &[u8]) -> Result<Vec<u8>, String> {
         }
         b"stack" => Ok(recurse(0).to_string().into_bytes()),
         b"loop" => spin(),
+        b"panicking" => Ok(std::thread::panicking().to_string().into_bytes()),
         _ => {
             let count = COUNT.with(|count| {
                 count.set(count.get() + 1);

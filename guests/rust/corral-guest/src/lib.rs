@@ -21,7 +21,8 @@
 //! | panics, abort    | -           | `unreachable` trap   | 502           |
 //!
 //! The crate builds either way; one build switch, rustc's `-C panic=`,
-//! chooses what a panic does (guests/build.py: `--panic unwind|abort`):
+//! chooses what a panic does (guests/build.py builds both: `rust_NAME.wasm`
+//! with abort, `rust_NAME_unwind.wasm` with unwind):
 //!
 //! - **panic=unwind**: the panic is a real Wasm exception. It unwinds the
 //!   handler (running `Drop`s) and leaves `corral_handle`; corral resets the
