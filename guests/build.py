@@ -2,12 +2,17 @@
 
     python guests/build.py [--force] [--out DIR]
 
-Rust: rustc (no cargo) with the wasm32-unknown-unknown standard library,
-which Debian ships as `apt-get install -y rustc libstd-rust-dev-wasm32`.
-A rustup rustc earlier on PATH often lacks that target, so every candidate
-is probed and the first whose target libdir holds libstd wins ($CORRAL_RUSTC
-first, then /usr/bin/rustc, then rustc on PATH). The crate corral-guest is
-built as an rlib, then each example as a panic=abort cdylib against it.
+Rust: Debian's rustc-web, cargo-web and rust-web-src
+(`apt-get install -y rustc-web cargo-web rust-web-src`). There is no
+prebuilt wasm32 std for it, so cargo rebuilds std from rust-web-src
+(-Zbuild-std, RUSTC_BOOTSTRAP=1, offline, crates from std's own vendor
+directory), once per panic strategy, in build/rust/<strategy>/ (kept between
+runs: a cold build is about a minute, a warm one a second). Every example is
+built twice: panic=abort as rust_<name>.wasm and panic=unwind (real Wasm
+exceptions) as rust_<name>_unwind.wasm. rustc-web ships no rust-lld: the
+linker is `python -m ziglang wasm-ld` behind a small wrapper. $CORRAL_CARGO
+and $CORRAL_RUSTC choose other binaries (a rustup install in ~/.cargo/bin,
+often first on PATH, has no wasm32 std and no rust-src).
 
 C: zig's clang, from `pip install ziglang`, for wasm32-freestanding.
 
@@ -30,20 +35,27 @@ GUESTS = Path(__file__).resolve().parent
 ROOT = GUESTS.parent
 OUT = ROOT / "build" / "guests"
 
-CRATE = GUESTS / "rust" / "corral-guest" / "src" / "lib.rs"
+RUST = GUESTS / "rust"
+CRATE = RUST / "corral-guest" / "src" / "lib.rs"
+MANIFEST = RUST / "corral-guest" / "Cargo.toml"
 RUST_EXAMPLES = ["echo", "kv", "panicky", "counter"]
+# the strategy, and the suffix of its outputs' names
+PANIC_STRATEGIES = {"abort": "", "unwind": "_unwind"}
+CARGO_CACHE = ROOT / "build" / "rust"
 C_HEADER = GUESTS / "c" / "corral.h"
 C_EXAMPLES = ["echo", "aborts"]
 
 WASM_TARGET = "wasm32-unknown-unknown"
-RUSTC_FLAGS = [
-    "--edition", "2021",
-    "--target", WASM_TARGET,
-    "-C", "opt-level=2",
-    "-C", "panic=abort",
-    # std's rlibs carry DWARF: without this a 30 KiB guest weighs 5 MiB
-    "-C", "strip=debuginfo",
-]
+# What a panic is, per strategy; both export __stack_pointer, which corral
+# restores after an escaped exception (guests/README.md, "Unwind").
+RUST_FLAGS = {
+    "abort": ["-Cpanic=abort", "-Clink-arg=--export=__stack_pointer"],
+    "unwind": ["-Cpanic=unwind", "-Ctarget-feature=+exception-handling",
+               # LLVM 22 still emits the legacy EH encoding by default; wasmtime rejects it
+               "-Cllvm-args=-wasm-use-legacy-eh=false",
+               "-Clink-arg=--export=__stack_pointer", "-Clink-arg=--export=__cpp_exception"],
+}
+BUILD_STD = {"abort": "std,panic_abort", "unwind": "std,panic_unwind"}
 ZIG_FLAGS = [
     "--target=wasm32-freestanding",
     "-O2", "-g0",
@@ -54,7 +66,7 @@ ZIG_FLAGS = [
     "-Wl,--strip-debug",
 ]
 
-RUST_PACKAGES = "Debian packages rustc and libstd-rust-dev-wasm32 (apt-get install -y rustc libstd-rust-dev-wasm32)"
+RUST_PACKAGES = "Debian packages rustc-web, cargo-web and rust-web-src (apt-get install -y rustc-web cargo-web rust-web-src)"
 ZIG_PACKAGE = "the PyPI package ziglang (pip install ziglang)"
 
 
@@ -66,32 +78,65 @@ class BuildFailed(RuntimeError):
     """A compiler ran and refused the source."""
 
 
-def rustc_has_wasm_std(rustc: str) -> bool:
+class RustToolchain:
+    """cargo, rustc and the std sources that -Zbuild-std rebuilds for wasm32."""
+
+    def __init__(self, cargo: str, rustc: str, library: Path):
+        self.cargo, self.rustc, self.library = cargo, rustc, library
+
+
+def rust_library(rustc: str) -> Path | None:
+    """The std sources of `rustc` (rust-web-src's), with their vendored crates, or None."""
     try:
-        libdir = subprocess.run(
-            [rustc, "--print", "target-libdir", "--target", WASM_TARGET],
-            capture_output=True, text=True, timeout=60,
-        )
+        sysroot = subprocess.run([rustc, "--print", "sysroot"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
-        return False
-    if libdir.returncode != 0:
-        return False
-    path = Path(libdir.stdout.strip())
-    return path.is_dir() and any(path.glob("libstd-*.rlib"))
+        return None
+    if sysroot.returncode != 0:
+        return None
+    library = Path(sysroot.stdout.strip()) / "lib" / "rustlib" / "src" / "rust" / "library"
+    return library if (library / "std" / "Cargo.toml").is_file() and (library / "vendor").is_dir() else None
 
 
-def find_rustc(candidates: list[str] | None = None) -> str:
-    if candidates is None:
-        candidates = [os.environ.get("CORRAL_RUSTC", ""), "/usr/bin/rustc", shutil.which("rustc") or ""]
+def find_rust(rustc_candidates: list[str] | None = None, cargo_candidates: list[str] | None = None) -> RustToolchain:
+    if rustc_candidates is None:
+        rustc_candidates = [os.environ.get("CORRAL_RUSTC", ""), "/usr/bin/rustc", shutil.which("rustc") or ""]
+    if cargo_candidates is None:
+        cargo_candidates = [os.environ.get("CORRAL_CARGO", ""), "/usr/bin/cargo", shutil.which("cargo") or ""]
     tried = []
-    for rustc in dict.fromkeys(c for c in candidates if c):
-        if rustc_has_wasm_std(rustc):
-            return rustc
+    for rustc in dict.fromkeys(c for c in rustc_candidates if c):
+        library = rust_library(rustc)
+        if library is not None:
+            break
         tried.append(rustc)
-    raise ToolchainMissing(
-        f"no rustc with the {WASM_TARGET} standard library (tried: {', '.join(tried) or 'none found'}); "
-        f"install the {RUST_PACKAGES}, or point CORRAL_RUSTC at a rustc that has the target"
-    )
+    else:
+        raise ToolchainMissing(
+            f"no rustc with its std sources for -Zbuild-std (tried: {', '.join(tried) or 'none found'}); "
+            f"install the {RUST_PACKAGES}, or point CORRAL_RUSTC at a rustc that has them")
+    cargo = next((c for c in dict.fromkeys(cargo_candidates) if c and os.access(c, os.X_OK)), None)
+    if cargo is None:
+        raise ToolchainMissing(f"no cargo; install the {RUST_PACKAGES}, or point CORRAL_CARGO at one")
+    return RustToolchain(cargo, rustc, library)
+
+
+def wasm_linker(cache: Path) -> Path:
+    """rustc asks for rust-lld, which rustc-web lacks: a wrapper around zig's wasm-ld (or
+    Debian's) that drops rustc's leading `-flavor wasm`."""
+    if importlib.util.find_spec("ziglang") is not None:
+        command = f"'{sys.executable}' -m ziglang wasm-ld"
+    else:
+        found = shutil.which("wasm-ld") or shutil.which("wasm-ld-22")
+        if found is None:
+            raise ToolchainMissing(f"no wasm linker: install {ZIG_PACKAGE} into {sys.executable}, or lld")
+        command = f"'{found}'"
+    script = f'#!/bin/sh\n[ "$1" = "-flavor" ] && shift 2\nexec {command} "$@"\n'
+    wrapper = cache / "wasm-ld"
+    if not wrapper.is_file() or wrapper.read_text() != script:
+        cache.mkdir(parents=True, exist_ok=True)
+        temporary = wrapper.with_name(f".wasm-ld.{os.getpid()}.tmp")
+        temporary.write_text(script)
+        temporary.chmod(0o755)
+        os.replace(temporary, wrapper)
+    return wrapper
 
 
 def zig_cc() -> list[str]:
@@ -120,30 +165,59 @@ def run(command: list[str], output: Path) -> None:
     os.replace(temporary, output)
 
 
+def rust_sources() -> list[Path]:
+    return [CRATE, MANIFEST, Path(__file__).resolve(),
+            *(RUST / "examples" / f"{example}.rs" for example in RUST_EXAMPLES)]
+
+
+def cargo_build(toolchain: RustToolchain, strategy: str, linker: Path) -> Path:
+    """Build every example with one panic strategy; the folder that holds the .wasm files."""
+    target_dir = CARGO_CACHE / strategy
+    flags = [*RUST_FLAGS[strategy], f"-Clinker={linker}",
+             # panic locations read examples/counter.rs, not ../examples/counter.rs
+             "--remap-path-prefix=../="]
+    env = {**os.environ, "RUSTC_BOOTSTRAP": "1", "RUSTC": toolchain.rustc,
+           "CARGO_ENCODED_RUSTFLAGS": "\x1f".join(flags)}
+    for name in ("RUSTFLAGS", "CARGO_BUILD_RUSTFLAGS", "CARGO_BUILD_TARGET", "RUSTC_WRAPPER"):
+        env.pop(name, None)
+    command = [toolchain.cargo, "build", "--offline", "--release", "--quiet",
+               "--target", WASM_TARGET, f"-Zbuild-std={BUILD_STD[strategy]}",
+               "--examples", "--manifest-path", str(MANIFEST), "--target-dir", str(target_dir),
+               "--config", 'source.crates-io.replace-with="corral-std-vendor"',
+               "--config", f'source.corral-std-vendor.directory="{toolchain.library / "vendor"}"']
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise BuildFailed(f"building the Rust examples (panic={strategy}) failed:\n"
+                          f"$ {' '.join(command)}\n{done.stderr.strip()}")
+    return target_dir / WASM_TARGET / "release" / "examples"
+
+
 def build_rust(out: Path, force: bool = False) -> dict[str, Path]:
-    rustc = find_rustc()
-    # An rlib only links with the rustc that built it: rebuild on a change.
-    version = subprocess.run([rustc, "-vV"], capture_output=True, text=True, check=True).stdout
+    outputs = {f"rust_{example}{suffix}": (strategy, example)
+               for strategy, suffix in PANIC_STRATEGIES.items() for example in RUST_EXAMPLES}
+    toolchain = find_rust()
+    # a new rustc rebuilds everything, even outputs newer than their sources
+    version = subprocess.run([toolchain.rustc, "-vV"], capture_output=True, text=True, check=True).stdout
     stamp = out / "rustc.txt"
-    stamp_text = f"{rustc}\n{version}"
-    if not stamp.exists() or stamp.read_text() != stamp_text:
+    stamp_text = f"{toolchain.rustc}\n{version}"
+    if not stamp.is_file() or stamp.read_text() != stamp_text:
         force = True
-    this_script = Path(__file__).resolve()
-
-    rlib = out / "libcorral_guest.rlib"
-    if force or not fresh(rlib, [CRATE, this_script]):
-        run([rustc, *RUSTC_FLAGS, "--crate-type", "rlib", "--crate-name", "corral_guest", CRATE], rlib)
-    stamp.write_text(stamp_text)
-
+    sources = rust_sources()
+    if not force and all(fresh(out / f"{name}.wasm", sources) for name in outputs):
+        return {name: out / f"{name}.wasm" for name in outputs}
+    linker = wasm_linker(CARGO_CACHE)
     built = {}
-    for example in RUST_EXAMPLES:
-        source = GUESTS / "rust" / "examples" / f"{example}.rs"
-        name = f"rust_{example}"
-        wasm = out / f"{name}.wasm"
-        if force or not fresh(wasm, [source, rlib, this_script]):
-            run([rustc, *RUSTC_FLAGS, "--crate-type", "cdylib", "--crate-name", name,
-                 "--extern", f"corral_guest={rlib}", source], wasm)
-        built[name] = wasm
+    for strategy in PANIC_STRATEGIES:
+        folder = cargo_build(toolchain, strategy, linker)
+        for name, (of, example) in outputs.items():
+            if of != strategy:
+                continue
+            wasm = out / f"{name}.wasm"
+            temporary = wasm.with_name(f".{wasm.name}.{os.getpid()}.tmp")
+            shutil.copyfile(folder / f"{example}.wasm", temporary)
+            os.replace(temporary, wasm)
+            built[name] = wasm
+    stamp.write_text(stamp_text)
     return built
 
 

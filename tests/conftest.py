@@ -19,14 +19,32 @@ def cache_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def built_guests() -> dict[str, Path]:
-    """The Rust and C example guests, compiled from source (guests/build.py)."""
+_built: dict = {}
+
+
+def pytest_collection_finish(session) -> None:
+    """Build the compiled guests once, before the first test and outside every test's
+    timeout, if any test wants them: a cold build (std rebuilt for each Rust panic
+    strategy) takes minutes on two busy cores; a warm one well under a second."""
+    if any("built_guests" in getattr(item, "fixturenames", ()) for item in session.items):
+        _built["result"] = _build_guests()
+
+
+def _build_guests() -> dict[str, Path] | str:
     build = load_guest_builder()
     try:
         return build.build_all()
     except (build.ToolchainMissing, build.BuildFailed) as error:
-        pytest.fail(str(error), pytrace=False)
+        return str(error)
+
+
+@pytest.fixture(scope="session")
+def built_guests() -> dict[str, Path]:
+    """The Rust and C example guests, compiled from source (guests/build.py)."""
+    result = _built.get("result") or _build_guests()
+    if isinstance(result, str):
+        pytest.fail(result, pytrace=False)
+    return result
 
 
 def example_apps() -> dict:

@@ -26,7 +26,8 @@ def bench_dirs() -> set[Path]:
 
 
 @pytest.mark.timeout(240)
-def test_bench_run_quick_prints_every_table_and_leaves_nothing_behind():
+def test_bench_run_quick_prints_every_table_and_leaves_nothing_behind(built_guests):
+    # built_guests: the unwind section's Rust guests are built (once per run) before the clock starts
     before = bench_dirs()
     done = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick"],
                           cwd=REPO, capture_output=True, text=True, timeout=220)
@@ -54,6 +55,8 @@ def test_bench_run_quick_prints_every_table_and_leaves_nothing_behind():
     assert re.search(rf"^respawn\s+trap reply .*\s{NUMBER}\s+{NUMBER}\s+{NUMBER}$", out, re.M), out
     # fairness: the light client's p99 beside a flood on its service and on another
     assert len(re.findall(rf"^ratio p99 beside a flood on echo2? / alone = {NUMBER}", out, re.M)) == 2, out
+    assert re.search(rf"^ratio saved/baseline = {NUMBER} \(medians\)", out, re.M), out
+    assert re.search(rf"^Guest\.run, the same: an escaped panic, 500 .*\s{NUMBER}\s+{NUMBER}$", out, re.M), out
     # clean-up: no private directory, no process started from one
     assert bench_dirs() <= before, f"left behind: {bench_dirs() - before}"
     left = [p.info for p in psutil.process_iter(["pid", "cmdline"])

@@ -35,9 +35,11 @@ ABORTS = {b"unreachable", b"oob", b"div0", b"recurse", b"grow", b"badptr", b"bad
           b"badstatus", b"loop"}
 
 
-def test_chaos(start_daemon):
+def test_chaos(start_daemon, built_guests):
     daemon = start_daemon(
         {"echo": {"module": GUESTS / "echo.wat"},
+         # a compiled guest whose panics are real Wasm exceptions (panic=unwind)
+         "rust_unwind": {"module": built_guests["rust_counter_unwind"], "instances": "keyed"},
          "faults": {"module": FAULTS, "max_memory_mib": 16, "timeout_ms": 300},   # on_abort = respawn
          "faults_inproc": {"module": FAULTS, "max_memory_mib": 16, "timeout_ms": 300,
                            "on_abort": "reinstantiate"}},
@@ -50,6 +52,7 @@ def test_chaos(start_daemon):
     healthy_done = [0] * HEALTHY_CLIENTS
     fault_replies: list[tuple[str, bytes, int, bytes]] = []
     killed: list[int] = []
+    unwind_replies: list[tuple[bytes, int, bytes]] = []
 
     def healthy(n: int) -> None:
         client = daemon.client()
@@ -90,6 +93,28 @@ def test_chaos(start_daemon):
             fault_replies.append((service, body, reply.status, reply.body))
             time.sleep(0.05)
 
+    def unwinding() -> None:
+        """Rust panics that unwind: 500 with the panic message, never 502 unless the worker
+        that ran it was killed (these are not idempotent, so a kill is reported, naming it)."""
+        client = daemon.client()
+        i = 0
+        while not stop.is_set():
+            key, body = f"key{i % 4}", (b"panic" if i % 3 else b"incr")
+            i += 1
+            try:
+                reply = client.call("rust_unwind", body, key=key, timeout=30)
+            except NoReply:
+                problems.append(f"rust_unwind: no reply to {body!r}")
+                return
+            unwind_replies.append((body, reply.status, reply.body))
+            if reply.status == 502 and b"signal 9" in reply.body:
+                continue   # its worker was SIGKILLed under it
+            if body == b"panic" and (reply.status != 500 or not reply.body.startswith(b"unwind: panicked at")):
+                problems.append(f"rust_unwind: a panic got {reply.status} {reply.body[:120]!r}")
+            elif body == b"incr" and reply.status != 200:
+                problems.append(f"rust_unwind: incr got {reply.status} {reply.body[:120]!r}")
+            time.sleep(0.01)
+
     def killer() -> None:
         while not stop.wait(0.8):
             pids = [w["pid"] for w in daemon.status()["workers"] if w["state"] == "ready"]
@@ -100,6 +125,7 @@ def test_chaos(start_daemon):
 
     threads = [threading.Thread(target=healthy, args=(n,)) for n in range(HEALTHY_CLIENTS)]
     threads += [threading.Thread(target=faulty, args=(s,)) for s in ("faults", "faults_inproc")]
+    threads.append(threading.Thread(target=unwinding))
     threads.append(threading.Thread(target=killer))
     for thread in threads:
         thread.start()
@@ -112,6 +138,7 @@ def test_chaos(start_daemon):
     assert not problems, problems[:10]
     assert min(healthy_done) > 100, healthy_done
     assert killed, "the killer thread killed nobody"
+    assert sum(1 for body, status, _ in unwind_replies if body == b"panic" and status == 500) > 100
     kinds_seen = {body for _, body, _, _ in fault_replies}
     assert kinds_seen == set(FAULT_KINDS), kinds_seen
     wrong = [(s, b, st, d[:80]) for s, b, st, d in fault_replies if st != FAULT_KINDS[b]]

@@ -78,7 +78,9 @@ def trap_code(call):
 
 
 def test_every_guest_is_a_corral_guest_with_no_imports(built, modules):
-    assert sorted(built) == ["c_aborts", "c_echo", "rust_counter", "rust_echo", "rust_kv", "rust_panicky"]
+    assert sorted(built) == ["c_aborts", "c_echo", "rust_counter", "rust_counter_unwind", "rust_echo",
+                             "rust_echo_unwind", "rust_kv", "rust_kv_unwind", "rust_panicky",
+                             "rust_panicky_unwind"]
     for name, module in modules.items():
         assert module.imports == [], name
         exports = {export.name: export.type for export in module.exports}
@@ -198,10 +200,32 @@ def test_c_aborts_traps_with_the_code_for_each_fault(guest):
     assert guest("c_aborts").call(b"hi") == (0, b"1")
 
 
-def test_crate_catch_unwind_path_gives_status_2(built, tmp_path):
-    # No wasm32 std with panic=unwind can be had here, so the crate's unit
-    # tests run natively (the host target unwinds), catch_unwind included.
-    rustc = build.find_rustc()
+def test_both_rust_builds_export_the_stack_pointer_and_only_unwind_the_exception_exports(modules):
+    for example in build.RUST_EXAMPLES:
+        aborting = {e.name: e.type for e in modules[f"rust_{example}"].exports}
+        unwinding = {e.name: e.type for e in modules[f"rust_{example}_unwind"].exports}
+        for exports in (aborting, unwinding):
+            assert isinstance(exports["__stack_pointer"], wasmtime.GlobalType), example
+            assert exports["__stack_pointer"].mutable, example
+        assert "corral_exception_message" not in aborting and "__cpp_exception" not in aborting
+        assert isinstance(unwinding["__cpp_exception"], wasmtime.TagType), example
+        message = unwinding["corral_exception_message"]
+        assert [str(t) for t in message.params] == ["i32"] and [str(t) for t in message.results] == ["i64"]
+
+
+def test_an_unwinding_rust_panic_escapes_as_a_wasm_exception_and_the_instance_lives_on(guest):
+    counter = guest("rust_counter_unwind")
+    assert [counter.call(b"")[1] for _ in range(2)] == [b"1", b"2"]
+    with pytest.raises(wasmtime.Trap) as trap:
+        counter.call(b"panic")
+    assert trap.value.trap_code is None and "thrown Wasm exception" in trap.value.message
+    assert counter.call(b"get") == (0, b"3")   # the increment before the panic, kept
+
+
+def test_crate_panic_hook_and_catch_unwind_natively(built, tmp_path):
+    # the hook that records a panic's location and message, and catch_unwind
+    # clearing thread::panicking(), run on the host target too
+    rustc = build.find_rust().rustc
     binary = tmp_path / "corral_guest_tests"
     compiled = subprocess.run(
         [rustc, "--edition", "2021", "--test", str(build.CRATE), "-o", str(binary)],
@@ -210,10 +234,10 @@ def test_crate_catch_unwind_path_gives_status_2(built, tmp_path):
     assert compiled.returncode == 0, compiled.stderr
     ran = subprocess.run([str(binary)], capture_output=True, text=True)
     assert ran.returncode == 0, ran.stdout + ran.stderr
-    assert "a_panic_becomes_status_2_with_its_message ... ok" in ran.stdout
+    assert "the_hook_records_location_and_message_and_panicking_is_cleared ... ok" in ran.stdout
 
 
 def test_a_missing_toolchain_names_the_package():
     with pytest.raises(build.ToolchainMissing) as missing:
-        build.find_rustc(["/nonexistent/rustc"])
-    assert "libstd-rust-dev-wasm32" in str(missing.value)
+        build.find_rust(["/nonexistent/rustc"])
+    assert "rust-web-src" in str(missing.value)

@@ -6,6 +6,15 @@ instance is made, so a call goes straight to `wasmtime_func_call_unchecked`
 with a raw argument buffer allocated once per instance (about 3 us), and
 guest memory is copied with `memmove`/`string_at` after checking every
 pointer the guest hands back against the memory's current size.
+
+An exception that escapes an export skips the epilogues that would restore
+the guest's shadow-stack pointer, so every call saves an exported
+`__stack_pointer` first (into a value struct made once per instance) and an
+escape writes it back: without that, each escape leaks a frame of linear
+memory and the instance soon faults. An escaped exception thrown with the
+module's exported `__cpp_exception` tag carries one i32 (an
+`_Unwind_Exception*`); `corral_exception_message` turns it into the 500's
+detail and frees it inside the guest.
 """
 
 from __future__ import annotations
@@ -93,6 +102,17 @@ _trap_code = _raw("wasmtime_trap_code", c_bool, c_void_p, c_void_p)
 _has_exception = _raw("wasmtime_context_has_exception", c_bool, c_void_p)
 _take_exception = _raw("wasmtime_context_take_exception", c_bool, c_void_p, c_void_p)
 _exnref_unroot = _raw("wasmtime_exnref_unroot", None, c_void_p)
+_exnref_tag = _raw("wasmtime_exnref_tag", c_void_p, c_void_p, c_void_p, c_void_p)
+_exnref_field_count = _raw("wasmtime_exnref_field_count", c_size_t, c_void_p, c_void_p)
+_exnref_field = _raw("wasmtime_exnref_field", c_void_p, c_void_p, c_void_p, c_size_t, c_void_p)
+_tag_eq = _raw("wasmtime_tag_eq", c_bool, c_void_p, c_void_p, c_void_p)
+_global_get = _raw("wasmtime_global_get", None, c_void_p, c_void_p, c_void_p)
+_global_set = _raw("wasmtime_global_set", c_void_p, c_void_p, c_void_p, c_void_p)
+_val_unroot = _raw("wasmtime_val_unroot", None, c_void_p)
+_error_delete = _raw("wasmtime_error_delete", None, c_void_p)
+
+_I32_KIND = 0  # WASMTIME_I32
+MESSAGE_LIMIT = 4096  # bytes of an exception message kept for the 500's detail
 
 
 def _address(pointer) -> int:
@@ -103,13 +123,15 @@ class Entry:
     """The raw handles of one instance: store context, memory, exports, buffers."""
 
     __slots__ = ("store", "instance", "context", "memory", "args", "args_at", "trap", "trap_at",
-                 "base", "size", "_keep")
+                 "base", "size", "stack", "saved_stack", "saved_stack_at", "tag", "exception_message",
+                 "exnref", "exnref_at", "_keep")
 
     def __init__(self, store: wasmtime.Store, instance: wasmtime.Instance, arg_slots: int = 2):
         self.store = store
         self.instance = instance
         self.context = _address(store._context())
-        memory = instance.exports(store).get("memory")
+        exports = instance.exports(store)
+        memory = exports.get("memory")
         self.memory = addressof(memory._memory) if isinstance(memory, wasmtime.Memory) else 0
         self.args = (raw_types.wasmtime_val_raw_t * max(arg_slots, 2))()
         self.args_at = addressof(self.args)
@@ -117,6 +139,17 @@ class Entry:
         self.trap_at = addressof(self.trap)
         self.base = self.size = 0  # linear memory as last seen (see memory_view)
         self._keep = [memory]  # the Python objects that own the raw structs
+        stack = exports.get("__stack_pointer")
+        self.stack = addressof(stack._global) if isinstance(stack, wasmtime.Global) else 0
+        self.saved_stack = raw_types.wasmtime_val_t()
+        self.saved_stack_at = addressof(self.saved_stack)
+        tag = exports.get("__cpp_exception")
+        self.tag = addressof(tag._tag) if isinstance(tag, wasmtime.Tag) else 0
+        self._keep += [stack, tag]
+        self.exception_message = (self.function("corral_exception_message")
+                                  if self.tag and "corral_exception_message" in exports else 0)
+        self.exnref = raw_types.wasmtime_exnref_t()
+        self.exnref_at = addressof(self.exnref)
 
     def function(self, name: str) -> int:
         """The address of an exported function's handle (kept alive by this entry)."""
@@ -126,6 +159,8 @@ class Entry:
 
     def enter(self, func: int, nargs: int, timeout_ms: int) -> Outcome | None:
         """Call `func` with the arguments in `self.args`; None, or the fault's outcome."""
+        if self.stack:
+            _global_get(self.context, self.stack, self.saved_stack_at)
         error = _call(self.context, func, self.args_at, nargs, self.trap_at)
         if error or self.trap.value:
             return self._fault(error, timeout_ms)
@@ -135,24 +170,84 @@ class Entry:
         _set_deadline(self.context, timeout_ms // TICK_MS + 1)
 
     def _fault(self, error: int | None, timeout_ms: int) -> Outcome:
-        code: int | None = None
-        if self.trap.value:
-            trap = wasmtime.Trap._from_ptr(ctypes.cast(self.trap.value, ctypes.POINTER(raw_types.wasm_trap_t)))
-            self.trap.value = None
-            found = c_uint8()
-            if _trap_code(_address(trap.ptr()), byref(found)):
-                code = found.value
-            message = trap.message
-        else:
-            message = str(wasmtime.WasmtimeError._from_ptr(
+        code, message = self._take_trap(error)
+        if code is None and _has_exception(self.context):
+            payload = self._take_exception()
+            self._restore_stack()
+            if payload is None or not self.exception_message:
+                return outcome.unwound()
+            return self._describe_exception(payload, timeout_ms)
+        return outcome.from_trap(code, message, False, timeout_ms)
+
+    def _take_trap(self, error: int | None) -> tuple[int | None, str]:
+        """The trap code (None if it has none) and message of a failed call, freeing the trap."""
+        if not self.trap.value:
+            return None, str(wasmtime.WasmtimeError._from_ptr(
                 ctypes.cast(error, ctypes.POINTER(raw_types.wasmtime_error_t))))
-        pending = bool(_has_exception(self.context))
-        if pending:
-            # Take the exception out of the store, so the store is clean for the next call.
-            exnref = raw_types.wasmtime_exnref_t()
-            if _take_exception(self.context, addressof(exnref)):
-                _exnref_unroot(addressof(exnref))
-        return outcome.from_trap(code, message, pending, timeout_ms)
+        trap = wasmtime.Trap._from_ptr(ctypes.cast(self.trap.value, ctypes.POINTER(raw_types.wasm_trap_t)))
+        self.trap.value = None
+        found = c_uint8()
+        code = found.value if _trap_code(_address(trap.ptr()), byref(found)) else None
+        return code, trap.message
+
+    def _take_exception(self) -> int | None:
+        """Take the pending exception out of the store (so the next call starts clean); its
+        i32 payload if it was thrown with the module's `__cpp_exception` tag, else None."""
+        if not _take_exception(self.context, self.exnref_at):
+            return None
+        try:
+            return self._payload() if self.tag else None
+        finally:
+            _exnref_unroot(self.exnref_at)
+
+    def _payload(self) -> int | None:
+        tag = raw_types.wasmtime_tag_t()
+        error = _exnref_tag(self.context, self.exnref_at, addressof(tag))
+        if error:
+            _error_delete(error)
+            return None
+        if not _tag_eq(self.context, addressof(tag), self.tag):
+            return None
+        if _exnref_field_count(self.context, self.exnref_at) != 1:
+            return None
+        field = raw_types.wasmtime_val_t()
+        error = _exnref_field(self.context, self.exnref_at, 0, addressof(field))
+        if error:
+            _error_delete(error)
+            return None
+        if field.kind != _I32_KIND:
+            _val_unroot(addressof(field))
+            return None
+        return field.of.i32 & _U32
+
+    def _restore_stack(self) -> None:
+        if self.stack:
+            error = _global_set(self.context, self.stack, self.saved_stack_at)
+            if error:  # cannot happen for the mutable i32 that modules.inspect checked
+                _error_delete(error)
+
+    def _describe_exception(self, payload: int, timeout_ms: int) -> Outcome:
+        """Ask the guest for the escaped exception's message, under what is left of the deadline."""
+        args = self.args
+        args[0].i32 = payload - (1 << 32) if payload >= 1 << 31 else payload
+        error = _call(self.context, self.exception_message, self.args_at, 1, self.trap_at)
+        if error or self.trap.value:
+            code, message = self._take_trap(error)
+            if code is None and _has_exception(self.context):
+                self._take_exception()
+                self._restore_stack()
+                return outcome.exception_message_failed("threw an exception of its own")
+            if code == outcome.INTERRUPT:
+                return outcome.from_trap(code, message, False, timeout_ms)
+            return outcome.exception_message_failed(f"trapped: {outcome.trap_text(code, message)}")
+        packed = args[0].i64 & _U64
+        at, length = packed >> 32, packed & _U32
+        base, memory_size = self.memory_view()
+        if at + length > memory_size or (length and not at):
+            return outcome.exception_message_failed(
+                f"returned [{at}, {at + length}), outside memory of {memory_size} bytes")
+        text = string_at(base + at, min(length, MESSAGE_LIMIT)) if length else b""
+        return outcome.unwound(text.decode("utf-8", errors="replace").encode())
 
     def memory_view(self) -> tuple[int, int]:
         """Base address and size of linear memory, after any call that may have grown it.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import wasmtime
 
-from corral.wire.protocol import RetireReason
+from corral.wire.protocol import RetireReason, Status
 from corral.wire.window import SlidingWindow
 from corral.workers import modules, outcome, state
 from corral.workers.abi import TICK_MS, CorralEntry, PlainEntry
@@ -107,7 +107,8 @@ class Guest:
             if violation is not None:
                 return outcome.abi_violation(violation)
             if fault:
-                return fault
+                # an instance whose init did not finish holds half-made state
+                return outcome.init_unwound(fault) if fault.status is Status.UNWIND else fault
         return entry
 
     def run(self, key: bytes | None, body: bytes, timeout_ms: int,

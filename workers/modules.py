@@ -70,6 +70,7 @@ _CORRAL_EXPORTS = {
     "corral_alloc": ((wasmtime.ValType.i32(),), (wasmtime.ValType.i32(),)),
     "corral_handle": ((wasmtime.ValType.i32(), wasmtime.ValType.i32()), (wasmtime.ValType.i64(),)),
     "corral_init": ((), ()),
+    "corral_exception_message": ((wasmtime.ValType.i32(),), (wasmtime.ValType.i64(),)),
 }
 
 
@@ -100,7 +101,16 @@ def inspect(module: wasmtime.Module) -> ModuleInfo:
             continue
         if not isinstance(ty, wasmtime.FuncType) or (tuple(ty.params), tuple(ty.results)) != (params, results):
             raise ModuleProblem(f"export {name} has the wrong type for the corral/1 ABI")
+    stack = exports.get("__stack_pointer")
+    if stack is not None and not (isinstance(stack, wasmtime.GlobalType) and stack.mutable
+                                  and stack.content == wasmtime.ValType.i32()):
+        raise ModuleProblem("export __stack_pointer must be a mutable i32 global (the shadow-stack pointer)")
+    tag = exports.get("__cpp_exception")
+    if tag is not None and not isinstance(tag, wasmtime.TagType):
+        raise ModuleProblem("export __cpp_exception must be a tag (the one C++ and Rust throw with)")
     memory = exports.get("memory")
+    if "corral_exception_message" in exports and not isinstance(memory, wasmtime.MemoryType):
+        raise ModuleProblem("exports corral_exception_message but no memory to return the message in")
     min_memory = memory.limits.min * 65536 if isinstance(memory, wasmtime.MemoryType) else 0
     corral_abi = "corral_handle" in exports
     if corral_abi and ("corral_alloc" not in exports or memory is None):

@@ -2,7 +2,11 @@
 
 DESIGN section 2, in one place:
   status byte 0 -> 200 ok, 1 -> 422 guest error, 2 -> 500 unwind (caught panic)
-  a Wasm exception escaping the export       -> 500 unwind, instance kept
+  a Wasm exception escaping the export       -> 500 unwind, instance kept; the detail
+                                                is corral_exception_message's text if the
+                                                guest exports it
+  corral_exception_message failing           -> 502 abort, instance poisoned
+  a Wasm exception escaping corral_init      -> 502 abort (the instance never served)
   a trap with a trap code                    -> 502 abort, instance poisoned
   the epoch interrupt at the deadline        -> 504 deadline, instance poisoned
   the guest breaking the ABI (bad pointers)  -> 502 abort, instance poisoned
@@ -41,9 +45,37 @@ def from_response(response: bytes) -> Outcome:
     return Outcome(status, response[1:])
 
 
+UNWOUND = b"unwind: a Wasm exception escaped the export"
+
+
+def unwound(message: bytes = b"") -> Outcome:
+    """An exception escaped an export: the guest's message for it, or a generic detail."""
+    return Outcome(Status.UNWIND, b"unwind: " + message if message else UNWOUND, b"exception")
+
+
+def exception_message_failed(detail: str) -> Outcome:
+    """corral_exception_message trapped, threw or answered garbage: nothing it says can be trusted."""
+    return Outcome(Status.ABORT, f"abort: corral_exception_message {detail}".encode(), b"exception_message",
+                   poisoned=True)
+
+
+def init_unwound(unwind: Outcome) -> Outcome:
+    """An exception escaped corral_init: the instance never became ready to serve."""
+    detail = b"abort: instantiation failed: an exception escaped corral_init"
+    if unwind.body != UNWOUND:
+        detail += b": " + unwind.body.removeprefix(b"unwind: ")
+    return Outcome(Status.ABORT, detail, b"instantiate", poisoned=True)
+
+
+def trap_text(code: int | None, message: str) -> str:
+    """`trap NAME: CAUSE`, as abort details say it."""
+    name = _TRAP_NAMES.get(code, "trap") if code is not None else "host"
+    return f"trap {name}: {_cause(message) or name}"
+
+
 def from_trap(code: int | None, message: str, exception_pending: bool, timeout_ms: int) -> Outcome:
     if code is None and exception_pending:
-        return Outcome(Status.UNWIND, b"unwind: a Wasm exception escaped the export", b"exception")
+        return unwound()
     if code == INTERRUPT:
         return Outcome(Status.DEADLINE, b"deadline: interrupted after %d ms" % timeout_ms,
                        b"interrupt", poisoned=True)
@@ -52,8 +84,7 @@ def from_trap(code: int | None, message: str, exception_pending: bool, timeout_m
         return Outcome(Status.ABORT, f"abort: the guest called proc_exit({status_code})".encode(),
                        b"exit", poisoned=True)
     name = _TRAP_NAMES.get(code, "trap") if code is not None else "host"
-    return Outcome(Status.ABORT, f"abort: trap {name}: {_cause(message) or name}".encode(),
-                   name.encode(), poisoned=True)
+    return Outcome(Status.ABORT, f"abort: {trap_text(code, message)}".encode(), name.encode(), poisoned=True)
 
 
 def _cause(message: str) -> str:

@@ -7,15 +7,14 @@
 //!   panic    adds one, then panics
 //!   anything else (e.g. "" or "incr")  adds one, answers the new count
 //!
-//! Counts are ASCII decimal. What a panic does depends on the build:
-//! - panic=abort (guests/build.py, Debian's rustc): the panic executes
-//!   `unreachable`, a trap: 502, the instance is never entered again and its
-//!   count is gone; a fresh instance starts at 0.
-//! - panic=unwind (nightly, Wasm exceptions): corral-guest catches it and
-//!   answers status byte 2: 500, and the instance keeps its count, which
-//!   includes the increment made before the panic.
-//!
-//! Built by guests/build.py into build/guests/rust_counter.wasm.
+//! Counts are ASCII decimal. What a panic does depends on the build
+//! (guests/build.py builds both; config/languages.toml serves both):
+//! - panic=abort (rust_counter.wasm): the panic executes `unreachable`, a
+//!   trap: 502, the instance is never entered again and its count is gone;
+//!   a fresh instance starts at 0.
+//! - panic=unwind (rust_counter_unwind.wasm): the panic is a Wasm exception
+//!   that leaves corral_handle: 500 with the panic message, and the instance
+//!   keeps its count, which includes the increment made before the panic.
 
 use std::cell::Cell;
 

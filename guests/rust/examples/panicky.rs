@@ -2,7 +2,7 @@
 //! for the fault-model and chaos tests.
 //!
 //!   panic          panics (panic=abort build: `unreachable` trap, 502;
-//!                  panic=unwind build: status byte 2, 500)
+//!                  panic=unwind build: an escaped exception, 500 with the message)
 //!   error          returns Err: status byte 1, 422, the instance is fine
 //!   alloc <n>      allocates n more bytes and keeps them; when the allocator
 //!                  gets no memory (memory.grow returned -1 at the app's
@@ -11,6 +11,9 @@
 //!   try-alloc <n>  the same, but a failed allocation is handled: 422
 //!   stack          recurses until the stack is gone: a trap, 502
 //!   loop           spins forever: 504 at the app's timeout_ms
+//!   panicking      answers std::thread::panicking() ("true"/"false"): after a
+//!                  panic that unwound it must be false again, or every Drop
+//!                  that asks (a MutexGuard poisoning its Mutex) goes wrong
 //!   anything else  adds one to the count and answers it (ASCII decimal), so
 //!                  a fresh instance answers 1 to its first request
 //!
@@ -48,6 +51,7 @@ fn handle(request: &[u8]) -> Result<Vec<u8>, String> {
         }
         b"stack" => Ok(recurse(0).to_string().into_bytes()),
         b"loop" => spin(),
+        b"panicking" => Ok(std::thread::panicking().to_string().into_bytes()),
         _ => {
             let count = COUNT.with(|count| {
                 count.set(count.get() + 1);
