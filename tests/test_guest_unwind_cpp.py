@@ -44,9 +44,11 @@ class Escaped(Exception):
 class ContractHost:
     """One instance, called by DESIGN section 3's rules (wasmtime-py's slow API: clarity over speed)."""
 
-    def __init__(self, engine: wasmtime.Engine, module: wasmtime.Module, restore_stack: bool = True):
+    def __init__(self, engine: wasmtime.Engine, module: wasmtime.Module, restore_stack: bool = True,
+                 ask_message: bool = True):
         self.store = wasmtime.Store(engine)
         self.restore_stack = restore_stack
+        self.ask_message = ask_message
         self.exports = wasmtime.Instance(self.store, module, []).exports(self.store)
         self.memory = self.exports["memory"]
         self.stack_pointer = self.exports["__stack_pointer"]
@@ -77,7 +79,7 @@ class ContractHost:
             if self.restore_stack:
                 self.stack_pointer.set_value(self.store, saved)
             message = None
-            if is_cpp and "corral_exception_message" in self.exports:
+            if is_cpp and self.ask_message and "corral_exception_message" in self.exports:
                 message = self.read(self.exports["corral_exception_message"](self.store, payload))
             raise Escaped(message, is_cpp) from None
 
@@ -139,6 +141,15 @@ def test_cpp_uncaught_throw_escapes_with_its_what_and_the_state_stays(host):
     assert after["destroyed"] == 2   # both guards ran on the way out
 
 
+def test_cpp_exception_stays_uncaught_until_corral_exception_message_takes_it(host):
+    for ask, left in ((False, 3), (True, 0)):
+        guest = host("cpp_throws", ask_message=ask)
+        for _ in range(3):
+            with pytest.raises(Escaped):
+                guest.call(b"throw unattended")
+        assert stats(guest.ok(b"stats"))["uncaught"] == left
+
+
 def test_cpp_caught_throw_answers_and_ran_its_destructors(host):
     guest = host("cpp_throws")
     assert guest.ok(b"catch inside") == b"caught inside, 2 guards destroyed"
@@ -183,3 +194,95 @@ def test_escapes_leave_the_stack_where_it_was_only_if_the_host_restores_it(host,
         else:
             # the mechanism this guards: each escape skips the epilogues
             assert frame(guest) < before
+
+
+# --- through the daemon -------------------------------------------------------
+
+@pytest.fixture
+def unwind_daemon(start_daemon, unwind_guests):
+    # keyed: every request for a key meets the same instance, so its state is visible
+    return start_daemon({
+        "cpp": {"module": unwind_guests["cpp_throws"], "instances": "keyed"},
+        "c": {"module": unwind_guests["c_panics"], "instances": "keyed"},
+    }, supervisor={"workers": 1})
+
+
+def aborts(daemon) -> list[dict]:
+    return [e for e in daemon.events("request.failed") if e.get("status") in (502, 504)]
+
+
+@pytest.mark.timeout(90)
+def test_daemon_cpp_uncaught_throw_is_500_with_what_and_the_count_survives(unwind_daemon):
+    client = unwind_daemon.client()
+    assert client.call("cpp", b"incr", key="k").body == b"1"
+    reply = client.call("cpp", b"throw the ledger is on fire", key="k")
+    assert reply.status == 500
+    assert b"the ledger is on fire" in reply.body
+    assert client.call("cpp", b"get", key="k").body == b"2"
+    after = stats(client.call("cpp", b"stats", key="k").body)
+    assert after["uncaught"] == 0 and after["live"] == 0 and after["destroyed"] == 2
+
+
+@pytest.mark.timeout(90)
+def test_daemon_cpp_throw_caught_inside_the_guest_is_200_and_ran_its_destructors(unwind_daemon):
+    client = unwind_daemon.client()
+    reply = client.call("cpp", b"catch mine", key="k")
+    assert (reply.status, reply.body) == (200, b"caught mine, 2 guards destroyed")
+    assert stats(client.call("cpp", b"stats", key="k").body)["live"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_daemon_cpp_library_and_non_std_throws_are_500_with_their_names(unwind_daemon):
+    client = unwind_daemon.client()
+    at = client.call("cpp", b"at", key="k")
+    assert at.status == 500 and b"basic_string" in at.body
+    other = client.call("cpp", b"int", key="k")
+    assert other.status == 500 and b"an exception of type int" in other.body
+
+
+@pytest.mark.timeout(90)
+def test_daemon_c_corral_panic_is_500_with_its_message_and_the_count_survives(unwind_daemon):
+    client = unwind_daemon.client()
+    assert client.call("c", b"tick", key="k").body == b"1"
+    reply = client.call("c", b"panic out of cheese", key="k")
+    assert reply.status == 500 and b"out of cheese (count 2)" in reply.body
+    caught = client.call("c", b"caught by hand", key="k")
+    assert caught.status == 500 and b"by hand" in caught.body
+    assert client.call("c", b"get", key="k").body == b"2"
+
+
+ESCAPES = 1500
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("service, body", [("cpp", b"throw over and over"), ("c", b"panic over and over")])
+def test_daemon_many_escapes_on_one_instance_leave_it_whole(unwind_daemon, service, body):
+    """Each escape skips the guest's epilogues: without the host's __stack_pointer
+    restore the frame below moves down on every one (and the instance would
+    fault once the shadow stack ran out); without corral_exception_message the
+    C++ exceptions would pile up uncaught."""
+    client = unwind_daemon.client()
+    pid = unwind_daemon.worker_pids()
+
+    def probe() -> dict[str, int]:
+        if service == "cpp":
+            return stats(client.call(service, b"stats", key="k").body)
+        return {"stack": int(client.call(service, b"stack", key="k").body)}
+
+    before = probe()
+    for start in range(0, ESCAPES, 100):
+        ids = [client.send(service, body, key="k") for _ in range(min(100, ESCAPES - start))]
+        replies = client.gather(ids, timeout=60)
+        wrong = [(r.status, r.body[:80]) for r in replies.values()
+                 if r.status != 500 or b"over and over" not in r.body]
+        assert not wrong, f"after {start} escapes: {wrong[:3]}"
+    after = probe()
+    assert after["stack"] == before["stack"]
+    if service == "cpp":
+        assert after["count"] == before["count"] + ESCAPES
+        assert (after["uncaught"], after["live"]) == (0, 0)
+        assert after["pages"] == before["pages"]
+    else:
+        assert client.call(service, b"get", key="k").body == b"%d" % ESCAPES
+    assert unwind_daemon.worker_pids() == pid
+    assert aborts(unwind_daemon) == []
