@@ -6,6 +6,7 @@ Two layers. `ContractHost` drives a guest in-process the way DESIGN section
 after an escape, hand the exception's payload to
 `corral_exception_message`), so the guest side is checked on its own. The
 process-level tests send the same requests through the real daemon.
+The guests come from the `unwind_guests` fixture (conftest.py).
 """
 
 from __future__ import annotations
@@ -16,20 +17,6 @@ import re
 import pytest
 import wasmtime
 from wasmtime import _bindings as ffi
-
-from harness import load_guest_builder
-
-build = load_guest_builder()
-
-
-@pytest.fixture(scope="session")
-def unwind_guests():
-    """Only the C and C++ unwinding guests (not build_all: these need zig alone)."""
-    build.OUT.mkdir(parents=True, exist_ok=True)
-    try:
-        return {**build.build_c_unwind(build.OUT), **build.build_cpp(build.OUT)}
-    except (build.ToolchainMissing, build.BuildFailed) as error:
-        pytest.fail(str(error), pytrace=False)
 
 
 class Escaped(Exception):
