@@ -31,6 +31,7 @@ import argparse
 import hashlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +57,9 @@ LIBRARY_FLAGS = [
     "-D_LIBCXXABI_HAS_NO_THREADS",
     # abort_message.cpp without stderr: no fprintf, so no WASI imports
     "-DNDEBUG", "-DLIBCXXABI_BAREMETAL",
+    # std::terminate traps without demangling the exception's type first:
+    # the demangler is 120 KiB of a 160 KiB guest, for a message nobody reads
+    "-DLIBCXXABI_SILENT_TERMINATE",
     "-fvisibility=hidden",
 ]
 UNWIND_FLAGS = [
@@ -153,6 +157,9 @@ def build_runtime(out: Path | str = OUT) -> Runtime:
     if archive.exists():
         return runtime
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.iterdir():   # built by another zig or other flags
+        if stale.is_dir() and stale != folder:
+            shutil.rmtree(stale, ignore_errors=True)
     todo = [(command, source, folder / name) for name, command, source in units(lib)]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         for future in [pool.submit(compile_one, c, s, o) for c, s, o in todo if not o.exists()]:

@@ -78,7 +78,8 @@ def trap_code(call):
 
 
 def test_every_guest_is_a_corral_guest_with_no_imports(built, modules):
-    assert sorted(built) == ["c_aborts", "c_echo", "rust_counter", "rust_echo", "rust_kv", "rust_panicky"]
+    assert sorted(built) == ["c_aborts", "c_echo", "c_panics", "cpp_throws",
+                             "rust_counter", "rust_echo", "rust_kv", "rust_panicky"]
     for name, module in modules.items():
         assert module.imports == [], name
         exports = {export.name: export.type for export in module.exports}

@@ -10,7 +10,7 @@
 //                     it: 200 "caught <message>, <n> guards destroyed"
 //   at                std::string::at out of range, thrown inside libc++ and
 //                     not caught: 500 with libc++'s message
-//   int               throw 42: 500 "an exception of type int"
+//   int               throw 42: 500 "an exception of type i" (mangled)
 //   stats             "count=<n> live=<guards alive> destroyed=<guards
 //                     destroyed> uncaught=<std::uncaught_exceptions()>
 //                     stack=<a frame address> pages=<memory pages>"
