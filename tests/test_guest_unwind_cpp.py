@@ -228,6 +228,15 @@ def test_daemon_cpp_library_and_non_std_throws_are_500_with_their_names(unwind_d
 
 
 @pytest.mark.timeout(90)
+def test_daemon_cpp_throw_through_noexcept_is_an_abort_and_the_count_restarts(unwind_daemon):
+    client = unwind_daemon.client()
+    assert client.call("cpp", b"incr", key="k").body == b"1"
+    reply = client.call("cpp", b"terminate", key="k")
+    assert reply.status == 502 and b"unreachable" in reply.body
+    assert client.call("cpp", b"incr", key="k").body == b"1"   # keyed: reinstantiated
+
+
+@pytest.mark.timeout(90)
 def test_daemon_c_corral_panic_is_500_with_its_message_and_the_count_survives(unwind_daemon):
     client = unwind_daemon.client()
     assert client.call("c", b"tick", key="k").body == b"1"

@@ -11,6 +11,8 @@
 //   at                std::string::at out of range, thrown inside libc++ and
 //                     not caught: 500 with libc++'s message
 //   int               throw 42: 500 "an exception of type i" (mangled)
+//   terminate         throws through a noexcept function: std::terminate,
+//                     a trap, so an abort (502) and the count is gone
 //   stats             "count=<n> live=<guards alive> destroyed=<guards
 //                     destroyed> uncaught=<std::uncaught_exceptions()>
 //                     stack=<a frame address> pages=<memory pages>"
@@ -48,6 +50,8 @@ struct guard {
     throw std::runtime_error(std::string(message));
 }
 
+[[gnu::noinline]] void promise_not_to_throw() noexcept { throw_through_guards("broken promise"); }
+
 bool starts(std::string_view request, std::string_view word) {
     return request.substr(0, word.size()) == word;
 }
@@ -76,6 +80,8 @@ corral::reply handle(std::string_view request) {
     }
     if (request == "int")
         throw 42;
+    if (request == "terminate")
+        promise_not_to_throw();
     if (request == "stats") {
         volatile char here = 0;
         return corral::ok("count=" + std::to_string(count) + " live=" + std::to_string(constructed - destroyed) +
