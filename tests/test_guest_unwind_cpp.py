@@ -228,6 +228,18 @@ def test_daemon_cpp_library_and_non_std_throws_are_500_with_their_names(unwind_d
 
 
 @pytest.mark.timeout(90)
+def test_daemon_cpp_out_of_memory_is_bad_alloc_unwinding_and_the_instance_stays(start_daemon, unwind_guests):
+    daemon = start_daemon({"cpp": {"module": unwind_guests["cpp_throws"], "instances": "keyed",
+                                   "max_memory_mib": 8}}, supervisor={"workers": 1})
+    client = daemon.client()
+    assert client.call("cpp", b"incr", key="k").body == b"1"
+    assert client.call("cpp", b"alloc 2", key="k").body == b"%d" % (2 << 20)
+    reply = client.call("cpp", b"alloc 64", key="k")
+    assert reply.status == 500 and b"std::bad_alloc" in reply.body
+    assert client.call("cpp", b"incr", key="k").body == b"2"
+
+
+@pytest.mark.timeout(90)
 def test_daemon_cpp_throw_through_noexcept_is_an_abort_and_the_count_restarts(unwind_daemon):
     client = unwind_daemon.client()
     assert client.call("cpp", b"incr", key="k").body == b"1"

@@ -11,6 +11,9 @@
 //   at                std::string::at out of range, thrown inside libc++ and
 //                     not caught: 500 with libc++'s message
 //   int               throw 42: 500 "an exception of type i" (mangled)
+//   alloc <MiB>       allocates that much and answers its size; past the
+//                     app's max_memory_mib, operator new throws
+//                     std::bad_alloc: 500 "std::bad_alloc", the count stays
 //   terminate         throws through a noexcept function: std::terminate,
 //                     a trap, so an abort (502) and the count is gone
 //   stats             "count=<n> live=<guards alive> destroyed=<guards
@@ -22,6 +25,7 @@
 // escaped (stack only if the host restores __stack_pointer after each).
 //
 // Built by guests/build.py into build/guests/cpp_throws.wasm.
+#include <cstddef>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -80,6 +84,13 @@ corral::reply handle(std::string_view request) {
     }
     if (request == "int")
         throw 42;
+    if (starts(request, "alloc ")) {
+        std::size_t mib = 0;
+        for (char digit : request.substr(6))
+            mib = mib * 10 + static_cast<std::size_t>(digit - '0');
+        std::string block(mib << 20, 'x');
+        return corral::ok(std::to_string(block.size()));
+    }
     if (request == "terminate")
         promise_not_to_throw();
     if (request == "stats") {
