@@ -34,7 +34,7 @@ FAULT_KINDS = {
 # (service, request) -> (status, what the reply body holds): compiled guests
 # that unwind (C++ throw, C corral_panic) and one that catches its own throw.
 # {n} makes every request's answer its own.
-UNWINDS = {
+CXX_UNWINDS = {
     ("cpp_throws", "throw chaos {n}"): (500, "chaos {n}"),
     ("cpp_throws", "catch chaos {n}"): (200, "caught chaos {n}, 2 guards destroyed"),
     ("c_panics", "panic chaos {n}"): (500, "chaos {n} (count "),
@@ -59,7 +59,7 @@ def test_chaos(start_daemon, unwind_guests):
     problems: list[str] = []
     healthy_done = [0] * HEALTHY_CLIENTS
     fault_replies: list[tuple[str, bytes, int, bytes]] = []
-    unwind_replies: list[tuple[str, bytes, int, bytes, int, bytes]] = []
+    cxx_replies: list[tuple[str, bytes, int, bytes, int, bytes]] = []
     killed: list[int] = []
 
     def healthy(n: int) -> None:
@@ -101,19 +101,19 @@ def test_chaos(start_daemon, unwind_guests):
             fault_replies.append((service, body, reply.status, reply.body))
             time.sleep(0.05)
 
-    def unwinding() -> None:
+    def c_and_cpp_unwinding() -> None:
         client = daemon.client()
         n = 0
         while not stop.is_set():
-            for (service, template), (status, holds) in UNWINDS.items():
+            for (service, template), (status, holds) in CXX_UNWINDS.items():
                 body = template.format(n=n).encode()
                 try:
                     reply = client.call(service, body, idempotent=True, timeout=30)
                 except NoReply:
                     problems.append(f"{service}: no reply to {body!r}")
                     return
-                unwind_replies.append((service, body, reply.status, reply.body, status,
-                                       holds.format(n=n).encode()))
+                cxx_replies.append((service, body, reply.status, reply.body, status,
+                                    holds.format(n=n).encode()))
             n += 1
             time.sleep(0.05)
 
@@ -127,7 +127,7 @@ def test_chaos(start_daemon, unwind_guests):
 
     threads = [threading.Thread(target=healthy, args=(n,)) for n in range(HEALTHY_CLIENTS)]
     threads += [threading.Thread(target=faulty, args=(s,)) for s in ("faults", "faults_inproc")]
-    threads.append(threading.Thread(target=unwinding))
+    threads.append(threading.Thread(target=c_and_cpp_unwinding))
     threads.append(threading.Thread(target=killer))
     for thread in threads:
         thread.start()
@@ -144,8 +144,8 @@ def test_chaos(start_daemon, unwind_guests):
     assert kinds_seen == set(FAULT_KINDS), kinds_seen
     wrong = [(s, b, st, d[:80]) for s, b, st, d in fault_replies if st != FAULT_KINDS[b]]
     assert not wrong, wrong[:10]
-    assert len(unwind_replies) > 3 * len(UNWINDS), len(unwind_replies)
-    wrong = [(s, b, st, d[:80]) for s, b, st, d, want, holds in unwind_replies if st != want or holds not in d]
+    assert len(cxx_replies) > 3 * len(CXX_UNWINDS), len(cxx_replies)
+    wrong = [(s, b, st, d[:80]) for s, b, st, d, want, holds in cxx_replies if st != want or holds not in d]
     assert not wrong, wrong[:10]
 
     # Every abort under on_abort = "respawn" retired its worker and a new generation took its slot.
