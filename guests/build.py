@@ -14,7 +14,12 @@ linker is `python -m ziglang wasm-ld` behind a small wrapper. $CORRAL_CARGO
 and $CORRAL_RUSTC choose other binaries (a rustup install in ~/.cargo/bin,
 often first on PATH, has no wasm32 std and no rust-src).
 
-C: zig's clang, from `pip install ziglang`, for wasm32-freestanding.
+C: zig's clang, from `pip install ziglang`, for wasm32-freestanding; the
+C examples that panic by unwinding get the Wasm exception flags too.
+
+C++: zig's clang for wasm32-wasi with Wasm exceptions, against the C++
+runtime guests/cxxrt.py builds (and caches under build/cxxrt/) from the
+sources zig ships.
 
 Outputs newer than their sources (and built by the same rustc) are kept.
 A pytest fixture can call build_all() and get {name: path}; a missing
@@ -38,7 +43,7 @@ OUT = ROOT / "build" / "guests"
 RUST = GUESTS / "rust"
 CRATE = RUST / "corral-guest" / "src" / "lib.rs"
 MANIFEST = RUST / "corral-guest" / "Cargo.toml"
-RUST_EXAMPLES = ["echo", "kv", "panicky", "counter"]
+RUST_EXAMPLES = ["echo", "kv", "panicky", "counter", "counter_durable"]
 # the strategy, and the suffix of its outputs' names
 PANIC_STRATEGIES = {"abort": "", "unwind": "_unwind"}
 CARGO_CACHE = ROOT / "build" / "rust"
@@ -235,11 +240,76 @@ def build_c(out: Path, force: bool = False) -> dict[str, Path]:
     return built
 
 
+# --- C and C++ guests that unwind (Wasm exceptions) ------------------------
+
+C_UNWIND_EXAMPLES = ["panics"]
+CPP_HEADER = GUESTS / "cpp" / "corral.hpp"
+CPP_EXAMPLES = ["throws"]
+# corral_panic's `throw` needs the feature; the exports let the host
+# restore the shadow stack after an escape and recognise the tag. (C never
+# catches, and `throw` is the same in both EH encodings, so C needs no
+# -wasm-use-legacy-eh=false; clang refuses it without -fwasm-exceptions.)
+C_UNWIND_FLAGS = [
+    "-mexception-handling",
+    "-Wl,--export=__stack_pointer", "-Wl,--export=__cpp_exception",
+]
+# The examples' shadow stack: 64 KiB instead of zig's 1 MiB (C) or 16 MiB
+# (C++), so that a host which does not restore __stack_pointer after an
+# escape faults them within a few hundred escapes, where a test sees it.
+UNWIND_EXAMPLE_LINK = ["-Wl,-z,stack-size=65536"]
+
+
+def load_cxxrt():
+    """guests/cxxrt.py as a module (guests/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("corral_guest_cxxrt", GUESTS / "cxxrt.py")
+    if spec.name not in sys.modules:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[spec.name]
+
+
+def build_c_unwind(out: Path, force: bool = False) -> dict[str, Path]:
+    cc = zig_cc()
+    this_script = Path(__file__).resolve()
+    built = {}
+    for example in C_UNWIND_EXAMPLES:
+        source = GUESTS / "c" / "examples" / f"{example}.c"
+        name = f"c_{example}"
+        wasm = out / f"{name}.wasm"
+        if force or not fresh(wasm, [source, C_HEADER, this_script]):
+            run([*cc, *ZIG_FLAGS, *C_UNWIND_FLAGS, *UNWIND_EXAMPLE_LINK, "-I", C_HEADER.parent, source], wasm)
+        built[name] = wasm
+    return built
+
+
+def build_cpp(out: Path, force: bool = False) -> dict[str, Path]:
+    cxxrt = load_cxxrt()
+    zig_cc()  # the same ToolchainMissing as the C guests when zig is absent
+    try:
+        runtime = cxxrt.build_runtime(out.parent / "cxxrt")
+    except cxxrt.BuildFailed as failure:
+        raise BuildFailed(str(failure)) from None
+    this_script = Path(__file__).resolve()
+    built = {}
+    for example in CPP_EXAMPLES:
+        source = GUESTS / "cpp" / "examples" / f"{example}.cpp"
+        name = f"cpp_{example}"
+        wasm = out / f"{name}.wasm"
+        if force or not fresh(wasm, [source, CPP_HEADER, runtime.archive, this_script, GUESTS / "cxxrt.py"]):
+            obj = out / f"{name}.o"
+            run([*runtime.cxx, "-Wall", "-Wextra", "-I", CPP_HEADER.parent, "-c", source], obj)
+            run([*runtime.link, *UNWIND_EXAMPLE_LINK, obj, runtime.archive], wasm)
+            obj.unlink()
+        built[name] = wasm
+    return built
+
+
 def build_all(out: Path | str = OUT, force: bool = False) -> dict[str, Path]:
     """Build every example guest; return {"rust_echo": Path(...), ...}."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return {**build_rust(out, force), **build_c(out, force)}
+    return {**build_rust(out, force), **build_c(out, force), **build_c_unwind(out, force), **build_cpp(out, force)}
 
 
 def main(argv: list[str] | None = None) -> int:

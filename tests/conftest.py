@@ -47,6 +47,17 @@ def built_guests() -> dict[str, Path]:
     return result
 
 
+@pytest.fixture(scope="session")
+def unwind_guests() -> dict[str, Path]:
+    """The C and C++ guests that unwind (c_panics, cpp_throws): they need zig alone."""
+    build = load_guest_builder()
+    build.OUT.mkdir(parents=True, exist_ok=True)
+    try:
+        return {**build.build_c_unwind(build.OUT), **build.build_cpp(build.OUT)}
+    except (build.ToolchainMissing, build.BuildFailed) as error:
+        pytest.fail(str(error), pytrace=False)
+
+
 def example_apps() -> dict:
     return {
         "echo": {"module": GUESTS / "echo.wat"},

@@ -31,15 +31,25 @@ FAULT_KINDS = {
     b"div0": 502, b"recurse": 502, b"grow": 502, b"growsoft": 422, b"badptr": 502, b"badlen": 502,
     b"empty": 502, b"badstatus": 502, b"loop": 504,
 }
+# (service, request) -> (status, what the reply body holds): compiled guests
+# that unwind (C++ throw, C corral_panic) and one that catches its own throw.
+# {n} makes every request's answer its own.
+CXX_UNWINDS = {
+    ("cpp_throws", "throw chaos {n}"): (500, "chaos {n}"),
+    ("cpp_throws", "catch chaos {n}"): (200, "caught chaos {n}, 2 guards destroyed"),
+    ("c_panics", "panic chaos {n}"): (500, "chaos {n} (count "),
+}
 ABORTS = {b"unreachable", b"oob", b"div0", b"recurse", b"grow", b"badptr", b"badlen", b"empty",
           b"badstatus", b"loop"}
 
 
-def test_chaos(start_daemon, built_guests):
+def test_chaos(start_daemon, built_guests, unwind_guests):
     daemon = start_daemon(
         {"echo": {"module": GUESTS / "echo.wat"},
          # a compiled guest whose panics are real Wasm exceptions (panic=unwind)
          "rust_unwind": {"module": built_guests["rust_counter_unwind"], "instances": "keyed"},
+         "cpp_throws": {"module": unwind_guests["cpp_throws"]},
+         "c_panics": {"module": unwind_guests["c_panics"]},
          "faults": {"module": FAULTS, "max_memory_mib": 16, "timeout_ms": 300},   # on_abort = respawn
          "faults_inproc": {"module": FAULTS, "max_memory_mib": 16, "timeout_ms": 300,
                            "on_abort": "reinstantiate"}},
@@ -51,6 +61,7 @@ def test_chaos(start_daemon, built_guests):
     problems: list[str] = []
     healthy_done = [0] * HEALTHY_CLIENTS
     fault_replies: list[tuple[str, bytes, int, bytes]] = []
+    cxx_replies: list[tuple[str, bytes, int, bytes, int, bytes]] = []
     killed: list[int] = []
     unwind_replies: list[tuple[bytes, int, bytes]] = []
 
@@ -115,6 +126,22 @@ def test_chaos(start_daemon, built_guests):
                 problems.append(f"rust_unwind: incr got {reply.status} {reply.body[:120]!r}")
             time.sleep(0.01)
 
+    def c_and_cpp_unwinding() -> None:
+        client = daemon.client()
+        n = 0
+        while not stop.is_set():
+            for (service, template), (status, holds) in CXX_UNWINDS.items():
+                body = template.format(n=n).encode()
+                try:
+                    reply = client.call(service, body, idempotent=True, timeout=30)
+                except NoReply:
+                    problems.append(f"{service}: no reply to {body!r}")
+                    return
+                cxx_replies.append((service, body, reply.status, reply.body, status,
+                                    holds.format(n=n).encode()))
+            n += 1
+            time.sleep(0.05)
+
     def killer() -> None:
         while not stop.wait(0.8):
             pids = [w["pid"] for w in daemon.status()["workers"] if w["state"] == "ready"]
@@ -126,6 +153,7 @@ def test_chaos(start_daemon, built_guests):
     threads = [threading.Thread(target=healthy, args=(n,)) for n in range(HEALTHY_CLIENTS)]
     threads += [threading.Thread(target=faulty, args=(s,)) for s in ("faults", "faults_inproc")]
     threads.append(threading.Thread(target=unwinding))
+    threads.append(threading.Thread(target=c_and_cpp_unwinding))
     threads.append(threading.Thread(target=killer))
     for thread in threads:
         thread.start()
@@ -142,6 +170,9 @@ def test_chaos(start_daemon, built_guests):
     kinds_seen = {body for _, body, _, _ in fault_replies}
     assert kinds_seen == set(FAULT_KINDS), kinds_seen
     wrong = [(s, b, st, d[:80]) for s, b, st, d in fault_replies if st != FAULT_KINDS[b]]
+    assert not wrong, wrong[:10]
+    assert len(cxx_replies) > 3 * len(CXX_UNWINDS), len(cxx_replies)
+    wrong = [(s, b, st, d[:80]) for s, b, st, d, want, holds in cxx_replies if st != want or holds not in d]
     assert not wrong, wrong[:10]
 
     # Every abort under on_abort = "respawn" retired its worker and a new generation took its slot.

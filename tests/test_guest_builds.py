@@ -78,8 +78,9 @@ def trap_code(call):
 
 
 def test_every_guest_is_a_corral_guest_with_no_imports(built, modules):
-    assert sorted(built) == ["c_aborts", "c_echo", "rust_counter", "rust_counter_unwind", "rust_echo",
-                             "rust_echo_unwind", "rust_kv", "rust_kv_unwind", "rust_panicky",
+    assert sorted(built) == ["c_aborts", "c_echo", "c_panics", "cpp_throws", "rust_counter", "rust_counter_durable",
+                             "rust_counter_durable_unwind", "rust_counter_unwind",
+                             "rust_echo", "rust_echo_unwind", "rust_kv", "rust_kv_unwind", "rust_panicky",
                              "rust_panicky_unwind"]
     for name, module in modules.items():
         assert module.imports == [], name

@@ -21,10 +21,25 @@
  * globals, which live in the module's data and keep their values for as
  * long as the instance lives.
  *
- * Faults: freestanding C has no abort() and nothing to unwind. corral_abort()
- * is __builtin_trap(), a Wasm `unreachable` (wasi-libc's abort() is the
- * same): corral answers 502 and never enters the instance again. Report
- * errors the caller should see with corral_error() (status 1, 422).
+ * Faults: freestanding C has no abort(). corral_abort() is __builtin_trap(),
+ * a Wasm `unreachable` (wasi-libc's abort() is the same): corral answers 502
+ * and never enters the instance again. Report errors the caller should see
+ * with corral_error() (status 1, 422).
+ *
+ * Panics, two ways to a 500 that keep the instance and its globals:
+ * - return corral_panicked(msg): status byte 2, a panic the guest caught
+ *   itself. Works in any build.
+ * - corral_panic(msg): really unwinds. It throws a Wasm exception with the
+ *   `__cpp_exception` tag (the one C++ and Rust use) out of every frame up
+ *   to the host; corral calls corral_exception_message (exported by
+ *   CORRAL_HANDLER) for the message. Frames it passes run no cleanup, so
+ *   what they had changed in globals stays changed. Needs the build flags
+ *       -mexception-handling
+ *       -Wl,--export=__stack_pointer -Wl,--export=__cpp_exception
+ *   (the first enables `throw`, which this header then defines the tag
+ *   for; the exports let the host restore the shadow stack an escape skips
+ *   and recognise the tag). Without -mexception-handling, calling
+ *   corral_panic is a compile-time error.
  *
  * Include it in exactly one .c file: it defines functions and exports.
  */
@@ -36,6 +51,7 @@
 
 #define CORRAL_STATUS_OK 0
 #define CORRAL_STATUS_ERROR 1
+#define CORRAL_STATUS_PANICKED 2
 
 /* A response: (ptr << 32) | len of status byte + body, as corral_handle returns. */
 typedef struct {
@@ -122,6 +138,60 @@ static inline corral_reply corral_error(const char *message) {
     return corral_reply_bytes(CORRAL_STATUS_ERROR, message, len);
 }
 
+/* 500: a panic the guest caught itself (status byte 2); the body is the
+ * NUL-terminated UTF-8 message. */
+static inline corral_reply corral_panicked(const char *message) {
+    uint32_t len = 0;
+    while (message[len])
+        len++;
+    return corral_reply_bytes(CORRAL_STATUS_PANICKED, message, len);
+}
+
+#ifdef __wasm_exception_handling__
+/* The tag C++ throws with; defined here because zig ships no definition. */
+__asm__(".globl __cpp_exception\n"
+        ".tagtype __cpp_exception i32\n"
+        "__cpp_exception:\n");
+
+/* The message of the panic in flight. Static, not on the stack: the host
+ * rewinds the shadow stack before it asks for the message. 4 KiB, the most
+ * corral keeps. */
+static char corral__panic_message[4096];
+static uint32_t corral__panic_length;
+
+/* 500 with msg (NUL-terminated UTF-8, cut at 4 KiB): throws a Wasm
+ * exception out of the guest. Never returns. */
+__attribute__((noreturn)) static inline void corral_panic(const char *msg) {
+    uint32_t len = 0;
+    while (msg[len] && len < sizeof corral__panic_message) {
+        corral__panic_message[len] = msg[len];
+        len++;
+    }
+    corral__panic_length = len;
+    __builtin_wasm_throw(0, corral__panic_message);
+}
+
+static inline int64_t corral__exception_message(int32_t exn) {
+    static const char foreign[] = "a Wasm exception not thrown by corral_panic";
+    if ((uint32_t)exn != (uint32_t)(uintptr_t)corral__panic_message)
+        return corral__pack(foreign, sizeof foreign - 1).packed;
+    uint32_t len = corral__panic_length;
+    corral__panic_length = 0; /* no panic in flight any more */
+    return corral__pack(corral__panic_message, len).packed;
+}
+
+#define CORRAL__EXCEPTION_MESSAGE                                                 \
+    __attribute__((export_name("corral_exception_message"))) int64_t              \
+    corral_exception_message(int32_t exn) {                                       \
+        return corral__exception_message(exn);                                    \
+    }
+#else
+__attribute__((noreturn,
+               unavailable("corral_panic throws a Wasm exception: build with -mexception-handling")))
+void corral_panic(const char *msg);
+#define CORRAL__EXCEPTION_MESSAGE
+#endif
+
 static inline int32_t corral__alloc(int32_t len) {
     corral__reset(); /* the previous request and response are done with */
     corral__request = 0;
@@ -145,7 +215,8 @@ static inline int64_t corral__handle(corral_handler handler, int32_t ptr, int32_
 }
 
 /* Export fn (corral_reply fn(const uint8_t *request, uint32_t len)) as the
- * guest's handler, with corral_alloc beside it. */
+ * guest's handler, with corral_alloc beside it (and, in a build with
+ * -mexception-handling, corral_exception_message for corral_panic). */
 #define CORRAL_HANDLER(fn)                                                        \
     __attribute__((export_name("corral_alloc"))) int32_t corral_alloc(int32_t len) { \
         return corral__alloc(len);                                                \
@@ -153,7 +224,8 @@ static inline int64_t corral__handle(corral_handler handler, int32_t ptr, int32_
     __attribute__((export_name("corral_handle"))) int64_t corral_handle(int32_t ptr, \
                                                                         int32_t len) { \
         return corral__handle(fn, ptr, len);                                      \
-    }
+    }                                                                             \
+    CORRAL__EXCEPTION_MESSAGE
 
 /* Export fn (void fn(void)) as corral_init, run once after instantiation. */
 #define CORRAL_INIT(fn)                                          \
