@@ -304,6 +304,13 @@ class Daemon:
             self.reload()
 
     def reap(self) -> None:
+        # A worker that exits as soon as it has sent its last replies is often
+        # seen dead before they are read: read what waits on the backend first,
+        # or its requests would be answered as lost with their replies in hand.
+        while self.broker.on_backend():
+            pass
+        if self.broker.events:
+            self.handle_broker_events()
         for worker, returncode in self.pool.reap():
             self.broker.worker_gone(worker.identity, worker.cause or describe_exit(returncode), reaped=True)
             self.vacate(worker)
