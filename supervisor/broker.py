@@ -36,7 +36,8 @@ from corral.circuit import Circuit, Health
 from corral.config import AppSettings, Config
 from corral.metrics import Histogram
 from corral.paths import ipc_in_use, remove_ipc_file
-from corral.wire.frames import NOBLOCK, drain, send_frames
+from corral.wire.frames import NOBLOCK, drain, drain_with_user, send_frames
+from corral import security
 from corral.wire.protocol import (MAX_KEY, MMI_PREFIX, MMI_SERVICE, NATIVE, STATUS_BY_CODE, STATUS_FRAMES,
                                  W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_RETIRING,
                                  Dialect, Malformed, Status, evict_message, iter_replies, reply_frames,
@@ -153,6 +154,9 @@ class Broker:
         self.frontend.setsockopt(zmq.LINGER, 1000)  # so the last replies of a drain leave
         self.use_settings(config)
         self.frontend_bound: dict[str, str] = {}   # endpoint as configured -> as bound (wildcards resolved)
+        self.authenticator: security.KeyAuthenticator | None = None
+        if config.security.curve:
+            self.start_curve(context, config.security)
         self.bind_frontend(config.supervisor.frontend)
         self.backend = context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -189,6 +193,8 @@ class Broker:
     def configure(self, config: Config) -> None:
         """Take a (re)loaded config: its settings, and its apps (new services appear, removed ones go)."""
         self.use_settings(config)
+        if self.authenticator is not None:
+            self.authenticator.use(self.load_keys(config.security))  # a key removed is refused from now on
         services: dict[bytes, Service] = {}
         for name, app in config.apps.items():
             key = name.encode()
@@ -215,6 +221,20 @@ class Broker:
                 for service in link.services:
                     service.links.append(link)
 
+    def start_curve(self, context: zmq.Context, settings) -> None:
+        """CURVE on every tcp frontend from now on, its clients judged by ZAP (KeyAuthenticator)."""
+        self.curve_public, secret = security.server_keys(settings.curve_secret_key)
+        self.frontend.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        self.authenticator = security.KeyAuthenticator(context, self.load_keys(settings))
+        self.authenticator.start()
+
+    def load_keys(self, settings) -> security.KeyNames:
+        keys = security.KeyNames(settings.client_keys)
+        for problem in keys.problems:
+            self.log.warning("security.key_ignored", directory=str(settings.client_keys), problem=problem)
+        self.key_names = set(keys.names.values())
+        return keys
+
     def bind_frontend(self, endpoints: Sequence[str]) -> None:
         """Listen on `endpoints` as well: on all of them, or (zmq.ZMQError) on none."""
         bound = []
@@ -222,6 +242,9 @@ class Broker:
             for endpoint in endpoints:
                 if ipc_in_use(endpoint):
                     raise zmq.ZMQError(zmq.EADDRINUSE, f"frontend endpoint {endpoint} is in use")
+                if self.authenticator is not None:
+                    # Each listener keeps the security options it was bound with.
+                    self.frontend.setsockopt(zmq.CURVE_SERVER, int(endpoint.startswith("tcp://")))
                 try:
                     self.frontend.bind(endpoint)
                 except zmq.ZMQError as exc:
@@ -248,6 +271,8 @@ class Broker:
 
     def on_frontend(self) -> int:
         """Take the client requests waiting; returns how many messages came."""
+        if self.authenticator is not None:
+            return self.on_frontend_authenticated()
         now = time.monotonic()
         messages = drain(self.frontend, BATCH)
         for frames in messages:
@@ -265,8 +290,17 @@ class Broker:
             self.intake(frames[0], frames[1:], now)
         return len(messages)
 
-    def intake(self, client: bytes, frames: list[bytes], now: float) -> None:
-        """Any request: parse it, admit it or answer it."""
+    def on_frontend_authenticated(self) -> int:
+        """on_frontend with CURVE on: every request with its key's name (None from ipc)."""
+        now = time.monotonic()
+        messages = drain_with_user(self.frontend, BATCH)
+        for frames, user in messages:
+            if len(frames) >= 2:
+                self.intake(frames[0], frames[1:], now, user)
+        return len(messages)
+
+    def intake(self, client: bytes, frames: list[bytes], now: float, user: str | None = None) -> None:
+        """Any request: parse it, admit it or answer it. `user`: the client's CURVE key name."""
         try:
             parsed = protocol.parse_client(frames, self.keyed)
         except Malformed as bad:
@@ -275,6 +309,13 @@ class Broker:
                           dialect=bad.dialect.value if bad.dialect else None)
             self.send_client(reply_frames(bad.dialect or Dialect.NATIVE, client, bad.request_id,
                                           STATUS_FRAMES[bad.status], bad.detail.encode()))
+            return
+        if user is not None and (refusal := self.forbidden(parsed, user)):
+            self.rejected[Status.FORBIDDEN] += 1
+            self.log.warning("request.forbidden", key=user, service=parsed.service[:128].decode(errors="replace"),
+                             request_id=parsed.request_id[:64].decode(errors="replace"), detail=refusal)
+            self.send_client(reply_frames(parsed.dialect, client, parsed.request_id,
+                                          STATUS_FRAMES[Status.FORBIDDEN], refusal.encode()))
             return
         reject, probe = self.admit(parsed, now)
         if reject is not None:
@@ -332,6 +373,13 @@ class Broker:
         if refusal:
             return (Status.UNAVAILABLE, refusal.encode()), False
         return None, probe
+
+    def forbidden(self, request: protocol.ClientRequest, user: str) -> str | None:
+        """Why the client with key `user` may not make this request (its service's `allow`), or None."""
+        if user not in self.key_names:
+            return f"key {user!r} is no longer allowed (removed from client_keys)"
+        service = self.services.get(request.service)
+        return security.forbidden(service.app.allow, user) if service is not None else None
 
     def mmi(self, request: protocol.ClientRequest) -> tuple[Status, bytes]:
         if request.service != MMI_SERVICE:
@@ -703,6 +751,8 @@ class Broker:
 
     def close(self) -> None:
         self.frontend.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.backend.close(linger=0)
         for endpoint in self.frontend_bound:
             remove_ipc_file(endpoint)

@@ -112,13 +112,15 @@ class Daemon:
             self.control = Control(self.context, config.supervisor.control, self)
             if config.metrics.listen:
                 self.metrics = MetricsServer(config.metrics.listen, self)
-        except (zmq.ZMQError, OSError) as exc:
+        except (zmq.ZMQError, OSError, ValueError) as exc:   # ValueError: a CURVE key unreadable since check
             self.log.error("daemon.bind_failed", error=str(exc), frontend=list(config.supervisor.frontend),
                            control=config.supervisor.control, metrics=config.metrics.listen)
             self.context.destroy(linger=0)
             shutil.rmtree(self.run_dir, ignore_errors=True)
             return EX_UNAVAILABLE
         self.hand_run_dir_to_worker_user(config)
+        for warning in config_module.warnings(config):
+            self.log.warning("config.warning", problem=warning)
         self.use_config(config, spec_inputs)
         self.install_signals()
         self.log.info("daemon.started", pid=os.getpid(), config=str(self.config_path), frames=frames.IMPLEMENTATION,
@@ -450,6 +452,9 @@ class Daemon:
         """A reload's listeners: the frontend's endpoints and the metrics endpoint. Everything
         new is bound before anything old is let go; what cannot be bound is named, with
         nothing changed."""
+        if config.security.curve_secret_key != self.config.security.curve_secret_key:
+            # Listeners keep the security they were bound with: never mix on a reload.
+            return "[security] curve_secret_key: changed; it takes effect only on a restart"
         listen = config.metrics.listen
         moved = listen != self.config.metrics.listen
         metrics = None

@@ -1,6 +1,7 @@
 """Multipart messages in and out of ZeroMQ sockets, at the cost the hot path can bear.
 
     drain(socket, limit)            every message waiting, up to limit, never blocking
+    drain_with_user(socket, limit)  the same, each with its connection's ZAP User-Id (CURVE key name)
     recv_payload(socket)            one single-frame message, blocking (RCVTIMEO applies)
     send_frames(socket, frames)     one message; zmq.Again / ZMQError(EHOSTUNREACH) as pyzmq raises
 
@@ -119,6 +120,23 @@ else:
         for i in range(last):
             _send(socket, frames[i], more)
         _send(socket, frames[last], flags)
+
+
+def drain_with_user(socket: zmq.Socket, limit: int) -> list[tuple[list[bytes], str | None]]:
+    """drain(), each message with the User-Id its connection was given by ZAP (None: none,
+    e.g. an ipc client). Always through pyzmq: reading a message property needs a Frame."""
+    messages = []
+    while len(messages) < limit and readable(socket):
+        first = _recv(socket, NOBLOCK, False)
+        try:
+            user = first.get("User-Id")
+        except zmq.ZMQError:
+            user = None
+        frames = [first.bytes]
+        while _get(socket, _RCVMORE):
+            frames.append(_recv(socket))
+        messages.append((frames, user))
+    return messages
 
 
 drain.__doc__ = "Every message waiting on `socket`, up to `limit`, as lists of frames; never blocks."

@@ -79,6 +79,7 @@ class Dialect(Enum):
 class Status(IntEnum):
     OK = 200
     BAD_REQUEST = 400
+    FORBIDDEN = 403
     NOT_FOUND = 404
     TOO_LARGE = 413
     GUEST_ERROR = 422
