@@ -144,6 +144,11 @@ class Event(Enum):
     SILENT = "silent"        # (link, cause): missed heartbeats, the daemon should kill it
 
 
+# What a worker's malformed message raises while it is read: it is refused, never the broker's end.
+WORKER_MESSAGE_FAULTS = (struct.error, ValueError, KeyError, IndexError, TypeError, AttributeError,
+                         RecursionError, UnicodeDecodeError)
+
+
 class Broker:
     def __init__(self, context: zmq.Context, config: Config, backend: str, log):
         self.log = log
@@ -569,16 +574,29 @@ class Broker:
             link = self.links.get(identity)
             if link is not None:
                 link.last_seen = now
-            if command == W_REPLY and link is not None:
-                self.on_replies(link, payload, now)
-            elif command == W_READY:
-                self.on_ready(identity, payload, now)
-            elif command == W_RETIRING and link is not None:
-                self.on_retiring(link, payload)
-            elif command != W_HEARTBEAT:
-                self.log.warning("worker.unexpected_message", worker=identity.decode(errors="replace"),
-                                 command=command.hex())
+            try:
+                if command == W_REPLY and link is not None:
+                    self.on_replies(link, payload, now)
+                elif command == W_READY:
+                    self.on_ready(identity, payload, now)
+                elif command == W_RETIRING and link is not None:
+                    self.on_retiring(link, payload)
+                elif command != W_HEARTBEAT:
+                    self.log.warning("worker.unexpected_message", worker=identity.decode(errors="replace"),
+                                     command=command.hex())
+            except WORKER_MESSAGE_FAULTS as exc:
+                self.reject_worker(identity, command, exc)
         return len(messages)
+
+    def reject_worker(self, identity: bytes, command: bytes, exc: Exception) -> None:
+        """A worker sent bytes that do not parse: it hosts guest code, so it may be subverted;
+        it is killed like a silent one and what it held answered 502, never trusted again."""
+        self.log.error("worker.protocol_violation", worker=identity.decode(errors="replace"), command=command.hex(),
+                       error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        link = self.links.get(identity)
+        if link is not None:
+            self.events.append((Event.SILENT, link, "protocol violation"))
+            self.worker_gone(identity, "protocol violation")
 
     def on_ready(self, identity: bytes, payload: bytes, now: float) -> None:
         try:
@@ -588,7 +606,7 @@ class Broker:
                               [self.services[n.encode()] for n in info["services"]
                                if n.encode() in self.services], now, self.liveness * heartbeat_s,
                               parked=bool(info.get("standby")))
-        except (IndexError, ValueError, KeyError, TypeError) as exc:
+        except (IndexError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             self.log.error("worker.bad_ready", worker=identity.decode(errors="replace"), error=str(exc))
             return
         self.links[identity] = link
