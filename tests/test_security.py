@@ -322,3 +322,47 @@ def test_metrics_listen_defaults_to_loopback_and_check_warns_otherwise(tmp_path,
     config = parse(tmp_path, {"metrics": {"listen": listen}})
     assert config_module.metrics_address(listen) == (host, 9100)
     assert bool(config_module.warnings(config)) is warned
+
+
+def test_both_drains_read_the_key_name_of_each_message(tmp_path):
+    """frames.drain_with_user (the C extension's) and the pyzmq one it falls back to agree:
+    the ZAP User-Id on a CURVE connection, None on ipc."""
+    from corral import security
+    from corral.wire import frames
+    keys = make_keys(tmp_path / "keys", "alice")
+    context = zmq.Context()
+    authenticator = security.KeyAuthenticator(context, security.KeyNames(keys / "clients"))
+    authenticator.start()
+    sockets = []
+    try:
+        router = context.socket(zmq.ROUTER)
+        sockets.append(router)
+        router.setsockopt(zmq.CURVE_SECRETKEY, security.server_keys(keys / "server.key_secret")[1])
+        router.setsockopt(zmq.CURVE_SERVER, 1)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        router.setsockopt(zmq.CURVE_SERVER, 0)
+        router.bind(f"ipc://{tmp_path}/x.sock")
+        alice = context.socket(zmq.DEALER)
+        CurveKeys.load(str(keys / "alice.key_secret"), str(keys / "server.key")).apply(alice)
+        alice.connect(f"tcp://127.0.0.1:{port}")
+        local = context.socket(zmq.DEALER)
+        local.connect(f"ipc://{tmp_path}/x.sock")
+        sockets += [alice, local]
+        implementations = [frames._drain_with_user] + ([frames.drain_with_user]
+                                                       if frames.drain_with_user is not frames._drain_with_user else [])
+        assert frames.IMPLEMENTATION != "c" or len(implementations) == 2
+        for drain in implementations:
+            alice.send_multipart([b"CORRAL1", b"1", b"echo", b"", b"from alice"])
+            local.send_multipart([b"CORRAL1", b"2", b"echo", b"", b"from ipc"])
+            got = []
+            while len(got) < 2:
+                assert router.poll(5000)
+                got += drain(router, 16)
+            by_body = {tuple(message[1:]): user for message, user in got}
+            assert by_body == {(b"CORRAL1", b"1", b"echo", b"", b"from alice"): "alice",
+                               (b"CORRAL1", b"2", b"echo", b"", b"from ipc"): None}, (drain, got)
+    finally:
+        for socket in sockets:
+            socket.close(0)
+        authenticator.stop()
+        context.term()

@@ -122,9 +122,7 @@ else:
         _send(socket, frames[last], flags)
 
 
-def drain_with_user(socket: zmq.Socket, limit: int) -> list[tuple[list[bytes], str | None]]:
-    """drain(), each message with the User-Id its connection was given by ZAP (None: none,
-    e.g. an ipc client). Always through pyzmq: reading a message property needs a Frame."""
+def _drain_with_user(socket: zmq.Socket, limit: int) -> list[tuple[list[bytes], str | None]]:
     messages = []
     while len(messages) < limit and readable(socket):
         first = _recv(socket, NOBLOCK, False)
@@ -139,6 +137,19 @@ def drain_with_user(socket: zmq.Socket, limit: int) -> list[tuple[list[bytes], s
     return messages
 
 
+if _c is not None and hasattr(_c, "drain_with_user"):
+    _c_drain_with_user = _c.drain_with_user
+
+    def drain_with_user(socket: zmq.Socket, limit: int) -> list[tuple[list[bytes], str | None]]:
+        try:
+            return _c_drain_with_user(socket.underlying, limit)
+        except RuntimeError:   # a libzmq without zmq_msg_gets
+            return _drain_with_user(socket, limit)
+else:
+    drain_with_user = _drain_with_user
+
+drain_with_user.__doc__ = ("drain(), each message with the User-Id its connection was given by ZAP (the "
+                           "CURVE key's name; None without one, e.g. an ipc client).")
 drain.__doc__ = "Every message waiting on `socket`, up to `limit`, as lists of frames; never blocks."
 send_frames.__doc__ = ("Send one message. With NOBLOCK, zmq.Again (high-water mark) or ZMQError "
                        "EHOSTUNREACH (a ROUTER peer gone) comes from the first frame, before "
