@@ -64,6 +64,37 @@ def test_a_spinning_start_function_is_checked_in_a_child_not_in_the_daemon(tmp_p
         f"no check child of daemon {process.pid} was seen spinning with wasmtime loaded: {seen}"
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="dropping to another user needs root")
+def test_the_check_child_runs_guest_code_as_the_workers_user(tmp_path, cache_dir):
+    import pwd
+    nobody = pwd.getpwnam("nobody").pw_uid
+    (tmp_path / "spin.wat").write_text(SPIN)
+    config = tmp_path / "corral.toml"
+    config.write_text(f'[supervisor]\nfrontend = "ipc://{tmp_path}/f.sock"\ncontrol = "ipc://{tmp_path}/c.sock"\n'
+                      f'cache_dir = "{cache_dir}"\nuser = "nobody"\n'
+                      f'[apps.spin]\nmodule = "spin.wat"\ntimeout_ms = 1500\n')
+    process = subprocess.Popen([sys.executable, "-m", "corral", "check", "-c", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "RUNTIME_DIRECTORY": str(tmp_path / "run")})
+    uids: set[tuple[int, int]] = set()
+    try:
+        parent = psutil.Process(process.pid)
+        while process.poll() is None:
+            try:
+                for child in parent.children():
+                    if "corral.workers.check" in " ".join(child.cmdline()) and child.cpu_times().user > 0.2:
+                        uids.add((child.uids().real, child.uids().effective))
+            except psutil.NoSuchProcess:
+                pass
+            time.sleep(0.05)
+        output = process.communicate(timeout=30)[0]
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 78 and "interrupted after 1500 ms" in output, output
+    assert uids == {(nobody, nobody)}, f"the spinning check child ran as {uids}, not nobody ({nobody})"
+
+
 def test_a_reload_checks_in_a_child_and_the_serving_daemon_never_loads_wasmtime(start_daemon, tmp_path):
     daemon = start_daemon()
     assert not maps_wasmtime(daemon.process.pid)
