@@ -228,7 +228,7 @@ class Broker:
 
     def start_curve(self, context: zmq.Context, settings) -> None:
         """CURVE on every tcp frontend from now on, its clients judged by ZAP (KeyAuthenticator)."""
-        self.curve_public, secret = security.server_keys(settings.curve_secret_key)
+        _, secret = security.server_keys(settings.curve_secret_key)
         self.frontend.setsockopt(zmq.CURVE_SECRETKEY, secret)
         self.authenticator = security.KeyAuthenticator(context, self.load_keys(settings))
         self.authenticator.start()

@@ -379,6 +379,12 @@ def warnings(config: Config) -> list[str]:
     if listen and not is_loopback(metrics_address(listen)[0]):
         found.append(f"{config.path}: [metrics] listen: {listen} is not a loopback address: anyone who can "
                      f"reach it reads the service names and counts")
+    if config.security.curve and config.security.client_keys.is_dir():
+        known = {path.stem for path in config.security.client_keys.glob("*.key")}
+        for app in config.apps.values():
+            for name in sorted(set(app.allow or ()) - known):
+                found.append(f"{config.path}: [apps.{app.name}] allow: no key {name!r} in "
+                             f"{config.security.client_keys} (no client can use that name yet)")
     if config.security.insecure_tcp:
         for endpoint in config.supervisor.frontend:
             if frontend_exposure(endpoint) == "network" and not config.security.curve:

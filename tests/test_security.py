@@ -315,6 +315,9 @@ def test_allow_needs_curve_and_names(tmp_path):
     bad = {"apps": {"echo": {"module": "echo.wat", "allow": [1]}}}
     assert any("[apps.echo] allow: must be a list of key names" in p for p in problems(tmp_path, {"security": security, **bad}))
     assert parse(tmp_path, {"security": security}).apps["echo"].allow is None   # any allowed key
+    config = parse(tmp_path, {"security": security, "apps": {"echo": {"module": "echo.wat", "allow": ["alice", "bob"]}}})
+    assert [w for w in config_module.warnings(config) if "allow: no key 'bob'" in w], config_module.warnings(config)
+    assert not [w for w in config_module.warnings(config) if "'alice'" in w]
 
 
 def test_curve_without_libzmq_support_is_refused_naming_why(tmp_path, monkeypatch):
