@@ -136,6 +136,10 @@ def _between(lo: int, hi: int):
     return check
 
 
+def _a_path(v: str) -> str | None:
+    return "must not contain a NUL character (no file name can)" if "\0" in v else None
+
+
 _INT = (int,)
 _NUM = (int, float)
 _STR = (str,)
@@ -154,11 +158,11 @@ _SUPERVISOR_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "max_requests": (_INT, _non_negative),
     "max_requests_jitter": (_INT, _non_negative),
     "standby": (_INT, _between(0, 16)),
-    "cache_dir": (_STR, None),
+    "cache_dir": (_STR, _a_path),
     "max_open_files": (_INT, _between(64, 1 << 20)),
     "max_address_space_mib": (_INT, lambda v: None if v == 0 or v >= 512 else "must be 0 (no limit) or at least 512"),
-    "user": (_STR, None),
-    "group": (_STR, None),
+    "user": (_STR, _a_path),   # a NUL in a name is refused as in a path
+    "group": (_STR, _a_path),
 }
 _RESTART_KEYS = {
     "intensity": (_INT, _non_negative),
@@ -172,12 +176,12 @@ _LOGGING_KEYS = {
 }
 _METRICS_KEYS = {"listen": (_STR, None)}
 _SECURITY_KEYS = {
-    "curve_secret_key": (_STR, None),
-    "client_keys": (_STR, None),
+    "curve_secret_key": (_STR, _a_path),
+    "client_keys": (_STR, _a_path),
     "insecure_tcp": ((bool,), None),
 }
 _APP_KEYS = {
-    "module": (_STR, None),
+    "module": (_STR, _a_path),
     "instances": (_STR, _one_of(INSTANCE_MODES)),
     "timeout_ms": (_INT, _between(1, 24 * 3600 * 1000)),
     "max_memory_mib": (_INT, _between(1, 4096)),
