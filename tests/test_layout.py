@@ -3,6 +3,8 @@
   corral.wire      both sides: imports no other room of corral
   corral.workers   the worker process: corral.workers and corral.wire only
   corral.client    client processes: corral.client and corral.wire only
+  the arbiter      (corral.*, supervisor/) of corral.workers only corral.workers.spec, and
+                   never wasmtime: guest checks run in a child (corral.workers.check)
 
 Checked on the source (every import statement, at any depth), not on a
 running interpreter, so that an import inside a function counts too.

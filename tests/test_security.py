@@ -213,6 +213,15 @@ def test_a_key_removed_on_reload_is_refused_on_its_open_connection(curve_daemon)
         keyed_client(curve_daemon, "bob").call("echo", b"3", timeout=REFUSED_S)   # a new connection: refused
 
 
+def test_a_reload_that_changes_the_server_key_is_refused_and_the_old_key_keeps_serving(curve_daemon):
+    zmq.auth.create_certificates(curve_daemon.keys, "server2")
+    curve_daemon.doc["security"]["curve_secret_key"] = curve_daemon.keys / "server2.key_secret"
+    curve_daemon.write_config()
+    answer = curve_daemon.control_request("reload", timeout=60)
+    assert answer["ok"] is False and any("curve_secret_key" in p and "restart" in p for p in answer["problems"]), answer
+    assert keyed_client(curve_daemon, "alice").call("echo", b"same key", timeout=10).body == b"same key"
+
+
 def corral(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {**os.environ, "RUNTIME_DIRECTORY": str(cwd / "run"), "XDG_CACHE_HOME": str(cwd / "cache")}
     env.pop("CACHE_DIRECTORY", None)
