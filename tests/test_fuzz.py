@@ -251,3 +251,34 @@ def test_config_parse_accepts_or_names_the_problems(tmp_path_factory, doc):
         assert exc.problems and all(p.startswith(str(where / "corral.toml")) for p in exc.problems), exc.problems
     else:
         assert config.apps
+
+
+# --- the worker protocol's records: what is written is what is read -------------------------
+
+from corral.wire.protocol import iter_replies, iter_requests, request_record  # noqa: E402
+
+u16_bytes = st.binary(max_size=40)
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1), u16_bytes,
+                          st.none() | st.binary(min_size=1, max_size=40), st.binary(max_size=64)), max_size=5))
+def test_request_records_round_trip(records):
+    payload = b"\x02" + b"".join(b"".join(request_record(*r)) for r in records)
+    assert list(iter_requests(payload)) == records
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 65535), st.binary(max_size=255),
+                          st.binary(max_size=64)), max_size=5))
+def test_reply_records_round_trip(records):
+    payload = W_REPLY + b"".join(b"".join(reply_record(*r)) for r in records)
+    assert list(iter_replies(payload)) == records
+
+
+@given(st.binary(max_size=80))
+def test_worker_record_readers_refuse_garbage_with_struct_error_only(payload):
+    for reader in (iter_requests, iter_replies):
+        try:
+            for record in reader(payload):
+                assert isinstance(record, tuple)
+        except struct.error:
+            pass   # what the broker catches (WORKER_MESSAGE_FAULTS)
