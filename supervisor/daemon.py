@@ -39,7 +39,7 @@ from corral import config as config_module
 from corral import paths
 from corral.wire import frames, logs
 from corral.broker import Broker, Event
-from corral.config import AppSettings, Config, ConfigError
+from corral.config import Config, ConfigError
 from corral.control import Control
 from corral.metrics import MetricsServer
 from corral.notify import Notifier
