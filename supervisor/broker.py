@@ -146,7 +146,7 @@ class Event(Enum):
 
 # What a worker's malformed message raises while it is read: it is refused, never the broker's end.
 WORKER_MESSAGE_FAULTS = (struct.error, ValueError, KeyError, IndexError, TypeError, AttributeError,
-                         RecursionError, UnicodeDecodeError)
+                         RecursionError, UnicodeDecodeError, OverflowError)
 
 
 class Broker:
@@ -606,7 +606,7 @@ class Broker:
                               [self.services[n.encode()] for n in info["services"]
                                if n.encode() in self.services], now, self.liveness * heartbeat_s,
                               parked=bool(info.get("standby")))
-        except (IndexError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        except (IndexError, ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
             self.log.error("worker.bad_ready", worker=identity.decode(errors="replace"), error=str(exc))
             return
         self.links[identity] = link

@@ -186,6 +186,7 @@ worker_payloads = st.one_of(
 @example([W_READY + b"[]"])
 @example([W_READY + b'{"pid": 1, "capacity": 1, "services": [1]}'])
 @example([W_READY + DEEP_JSON])
+@example([W_READY + b'{"pid": Infinity, "capacity": 1, "services": []}'])   # the long run found it
 @example([W_REPLY + b"\x00\x01"])
 @example([W_REPLY + struct.pack("!QHBI", 1, 999, 0, 0)])
 @example([W_REPLY + struct.pack("!QHBI", 1, 200, 1, 0) + b"\xff"])
