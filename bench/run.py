@@ -32,6 +32,10 @@ Sections (see bench/README.md for what each number means):
                against the same entry with the save turned off), and the time to
                answer an escaped Rust panic (500 with its message) against a 200
                and against a panic=abort panic plus the fresh instance after it
+  security     CURVE's cost: the same load against corral on loopback tcp with and
+               without CURVE (interleaved rounds), the broker's drain with and without
+               reading each message's User-Id, and the module check in its child
+               process against the same check in-process
 
 Everything it starts runs in its own process group under one private
 directory in /tmp; all of it is stopped and removed at the end, on an error,
@@ -72,7 +76,7 @@ GUESTS = REPO / "guests"
 ECHO = GUESTS / "echo.wat"
 COUNTER = GUESTS / "counter.wat"
 BASELINES = Path(__file__).resolve().parent / "baselines.py"
-SECTIONS = ("throughput", "half-load", "hops", "host", "instantiate", "abort", "storage", "fairness", "unwind")
+SECTIONS = ("throughput", "half-load", "hops", "host", "instantiate", "abort", "storage", "fairness", "unwind", "security")
 COUNTER_DURABLE = GUESTS / "counter_durable.wat"
 TRACER = Path(__file__).resolve().parent / "tracer"   # the hops section's sitecustomize.py
 P99_TARGET_MS = 2.0
@@ -750,7 +754,8 @@ def section_hops(opts, procs: Processes, endpoints: Endpoints, report: Report) -
         finally:
             daemon_pid = system.process.pid if system is c and system.process else None
             system.stop()
-    traces = {int(p.stem): _trace(p) for p in trace_dir.glob("*.txt")}
+    # Processes that moved no message (the daemon's module-check child) leave empty traces.
+    traces = {int(p.stem): _trace(p) for p in trace_dir.glob("*.txt") if p.stat().st_size}
     broker = traces.pop(daemon_pid, None)
     if broker is None or len(traces) != 1:
         raise BenchError(f"hops: expected the traces of the daemon and one worker, found {sorted(traces)}")
@@ -1149,6 +1154,138 @@ def section_storage(opts, procs: Processes, endpoints: Endpoints, report: Report
     report.data["storage"] = {name: summary(result) for name, result in medians.items()}
 
 
+def section_security(opts, procs: Processes, endpoints: Endpoints, report: Report) -> None:
+    import tomllib
+    import zmq.auth
+    from corral.client import CurveKeys
+    keys_dir = procs.root / "keys"
+    (keys_dir / "clients").mkdir(parents=True)
+    zmq.auth.create_certificates(keys_dir, "server")
+    zmq.auth.create_certificates(keys_dir, "bench")
+    shutil.copy(keys_dir / "bench.key", keys_dir / "clients" / "bench.key")
+    keys = CurveKeys.load(str(keys_dir / "bench.key_secret"), str(keys_dir / "server.key"))
+    tcp = lambda name: f"tcp://127.0.0.1:{free_port()}"   # CURVE covers tcp only: both on tcp
+    plain = Corral(procs, tcp, opts, name="tcp-plain", label="c  corral, tcp")
+    curve = Corral(procs, tcp, opts, name="tcp-curve", label="c  corral, tcp + CURVE")
+    doc = tomllib.loads(curve.config.read_text())
+    doc["security"] = {"curve_secret_key": str(keys_dir / "server.key_secret"),
+                       "client_keys": str(keys_dir / "clients")}
+    curve.config.write_text(to_toml(doc))
+    runs: dict[str, list[loadgen.Result]] = {plain.label: [], curve.label: []}
+    try:
+        plain.start()
+        curve.start()
+        for _ in range(opts.rounds):
+            for system, with_keys in ((plain, None), (curve, keys)):
+                result = loadgen.run(system.endpoint, b"echo", opts.body.encode(), requests=opts.requests,
+                                     concurrency=opts.concurrency, clients=opts.clients, progress=opts.progress,
+                                     keys=with_keys)
+                check(result, system.label)
+                runs[system.label].append(result)
+    finally:
+        plain.stop()
+        curve.stop()
+    med = {label: median_result(rs) for label, rs in runs.items()}
+    base, secured = med[plain.label], med[curve.label]
+    per_request_us = lambda r: 1e6 / r.throughput
+    report.out(f"== Security: CURVE on a loopback tcp frontend, {opts.requests} requests per run, "
+               f"{opts.rounds} round(s), median shown")
+    report.out(f"{'system':<40} {'req/s':>9} {'us/req':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for label, result in med.items():
+        report.out(f"{label:<40} {result.throughput:>9.0f} {per_request_us(result):>8.1f} "
+                   f"{result.pct(50):>8.3f} {result.pct(99):>8.3f}")
+    report.out(f"CURVE / plain tcp throughput: {secured.throughput / base.throughput:.2f}x; "
+               f"CURVE adds {per_request_us(secured) - per_request_us(base):.1f} us per request")
+    drain_us = _measure_drains(keys_dir, opts)
+    report.out(f"broker drain per 6-frame request (frames.{_frames_impl()}): {drain_us['drain']:.2f} us; "
+               f"reading each User-Id too: {drain_us['drain_with_user']:.2f} us "
+               f"({drain_us['drain_with_user'] / drain_us['drain']:.1f}x), through pyzmq Frames: "
+               f"{drain_us['pyzmq_with_user']:.2f} us")
+    check_ms = _measure_check(procs.root, opts)
+    report.out(f"module check of the echo guest (cache warm), median of {opts.reps}: in a child "
+               f"{check_ms['child']:.0f} ms, in-process (as before) {check_ms['in_process']:.1f} ms "
+               f"(+{check_ms['child'] - check_ms['in_process']:.0f} ms at each start-up and reload)")
+    report.data["security"] = {"req_s": {label: r.throughput for label, r in med.items()},
+                               "ratio_curve_over_plain": secured.throughput / base.throughput,
+                               "drain_us": drain_us, "check_ms": check_ms}
+
+
+def _frames_impl() -> str:
+    from corral.wire import frames
+    return frames.IMPLEMENTATION
+
+
+def _measure_drains(keys_dir: Path, opts) -> dict[str, float]:
+    """drain() against drain_with_user() on the same CURVE connection, per message."""
+    import zmq.auth
+    from corral.broker import BATCH
+    from corral.wire.frames import _drain_with_user, drain, drain_with_user
+    from zmq.auth.thread import ThreadAuthenticator
+    context = zmq.Context()
+    auth = ThreadAuthenticator(context)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(keys_dir / "clients"))
+    try:
+        server_public, server_secret = zmq.auth.load_certificate(keys_dir / "server.key_secret")
+        public, secret = zmq.auth.load_certificate(keys_dir / "bench.key_secret")
+        router = context.socket(zmq.ROUTER)
+        router.curve_server, router.curve_secretkey = True, server_secret
+        router.setsockopt(zmq.RCVHWM, 0)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer = context.socket(zmq.DEALER)
+        dealer.curve_secretkey, dealer.curve_publickey, dealer.curve_serverkey = secret, public, server_public
+        dealer.setsockopt(zmq.SNDHWM, 0)
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        count = 2000 if opts.quick else 20000
+        results: dict[str, list[float]] = {"drain": [], "drain_with_user": [], "pyzmq_with_user": []}
+        for _ in range(opts.reps):
+            for name, fn in (("drain", drain), ("drain_with_user", drain_with_user),
+                             ("pyzmq_with_user", _drain_with_user)):
+                for i in range(count):
+                    dealer.send_multipart([b"CORRAL1", b"%d" % i, b"echo", b"", b"hello"])
+                got, spent = 0, 0
+                while got < count:
+                    router.poll(1000)
+                    start = time.perf_counter_ns()
+                    got += len(fn(router, BATCH))
+                    spent += time.perf_counter_ns() - start
+                results[name].append(spent / count / 1000)
+        dealer.close(0)
+        router.close(0)
+    finally:
+        auth.stop()
+        context.term()
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def _measure_check(root: Path, opts) -> dict[str, float]:
+    """The start-up/reload module check: run_check's child against the same work in-process."""
+    from corral.daemon import run_check
+    from corral.workers import modules
+    from corral.workers.host import EpochTicker, first_instance_fault
+    from corral.workers.spec import AppSpec, CheckRequest
+    cache = root / "check-cache"
+    cache.mkdir()
+    app = AppSpec("echo", str(ECHO), "", "reuse", 1000, 64, "respawn")
+    request = CheckRequest(str(cache), 4096, 0, "", "", [app])
+    run_check(request)   # fills the cache: both measure a warm start
+    child, in_process = [], []
+    for _ in range(opts.reps):
+        start = time.perf_counter()
+        run_check(request)
+        child.append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        engine = modules.make_engine(False)
+        ticker = EpochTicker(engine)
+        ticker.start()
+        module, artifact = modules.compile_cached(engine, ECHO, cache, False)
+        modules.inspect(module)
+        first_instance_fault(engine, AppSpec(**{**app.__dict__, "artifact": str(artifact)}), module, cache, False)
+        ticker.stop()
+        in_process.append((time.perf_counter() - start) * 1000)
+    return {"child": statistics.median(child), "in_process": statistics.median(in_process)}
+
+
 def _measure_respawn(procs, endpoints, opts, restart: dict, reps: int, gap_s: float,
                      standby: int) -> tuple[list[float], list[float]]:
     """Trap reply -> a request answered by another worker, `reps` times (and startup times)."""
@@ -1458,6 +1595,9 @@ def main(argv: list[str] | None = None) -> int:
             report.out("")
         if "fairness" in opts.sections:
             section_fairness(opts, procs, endpoints, report)
+            report.out("")
+        if "security" in opts.sections:
+            section_security(opts, procs, endpoints, report)
             report.out("")
         if "host" in opts.sections:
             section_host(opts, root, report)

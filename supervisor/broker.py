@@ -38,7 +38,8 @@ from corral.config import AppSettings, Config
 from corral.dispatch import PACK, PACK_AGE_S, ClientQueue, Dispatcher, Rotation  # noqa: F401 (PACK*: tests)
 from corral.metrics import Histogram
 from corral.paths import ipc_in_use, remove_ipc_file
-from corral.wire.frames import NOBLOCK, drain, send_frames
+from corral.wire.frames import NOBLOCK, drain, drain_with_user, send_frames
+from corral import security
 from corral.wire.protocol import (MAX_KEY, MMI_PREFIX, MMI_SERVICE, NATIVE, STATUS_BY_CODE, STATUS_FRAMES,
                                  W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_RETIRING,
                                  Dialect, Malformed, Status, evict_message, iter_replies, reply_frames,
@@ -190,6 +191,11 @@ class Event(Enum):
     SILENT = "silent"        # (link, cause): missed heartbeats, the daemon should kill it
 
 
+# What a worker's malformed message raises while it is read: it is refused, never the broker's end.
+WORKER_MESSAGE_FAULTS = (struct.error, ValueError, KeyError, IndexError, TypeError, AttributeError,
+                         RecursionError, UnicodeDecodeError, OverflowError)
+
+
 class Broker:
     def __init__(self, context: zmq.Context, config: Config, backend: str, log):
         self.log = log
@@ -198,6 +204,9 @@ class Broker:
         self.frontend.setsockopt(zmq.LINGER, 1000)  # so the last replies of a drain leave
         self.use_settings(config)
         self.frontend_bound: dict[str, str] = {}   # endpoint as configured -> as bound (wildcards resolved)
+        self.authenticator: security.KeyAuthenticator | None = None
+        if config.security.curve:
+            self.start_curve(context, config.security)
         self.bind_frontend(config.supervisor.frontend)
         self.backend = context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -247,6 +256,8 @@ class Broker:
     def configure(self, config: Config) -> None:
         """Take a (re)loaded config: its settings, and its apps (new services appear, removed ones go)."""
         self.use_settings(config)
+        if self.authenticator is not None:
+            self.authenticator.use(self.load_keys(config.security))  # a key removed is refused from now on
         services: dict[bytes, Service] = {}
         for name, app in config.apps.items():
             key = name.encode()
@@ -273,6 +284,20 @@ class Broker:
                 for service in link.services:
                     service.links.append(link)
 
+    def start_curve(self, context: zmq.Context, settings) -> None:
+        """CURVE on every tcp frontend from now on, its clients judged by ZAP (KeyAuthenticator)."""
+        _, secret = security.server_keys(settings.curve_secret_key)
+        self.frontend.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        self.authenticator = security.KeyAuthenticator(context, self.load_keys(settings))
+        self.authenticator.start()
+
+    def load_keys(self, settings) -> security.KeyNames:
+        keys = security.KeyNames(settings.client_keys)
+        for problem in keys.problems:
+            self.log.warning("security.key_ignored", directory=str(settings.client_keys), problem=problem)
+        self.key_names = set(keys.names.values())
+        return keys
+
     def bind_frontend(self, endpoints: Sequence[str]) -> None:
         """Listen on `endpoints` as well: on all of them, or (zmq.ZMQError) on none."""
         bound = []
@@ -280,6 +305,9 @@ class Broker:
             for endpoint in endpoints:
                 if ipc_in_use(endpoint):
                     raise zmq.ZMQError(zmq.EADDRINUSE, f"frontend endpoint {endpoint} is in use")
+                if self.authenticator is not None:
+                    # Each listener keeps the security options it was bound with.
+                    self.frontend.setsockopt(zmq.CURVE_SERVER, int(endpoint.startswith("tcp://")))
                 try:
                     self.frontend.bind(endpoint)
                 except zmq.ZMQError as exc:
@@ -306,6 +334,8 @@ class Broker:
 
     def on_frontend(self) -> int:
         """Take the client requests waiting; returns how many messages came."""
+        if self.authenticator is not None:
+            return self.on_frontend_authenticated()
         now = time.monotonic()
         messages = drain(self.frontend, BATCH)
         for frames in messages:
@@ -323,8 +353,17 @@ class Broker:
             self.intake(frames[0], frames[1:], now)
         return len(messages)
 
-    def intake(self, client: bytes, frames: list[bytes], now: float) -> None:
-        """Any request: parse it, admit it or answer it."""
+    def on_frontend_authenticated(self) -> int:
+        """on_frontend with CURVE on: every request with its key's name (None from ipc)."""
+        now = time.monotonic()
+        messages = drain_with_user(self.frontend, BATCH)
+        for frames, user in messages:
+            if len(frames) >= 2:
+                self.intake(frames[0], frames[1:], now, user)
+        return len(messages)
+
+    def intake(self, client: bytes, frames: list[bytes], now: float, user: str | None = None) -> None:
+        """Any request: parse it, admit it or answer it. `user`: the client's CURVE key name."""
         try:
             parsed = protocol.parse_client(frames, self.keyed)
         except Malformed as bad:
@@ -333,6 +372,13 @@ class Broker:
                           dialect=bad.dialect.value if bad.dialect else None)
             self.send_client(reply_frames(bad.dialect or Dialect.NATIVE, client, bad.request_id,
                                           STATUS_FRAMES[bad.status], bad.detail.encode()))
+            return
+        if user is not None and (refusal := self.forbidden(parsed, user)):
+            self.rejected[Status.FORBIDDEN] += 1
+            self.log.warning("request.forbidden", key=user, service=parsed.service[:128].decode(errors="replace"),
+                             request_id=parsed.request_id[:64].decode(errors="replace"), detail=refusal)
+            self.send_client(reply_frames(parsed.dialect, client, parsed.request_id,
+                                          STATUS_FRAMES[Status.FORBIDDEN], refusal.encode()))
             return
         reject, probe = self.admit(parsed, now)
         if reject is not None:
@@ -399,6 +445,13 @@ class Broker:
         if refusal:
             return (Status.UNAVAILABLE, refusal.encode()), False
         return None, probe
+
+    def forbidden(self, request: protocol.ClientRequest, user: str) -> str | None:
+        """Why the client with key `user` may not make this request (its service's `allow`), or None."""
+        if user not in self.key_names:
+            return f"key {user!r} is no longer allowed (removed from client_keys)"
+        service = self.services.get(request.service)
+        return security.forbidden(service.app.allow, user) if service is not None else None
 
     def mmi(self, request: protocol.ClientRequest) -> tuple[Status, bytes]:
         if request.service != MMI_SERVICE:
@@ -581,16 +634,29 @@ class Broker:
             link = self.links.get(identity)
             if link is not None:
                 link.last_seen = now
-            if command == W_REPLY and link is not None:
-                self.on_replies(link, payload, now)
-            elif command == W_READY:
-                self.on_ready(identity, payload, now)
-            elif command == W_RETIRING and link is not None:
-                self.on_retiring(link, payload)
-            elif command != W_HEARTBEAT:
-                self.log.warning("worker.unexpected_message", worker=identity.decode(errors="replace"),
-                                 command=command.hex())
+            try:
+                if command == W_REPLY and link is not None:
+                    self.on_replies(link, payload, now)
+                elif command == W_READY:
+                    self.on_ready(identity, payload, now)
+                elif command == W_RETIRING and link is not None:
+                    self.on_retiring(link, payload)
+                elif command != W_HEARTBEAT:
+                    self.log.warning("worker.unexpected_message", worker=identity.decode(errors="replace"),
+                                     command=command.hex())
+            except WORKER_MESSAGE_FAULTS as exc:
+                self.reject_worker(identity, command, exc)
         return len(messages)
+
+    def reject_worker(self, identity: bytes, command: bytes, exc: Exception) -> None:
+        """A worker sent bytes that do not parse: it hosts guest code, so it may be subverted;
+        it is killed like a silent one and what it held answered 502, never trusted again."""
+        self.log.error("worker.protocol_violation", worker=identity.decode(errors="replace"), command=command.hex(),
+                       error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        link = self.links.get(identity)
+        if link is not None:
+            self.events.append((Event.SILENT, link, "protocol violation"))
+            self.worker_gone(identity, "protocol violation")
 
     def on_ready(self, identity: bytes, payload: bytes, now: float) -> None:
         try:
@@ -600,7 +666,7 @@ class Broker:
                               [self.services[n.encode()] for n in info["services"]
                                if n.encode() in self.services], now, self.liveness * heartbeat_s,
                               parked=bool(info.get("standby")))
-        except (IndexError, ValueError, KeyError, TypeError) as exc:
+        except (IndexError, ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
             self.log.error("worker.bad_ready", worker=identity.decode(errors="replace"), error=str(exc))
             return
         self.links[identity] = link
@@ -790,6 +856,8 @@ class Broker:
 
     def close(self) -> None:
         self.frontend.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.backend.close(linger=0)
         for endpoint in self.frontend_bound:
             remove_ipc_file(endpoint)

@@ -25,7 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     with_config(verbs.add_parser("run", help="run the daemon in the foreground"))
     with_config(verbs.add_parser("check", help="validate a config and compile its modules"))
 
-    call = with_config(verbs.add_parser("call", help="send one request and print the reply body"))
+    def with_keys(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--key-file", type=Path, metavar="NAME.key_secret",
+                       help="CURVE: this client's key pair (corral keygen); needed on a frontend with CURVE")
+        p.add_argument("--server-key", type=Path, metavar="FILE",
+                       help="CURVE: the server's public certificate (its NAME.key); default: the public "
+                            "half of the config's [security] curve_secret_key, when this host can read it")
+        return p
+
+    call = with_keys(with_config(verbs.add_parser("call", help="send one request and print the reply body")))
     call.add_argument("service")
     call.add_argument("body", nargs="?", default="", help="the request body; - reads stdin")
     call.add_argument("-e", "--endpoint", help="frontend endpoint (default: the config's first)")
@@ -38,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     status = with_config(verbs.add_parser("status", help="workers, services and counters"))
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
-    bench = with_config(verbs.add_parser("bench", help="load a service and print req/s and latency"))
+    bench = with_keys(with_config(verbs.add_parser("bench", help="load a service and print req/s and latency")))
     bench.add_argument("service", help="the service to load")
     bench.add_argument("body", nargs="?", default="hello", help="the body of every request (default: hello)")
     bench.add_argument("-n", "--requests", type=int, default=10000,
@@ -60,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on stderr (default: when stderr is a terminal)")
 
+    keygen = verbs.add_parser("keygen", help="write a CURVE key pair: NAME.key (public) and NAME.key_secret")
+    keygen.add_argument("name", help="the key's name (a client's name in [apps.X] allow)")
+    keygen.add_argument("--dir", type=Path, default=Path("."), help="where to write them (default: here)")
+
     scale = with_config(verbs.add_parser("scale", help="set the number of workers"))
     scale.add_argument("workers", type=int)
     restart = with_config(verbs.add_parser("restart", help="replace workers gracefully, one at a time"))
@@ -74,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     return {"run": run, "check": check, "call": call_verb, "status": status_verb, "bench": bench_verb,
-            "scale": admin_verb, "restart": admin_verb, "reload": admin_verb,
+            "keygen": keygen_verb, "scale": admin_verb, "restart": admin_verb, "reload": admin_verb,
             "state": state_verb}[args.verb](args)
 
 
@@ -130,6 +142,8 @@ def check(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"corral: {problem}", file=sys.stderr)
         return EX_CONFIG
+    for warning in config_module.warnings(config):
+        print(f"corral: warning: {warning}", file=sys.stderr)
     count = len(config.apps)
     print(f"{config.path}: ok, {count} app{'' if count == 1 else 's'}: {', '.join(sorted(config.apps))}")
     return 0
@@ -150,11 +164,56 @@ def require_listener(endpoint: str) -> None:
         raise SystemExit(EXIT_NO_REPLY)
 
 
+def client_keys(args: argparse.Namespace):
+    """The CURVE keys of --key-file and --server-key (or the config's server key), or None."""
+    if args.key_file is None:
+        if args.server_key is not None:
+            print("corral: --server-key needs --key-file (this client's key pair)", file=sys.stderr)
+            raise SystemExit(2)
+        return None
+    from corral.client import CurveKeys
+    server_key = args.server_key
+    if server_key is None:
+        server_key = load_config(args).security.curve_secret_key
+        if server_key is None:
+            print("corral: --key-file needs --server-key: the config has no [security] curve_secret_key",
+                  file=sys.stderr)
+            raise SystemExit(2)
+    try:
+        return CurveKeys.load(str(args.key_file), str(server_key))
+    except ValueError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def keygen_verb(args: argparse.Namespace) -> int:
+    import re
+    import zmq.auth
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", args.name):
+        print(f"corral: {args.name!r}: a key name is 1-128 letters, digits, '_', '.', '-'", file=sys.stderr)
+        return 2
+    public, secret = args.dir / f"{args.name}.key", args.dir / f"{args.name}.key_secret"
+    for path in (public, secret):
+        if path.exists():
+            print(f"corral: {path} exists: not overwritten", file=sys.stderr)
+            return 1
+    import os
+    args.dir.mkdir(parents=True, exist_ok=True)
+    old_umask = os.umask(0o077)   # the secret is never readable by others, not even for a moment
+    try:
+        zmq.auth.create_certificates(args.dir, args.name)
+    finally:
+        os.umask(old_umask)
+    public.chmod(0o644)
+    print(f"{public}\n{secret}")
+    return 0
+
+
 def call_verb(args: argparse.Namespace) -> int:
     from corral.client import Client, NoReply
     body = sys.stdin.buffer.read() if args.body == "-" else args.body.encode()
     require_listener(client_endpoint(args))
-    with Client(client_endpoint(args)) as client:
+    with Client(client_endpoint(args), keys=client_keys(args)) as client:
         try:
             reply = client.call(args.service, body, timeout=args.timeout, key=args.key,
                                 deadline_ms=args.deadline_ms, idempotent=args.idempotent or None)
@@ -282,7 +341,7 @@ def bench_verb(args: argparse.Namespace) -> int:
     require_listener(client_endpoint(args))
     result = loadgen.run(client_endpoint(args), args.service.encode(), args.body.encode(),
                          requests=args.requests, concurrency=args.concurrency, clients=args.clients,
-                         key=args.key, rate=args.rate, warmup=args.warmup,
+                         key=args.key, rate=args.rate, warmup=args.warmup, keys=client_keys(args),
                          progress=sys.stderr.isatty() if args.progress is None else args.progress)
     print(result.report())
     return 0 if result.failed == 0 else 1

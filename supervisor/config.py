@@ -85,6 +85,17 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class SecuritySettings:
+    curve_secret_key: Path | None = None   # the server's NAME.key_secret; None: no CURVE
+    client_keys: Path | None = None        # directory of allowed clients' NAME.key
+    insecure_tcp: bool = False             # allow a non-loopback tcp frontend without CURVE
+
+    @property
+    def curve(self) -> bool:
+        return self.curve_secret_key is not None
+
+
+@dataclass(frozen=True)
 class AppSettings:
     name: str
     module: Path
@@ -98,6 +109,7 @@ class AppSettings:
     max_state_mib: int = 64           # key + value bytes of one scope's live entries
     max_state_value_kib: int = 128
     max_state_key_bytes: int = 2048
+    allow: tuple[str, ...] | None = None   # CURVE key names that may call it; None: any allowed key
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,7 @@ class Config:
     logging: LoggingSettings
     metrics: MetricsSettings
     apps: dict[str, AppSettings] = field(default_factory=dict)
+    security: SecuritySettings = SecuritySettings()
 
 
 # Per key: (accepted types, check returning a problem or None).
@@ -131,6 +144,10 @@ def _between(lo: int, hi: int):
     return check
 
 
+def _a_path(v: str) -> str | None:
+    return "must not contain a NUL character (no file name can)" if "\0" in v else None
+
+
 _INT = (int,)
 _NUM = (int, float)
 _STR = (str,)
@@ -151,12 +168,14 @@ _SUPERVISOR_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "max_requests": (_INT, _non_negative),
     "max_requests_jitter": (_INT, _non_negative),
     "standby": (_INT, _between(0, 16)),
-    "cache_dir": (_STR, None),
+    "cache_dir": (_STR, _a_path),
     "max_open_files": (_INT, _between(64, 1 << 20)),
     "max_address_space_mib": (_INT, lambda v: None if v == 0 or v >= 512 else "must be 0 (no limit) or at least 512"),
     "user": (_STR, None),
     "group": (_STR, None),
     "state_dir": (_STR, None),
+    "user": (_STR, _a_path),   # a NUL in a name is refused as in a path
+    "group": (_STR, _a_path),
 }
 _RESTART_KEYS = {
     "intensity": (_INT, _non_negative),
@@ -169,8 +188,13 @@ _LOGGING_KEYS = {
     "format": (_STR, _one_of(LOG_FORMATS)),
 }
 _METRICS_KEYS = {"listen": (_STR, None)}
+_SECURITY_KEYS = {
+    "curve_secret_key": (_STR, _a_path),
+    "client_keys": (_STR, _a_path),
+    "insecure_tcp": ((bool,), None),
+}
 _APP_KEYS = {
-    "module": (_STR, None),
+    "module": (_STR, _a_path),
     "instances": (_STR, _one_of(INSTANCE_MODES)),
     "timeout_ms": (_INT, _between(1, 24 * 3600 * 1000)),
     "max_memory_mib": (_INT, _between(1, 4096)),
@@ -181,11 +205,12 @@ _APP_KEYS = {
     "max_state_mib": (_INT, _between(1, 1024 * 1024)),
     "max_state_value_kib": (_INT, _between(0, 1024 * 1024)),
     "max_state_key_bytes": (_INT, _between(1, 65535)),
+    "allow": ((list,), None),
 }
 
 _TCP_ENDPOINT = re.compile(r"^tcp://(\*|[A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d+)$")
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-_LISTEN = re.compile(r"^([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d+)$")
+_LISTEN = re.compile(r"^(?:([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):|:)?(\d+)$")  # no host: loopback
 
 
 def endpoint_problem(endpoint: str) -> str | None:
@@ -270,7 +295,7 @@ def load(path: str | os.PathLike[str]) -> Config:
 def parse(doc: dict[str, Any], file: Path) -> Config:
     problems: list[str] = []
     reader = _Reader(file, problems)
-    known_tables = ("supervisor", "restart", "logging", "metrics", "apps")
+    known_tables = ("supervisor", "restart", "logging", "metrics", "security", "apps")
     for name in doc:
         if name not in known_tables:
             reader.problem(f"[{name}]", f"unknown section (known: {', '.join(known_tables)})")
@@ -289,6 +314,10 @@ def parse(doc: dict[str, Any], file: Path) -> Config:
         sup["frontend"] = endpoints
     if "control" in sup and (message := endpoint_problem(sup["control"])):
         reader.problem("[supervisor] control", message)
+    elif sup.get("control", "").startswith("tcp://"):
+        # Its verbs (scale, restart, reload) are the daemon's owner's: only a file can say who.
+        reader.problem("[supervisor] control", "must be an ipc:// endpoint: the control socket is "
+                       "owner-only (0600), and a tcp endpoint has no owner")
     for name, lookup in (("user", pwd.getpwnam), ("group", grp.getgrnam)):
         value = sup.get(name, "")
         if value and not value.isdigit():
@@ -304,12 +333,17 @@ def parse(doc: dict[str, Any], file: Path) -> Config:
     logging = LoggingSettings(**reader.read("logging", reader.table(doc, "logging"), _LOGGING_KEYS))
     metrics = MetricsSettings(**reader.read("metrics", reader.table(doc, "metrics"), _METRICS_KEYS))
     if metrics.listen and not _LISTEN.match(metrics.listen):
-        reader.problem("[metrics] listen", f"{metrics.listen!r} is not HOST:PORT")
+        reader.problem("[metrics] listen", f"{metrics.listen!r} is not HOST:PORT (or PORT: on loopback)")
+    security = _read_security(reader, file, reader.table(doc, "security"))
+    _check_exposure(reader, supervisor.frontend, security)
 
     apps: dict[str, AppSettings] = {}
     for name, table in reader.table(doc, "apps").items():
         app = _read_app(reader, file, name, table)
         if app is not None:
+            if app.allow is not None and not security.curve:
+                reader.problem(f"[apps.{name}] allow", "needs [security] curve_secret_key: without CURVE "
+                               "clients have no key names")
             apps[name] = app
     if not apps and not problems:
         reader.problem("[apps]", "no apps configured: nothing to serve")
@@ -317,7 +351,73 @@ def parse(doc: dict[str, Any], file: Path) -> Config:
     if problems:
         raise ConfigError(problems)
     return Config(path=file, supervisor=supervisor, restart=restart, logging=logging,
-                  metrics=metrics, apps=apps)
+                  metrics=metrics, apps=apps, security=security)
+
+
+def _read_security(reader: _Reader, file: Path, table: dict) -> SecuritySettings:
+    values = reader.read("security", table, _SECURITY_KEYS)
+    for name in ("curve_secret_key", "client_keys"):
+        if name in values:
+            values[name] = (file.parent / values[name]).resolve()
+    secret, clients = values.get("curve_secret_key"), values.get("client_keys")
+    if (secret is None) != (clients is None):
+        have, missing = ("curve_secret_key", "client_keys") if clients is None else ("client_keys", "curve_secret_key")
+        if have in values:
+            reader.problem(f"[security] {missing}", f"missing: {have} needs it (CURVE takes both)")
+        return SecuritySettings(insecure_tcp=values.get("insecure_tcp", False))
+    if secret is not None:
+        import zmq
+        from corral.security import server_keys
+        if not zmq.has("curve"):
+            reader.problem("[security] curve_secret_key", f"this libzmq ({zmq.zmq_version()}) has no CURVE "
+                           "support (zmq.has('curve') is false): corral will not serve without it")
+        try:
+            server_keys(secret)
+        except ValueError as exc:
+            reader.problem("[security] curve_secret_key", f"{secret}: {exc}")
+        if not clients.is_dir():
+            reader.problem("[security] client_keys", f"{clients} is not a directory")
+    return SecuritySettings(**values)
+
+
+def _check_exposure(reader: _Reader, frontends: tuple[str, ...], security: SecuritySettings) -> None:
+    """A tcp frontend others can reach is encrypted and authenticated, or explicitly not."""
+    from corral.security import frontend_exposure
+    if security.curve or security.insecure_tcp:
+        return
+    for endpoint in frontends:
+        if isinstance(endpoint, str) and frontend_exposure(endpoint) == "network":
+            reader.problem("[supervisor] frontend", f"{endpoint} is not a loopback address, and without "
+                           "[security] curve_secret_key its clients would be unauthenticated and in clear "
+                           "text: set curve_secret_key and client_keys, or insecure_tcp = true")
+
+
+def warnings(config: Config) -> list[str]:
+    """What is allowed but worth a word from `corral check` and at start-up."""
+    from corral.security import frontend_exposure, is_loopback
+    found = []
+    listen = config.metrics.listen
+    if listen and not is_loopback(metrics_address(listen)[0]):
+        found.append(f"{config.path}: [metrics] listen: {listen} is not a loopback address: anyone who can "
+                     f"reach it reads the service names and counts")
+    if config.security.curve and config.security.client_keys.is_dir():
+        known = {path.stem for path in config.security.client_keys.glob("*.key")}
+        for app in config.apps.values():
+            for name in sorted(set(app.allow or ()) - known):
+                found.append(f"{config.path}: [apps.{app.name}] allow: no key {name!r} in "
+                             f"{config.security.client_keys} (no client can use that name yet)")
+    if config.security.insecure_tcp:
+        for endpoint in config.supervisor.frontend:
+            if frontend_exposure(endpoint) == "network" and not config.security.curve:
+                found.append(f"{config.path}: [supervisor] frontend: {endpoint} serves without CURVE "
+                             f"(insecure_tcp = true)")
+    return found
+
+
+def metrics_address(listen: str) -> tuple[str, int]:
+    """[metrics] listen as (host, port); no host is loopback."""
+    match = _LISTEN.match(listen)
+    return (match.group(1) or "127.0.0.1").strip("[]"), int(match.group(2))
 
 
 def _read_app(reader: _Reader, file: Path, name: str, table: Any) -> AppSettings | None:
@@ -341,6 +441,12 @@ def _read_app(reader: _Reader, file: Path, name: str, table: Any) -> AppSettings
     if not module.is_file():
         reader.problem(f"[{section}] module", f"file {str(module)!r} does not exist")
         return None
+    if "allow" in values:
+        names = values.pop("allow")
+        if not all(isinstance(n, str) and n for n in names):
+            reader.problem(f"[{section}] allow", "must be a list of key names (strings)")
+        else:
+            values["allow"] = tuple(names)
     if "on_abort" not in values and values.get("instances") == "keyed":
         # Respawning a process would wipe every other key's state it holds.
         values["on_abort"] = "reinstantiate"

@@ -11,16 +11,21 @@
 Signals are queued by their handlers and handled here in the loop, never in
 the handler (gunicorn's arbiter does the same): SIGCHLD reaps, SIGHUP
 reloads, SIGTERM and SIGINT drain (a second one stops at once). The one
-other thread compiles a reloaded config's modules and hands the result back
-through the same wake-up pipe.
+other thread waits for the check child (corral.workers.check) that compiles
+a reloaded config's modules and makes their first instances, and hands the
+result back through the same wake-up pipe. Neither guest code nor wasmtime
+is ever loaded into this process.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -28,23 +33,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import psutil
-import wasmtime
 import zmq
 
 from corral import config as config_module
 from corral import paths
 from corral.wire import frames, logs
 from corral.broker import Broker, Event
-from corral.config import AppSettings, Config, ConfigError
+from corral.config import Config, ConfigError
 from corral.control import Control
 from corral.metrics import MetricsServer
 from corral.notify import Notifier
 from corral.wire.tuning import quiet_garbage_collector
 from corral.pool import (STANDBY_BASE, Pool, WorkerProcess, WorkerState, describe_exit,
                              kill_stale_workers)
-from corral.workers import modules, oslimits, state
-from corral.workers.host import EpochTicker, first_instance_fault
-from corral.workers.spec import AppSpec, WorkerSpec
+from corral.workers import state
+from corral.workers.spec import AppSpec, CheckRequest, WorkerSpec, resolve
 
 EX_CONFIG = 78      # sysexits.h: configuration error (systemd: RestartPreventExitStatus=78)
 EX_UNAVAILABLE = 69  # an endpoint cannot be bound
@@ -53,6 +56,8 @@ RSS_CHECK_S = 1.0
 STATUS_EVERY_S = 2.0
 STOP_WORKERS_S = 2.0  # of graceful_timeout_s, kept for workers to leave after the drain
 POLL_EVERY = 16       # busy loop turns between polls (see Daemon.loop)
+CHECK_TIMEOUT_S = 120        # the module check child: compiling is most of it
+CHECK_TIMEOUT_PER_APP_S = 15  # first instances are interrupted after 10 s each
 
 
 class Daemon:
@@ -113,13 +118,15 @@ class Daemon:
             self.control = Control(self.context, config.supervisor.control, self)
             if config.metrics.listen:
                 self.metrics = MetricsServer(config.metrics.listen, self)
-        except (zmq.ZMQError, OSError) as exc:
+        except (zmq.ZMQError, OSError, ValueError) as exc:   # ValueError: a CURVE key unreadable since check
             self.log.error("daemon.bind_failed", error=str(exc), frontend=list(config.supervisor.frontend),
                            control=config.supervisor.control, metrics=config.metrics.listen)
             self.context.destroy(linger=0)
             shutil.rmtree(self.run_dir, ignore_errors=True)
             return EX_UNAVAILABLE
         self.hand_run_dir_to_worker_user(config)
+        for warning in config_module.warnings(config):
+            self.log.warning("config.warning", problem=warning)
         self.use_config(config, spec_inputs)
         self.install_signals()
         self.log.info("daemon.started", pid=os.getpid(), config=str(self.config_path), frames=frames.IMPLEMENTATION,
@@ -137,46 +144,34 @@ class Daemon:
 
     def compile(self, config: Config) -> list[AppSpec]:
         """Compile (or find in the cache) every module and make one instance of each, as a
-        worker would; ConfigError names the modules that fail either."""
-        bounded = config.supervisor.max_address_space_mib > 0
-        engine = modules.make_engine(bounded)
-        ticker = EpochTicker(engine)   # a first instance that never returns is interrupted
-        ticker.start()
-        specs, problems = [], []
+        worker would, in a child process under a worker's limits and user (guest code never
+        runs in the arbiter); ConfigError names the modules that fail either."""
+        sup = config.supervisor
+        apps = [AppSpec(app.name, str(app.module), "", app.instances, app.timeout_ms, app.max_memory_mib,
+                        app.on_abort, app.state_durability, app.max_state_mib, app.max_state_value_kib,
+                        app.max_state_key_bytes) for app in config.apps.values()]
+        request = CheckRequest(str(self.cache_dir), sup.max_open_files, sup.max_address_space_mib,
+                               sup.user, sup.group, apps)
+        results = run_check(request)
+        by_name = {app.name: app for app in apps}
+        problems = [f"{config.path}: [apps.{r['name']}] module: {r['problem']}" for r in results if "problem" in r]
         self.config_being_compiled = config
-        try:
-            for app in config.apps.values():
-                try:
-                    specs.append(self.compile_app(engine, app, bounded))
-                except modules.ModuleProblem as exc:
-                    problems.append(f"{config.path}: [apps.{app.name}] module: {exc}")
-        finally:
-            ticker.stop()
+        for r in results:
+            if "problem" not in r and r.get("uses_state"):
+                problem = self.check_state_file(config.apps[r["name"]])
+                if problem:
+                    problems.append(f"{config.path}: [apps.{r['name']}] module: {problem}")
         if problems:
             raise ConfigError(problems)
-        return specs
-
-    def compile_app(self, engine: wasmtime.Engine, app: AppSettings, bounded: bool) -> AppSpec:
-        module, artifact = modules.compile_cached(engine, app.module, self.cache_dir, bounded)
-        info = modules.inspect(module)
-        if info.min_memory_bytes > app.max_memory_mib * 1024 * 1024:
-            raise modules.ModuleProblem(f"needs {info.min_memory_bytes // 1048576} MiB of memory at start, "
-                                        f"over max_memory_mib = {app.max_memory_mib}")
-        spec = AppSpec(app.name, str(app.module), str(artifact), app.instances, app.timeout_ms,
-                       app.max_memory_mib, app.on_abort, app.state_durability, app.max_state_mib,
-                       app.max_state_value_kib, app.max_state_key_bytes)
-        if info.uses_state:
-            self.check_state_file(app)
-        fault = first_instance_fault(engine, spec, module, self.cache_dir, bounded)
-        if fault:
-            raise modules.ModuleProblem(f"its first instance fails: {fault}")
-        return spec
+        return [replace(by_name[r["name"]], artifact=r["artifact"]) for r in results]
 
     def state_dir(self, config: Config) -> Path:
         return paths.state_dir(config.supervisor.state_dir, self.cache_dir)
 
-    def check_state_file(self, app: AppSettings) -> None:
-        """A state file that cannot be served is a config problem: named now, not a crash loop later."""
+    def check_state_file(self, app: AppSettings) -> str | None:
+        """A state file that cannot be served is a config problem: named now, not a crash loop later.
+
+        SQLite only (corral.workers.state imports no wasmtime): no guest code runs here."""
         config = self.config_being_compiled
         folder = self.state_dir(config)
         path = state.database_path(folder, app.name)
@@ -186,11 +181,12 @@ class Daemon:
             state.check_file(path, create=self.state_mode != "check", prune_tokens=self.state_mode == "start")
             sup = config.supervisor
             if self.state_mode != "check" and os.getuid() == 0 and (sup.user or sup.group):
-                uid, gid = oslimits.resolve(sup.user, sup.group)
+                uid, gid = resolve(sup.user, sup.group)
                 for item in [folder] + [p for p in folder.glob(f"{app.name}.sqlite3*")]:
                     os.chown(item, uid, gid)
         except (state.StateProblem, OSError) as exc:
-            raise modules.ModuleProblem(f"durable state: {exc}") from None
+            return f"durable state: {exc}"
+        return None
 
     def hand_run_dir_to_worker_user(self, config: Config) -> None:
         """Workers that drop to `user` must still reach the backend socket."""
@@ -199,7 +195,7 @@ class Daemon:
             if sup.user or sup.group:
                 self.log.warning("daemon.not_root", detail="user/group ignored: not started as root")
             return
-        uid, gid = oslimits.resolve(sup.user, sup.group)
+        uid, gid = resolve(sup.user, sup.group)
         os.chown(self.run_dir, uid, gid)
         os.chown(self.run_dir / "workers.sock", uid, gid)
         # Let the user through the runtime directory (search only, no listing).
@@ -503,6 +499,9 @@ class Daemon:
         """A reload's listeners: the frontend's endpoints and the metrics endpoint. Everything
         new is bound before anything old is let go; what cannot be bound is named, with
         nothing changed."""
+        if config.security.curve_secret_key != self.config.security.curve_secret_key:
+            # Listeners keep the security they were bound with: never mix on a reload.
+            return "[security] curve_secret_key: changed; it takes effect only on a restart"
         listen = config.metrics.listen
         moved = listen != self.config.metrics.listen
         metrics = None
@@ -680,6 +679,26 @@ class Daemon:
         """Commits, rollbacks and bytes of a service's durable state, as its database says."""
         stats = state.read_stats(state.database_path(self.state_dir(self.config), service))
         return {"state": stats} if stats else {}
+
+
+def run_check(request: CheckRequest) -> list[dict]:
+    """The check child's answer, one result per app; ConfigError when the child itself fails."""
+    command = [os.path.abspath(sys.executable), "-P", "-m", "corral.workers.check", "--parent", str(os.getpid())]
+    timeout_s = CHECK_TIMEOUT_S + CHECK_TIMEOUT_PER_APP_S * len(request.apps)
+    try:
+        done = subprocess.run(command, input=request.dumps(), capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise ConfigError([f"checking the modules took more than {timeout_s} s"]) from None
+    try:
+        # Judged by what it wrote, not its exit status: the loop's SIGCHLD handler
+        # may reap this child before subprocess does.
+        results = json.loads(done.stdout)["apps"]
+        if sorted(r["name"] for r in results) != sorted(app.name for app in request.apps):
+            raise ValueError("not one result per app")
+    except (ValueError, KeyError, TypeError):
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError([f"the module check process failed ({describe_exit(done.returncode)}): {last}"]) from None
+    return results
 
 
 def _with_workers(config: Config, workers: int) -> Config:

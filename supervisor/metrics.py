@@ -124,7 +124,8 @@ class MetricsServer:
     """GET /metrics on a thread of its own."""
 
     def __init__(self, listen: str, daemon: "Daemon"):
-        host, _, port = listen.rpartition(":")
+        from corral.config import metrics_address
+        host, port = metrics_address(listen)   # no host: loopback, never every interface
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -141,7 +142,7 @@ class MetricsServer:
             def log_message(self, format: str, *args) -> None:
                 pass  # scrapes are not events
 
-        self.server = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
+        self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
         self.thread.start()

@@ -41,7 +41,7 @@ def load_guest_builder():
 class Daemon:
     def __init__(self, apps: dict, cache_dir: Path, supervisor: dict | None = None,
                  restart: dict | None = None, logging: dict | None = None, extra: dict | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, command: list[str] | None = None):
         self.root = Path(tempfile.mkdtemp(prefix="crl-", dir="/tmp"))
         self.frontend = f"ipc://{self.root / 'front.sock'}"
         self.control = f"ipc://{self.root / 'control.sock'}"
@@ -58,6 +58,7 @@ class Daemon:
         self.env.pop("NOTIFY_SOCKET", None)
         self.env.update(env or {})
         self.process: subprocess.Popen | None = None
+        self.command = command or [sys.executable, "-m", "corral"]   # how `corral` is started
         self.context = zmq.Context()
         self.clients: list[Client] = []
         self._client: Client | None = None
@@ -71,7 +72,7 @@ class Daemon:
     def start(self, wait: bool = True, timeout: float = 30.0) -> "Daemon":
         self.log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "corral", "run", "-c", str(self.config_path)],
+            [*self.command, "run", "-c", str(self.config_path)],
             stdout=self.log_file, stderr=subprocess.STDOUT, env=self.env, cwd=self.root)
         if wait:
             self.wait_ready(timeout)

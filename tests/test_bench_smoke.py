@@ -41,6 +41,8 @@ def test_bench_run_quick_prints_every_table_and_leaves_nothing_behind(built_gues
     assert re.search(rf"^ratio c/b = {NUMBER}", out, re.M), out
     # half load, host overhead, instantiation, abort-to-serving
     assert re.search(rf"^corral p99 at half load = {NUMBER} ms", out, re.M), out
+    # security: CURVE beside plain tcp, as a ratio
+    assert re.search(rf"^CURVE / plain tcp throughput: {NUMBER}x; CURVE adds -?{NUMBER} us per request", out, re.M), out
     # hops: three round trips, and corral's seven parts, all traced
     assert len(re.findall(rf"\(\d ZeroMQ hops\)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$", out, re.M)) == 3, out
     assert len(re.findall(rf"^   \S.*\s{NUMBER}\s+{NUMBER}\s+{NUMBER}$", out, re.M)) >= 7, out

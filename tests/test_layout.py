@@ -3,6 +3,8 @@
   corral.wire      both sides: imports no other room of corral
   corral.workers   the worker process: corral.workers and corral.wire only
   corral.client    client processes: corral.client and corral.wire only
+  the arbiter      (corral.*, supervisor/) of corral.workers only corral.workers.spec, and
+                   never wasmtime: guest checks run in a child (corral.workers.check)
 
 Checked on the source (every import statement, at any depth), not on a
 running interpreter, so that an import inside a function counts too.
@@ -58,3 +60,33 @@ def test_the_rule_catches_a_worker_importing_the_arbiter(tmp_path):
     planted = tmp_path / "bad.py"
     planted.write_text("def f():\n    from corral.broker import Broker\n")
     assert [room_of(name) for _, name in corral_imports(planted)] == ["corral"]
+
+
+# The spec: what the daemon writes for its children. The state store: SQLite
+# only, no wasmtime (checked below); the daemon checks state files at start-up
+# and the operator's `corral state` verbs read them.
+ARBITER_MAY_IMPORT_OF_WORKERS = {"corral.workers.spec", "corral.workers.state"}
+
+
+def test_the_arbiter_imports_nothing_of_the_worker_but_its_spec():
+    """Guest code (and wasmtime) never runs in the arbiter: the module checks are a child's."""
+    sources = sorted((REPO / "supervisor").glob("*.py"))
+    assert sources
+    wrong = [f"{path.relative_to(REPO)}:{line}: imports {name}"
+             for path in sources for line, name in corral_imports(path)
+             if room_of(name) == "corral.workers" and not any(
+                 name == allowed or name.startswith(allowed + ".") for allowed in ARBITER_MAY_IMPORT_OF_WORKERS)]
+    assert not wrong, "\n".join(wrong)
+    wasmtime = [f"{path.relative_to(REPO)}:{node.lineno}" for path in sources
+                for node in ast.walk(ast.parse(path.read_text(), str(path)))
+                if isinstance(node, (ast.Import, ast.ImportFrom))
+                and any((alias.name if isinstance(node, ast.Import) else node.module or "").split(".")[0] == "wasmtime"
+                        for alias in node.names)]
+    assert not wasmtime, "the arbiter imports wasmtime: " + ", ".join(wasmtime)
+    for allowed in ARBITER_MAY_IMPORT_OF_WORKERS:
+        source = REPO / "workers" / (allowed.rsplit(".", 1)[1] + ".py")
+        imported = [name for _, name in corral_imports(source)] + [
+            alias.name for node in ast.walk(ast.parse(source.read_text()))
+            if isinstance(node, ast.Import) for alias in node.names]
+        assert not [name for name in imported if name.split(".")[0] == "wasmtime"
+                    or room_of(name) == "corral.workers"], f"{source} imports {imported}"

@@ -11,6 +11,8 @@ import os
 import resource
 import signal
 
+from corral.workers.spec import resolve
+
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -50,16 +52,3 @@ def drop_privileges(user: str, group: str) -> None:
         os.setgid(gid)
         os.setuid(uid)
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
-
-
-def resolve(user: str, group: str) -> tuple[int, int]:
-    """The uid and gid of a configured user and group (the user's own group by default)."""
-    import grp
-    import pwd
-    entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user) if user else None
-    uid = entry.pw_uid if entry else os.getuid()
-    if group:
-        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-    else:
-        gid = entry.pw_gid if entry else os.getgid()
-    return uid, gid

@@ -1,4 +1,5 @@
-"""What a worker is told at start: written by the supervisor, read by `python -m corral.workers`.
+"""What a worker is told at start: written by the supervisor, read by `python -m corral.workers`;
+and what the check child (`python -m corral.workers.check`) is asked.
 
 One spec file per config generation; slot and generation come on the
 command line, so every worker of a generation shares the file.
@@ -52,3 +53,37 @@ class WorkerSpec:
         values = json.loads(path.read_text())
         values["apps"] = [AppSpec(**app) for app in values["apps"]]
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    cache_dir: str
+    max_open_files: int
+    max_address_space_mib: int = 0
+    user: str = ""
+    group: str = ""
+    apps: list[AppSpec] = field(default_factory=list)  # their artifact: "" (the check finds it)
+
+    def dumps(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def loads(cls, text: str) -> "CheckRequest":
+        values = json.loads(text)
+        values["apps"] = [AppSpec(**app) for app in values["apps"]]
+        return cls(**values)
+
+
+def resolve(user: str, group: str) -> tuple[int, int]:
+    """The uid and gid of a configured user and group (the user's own group by default):
+    the arbiter hands the workers' socket to them, a worker becomes them."""
+    import grp
+    import os
+    import pwd
+    entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user) if user else None
+    uid = entry.pw_uid if entry else os.getuid()
+    if group:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    else:
+        gid = entry.pw_gid if entry else os.getgid()
+    return uid, gid

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from corral.client.native import CurveKeys
 from corral.wire.frames import drain, send_frames
 
 NATIVE = b"CORRAL1"
@@ -152,7 +153,7 @@ class Client:
     """One DEALER socket and the loops that drive it."""
 
     def __init__(self, context: zmq.Context, endpoint: str, frame: Framing, timeout_s: float,
-                 progress: "Progress | None" = None, slot: int = 0):
+                 progress: "Progress | None" = None, slot: int = 0, keys: CurveKeys | None = None):
         self.frame = frame
         self.timeout_s = timeout_s
         self.progress = progress
@@ -162,6 +163,8 @@ class Client:
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
         self.socket.setsockopt(zmq.RCVTIMEO, max(1, int(timeout_s * 1000)))
+        if keys is not None:
+            keys.apply(self.socket)
         self.socket.connect(endpoint)
 
     def close(self) -> None:
@@ -475,8 +478,8 @@ class _SharedSlot:
 
 def _client_run(endpoint: str, frame: Framing, requests: int, concurrency: int, rate: float | None,
                 timeout_s: float, warmup: int, progress: Progress | None, slot: int,
-                context: zmq.Context, ready=None, go=None) -> ClientStats:
-    client = Client(context, endpoint, frame, timeout_s, progress, slot)
+                context: zmq.Context, ready=None, go=None, keys: CurveKeys | None = None) -> ClientStats:
+    client = Client(context, endpoint, frame, timeout_s, progress, slot, keys)
     try:
         try:
             client.connect_check()
@@ -505,10 +508,11 @@ def _process_main(conn, args: tuple, ready_barrier, go_event, counts) -> None:
         pass
     context = zmq.Context()
     try:
-        endpoint, frame, requests, concurrency, rate, timeout_s, warmup, slot = args
+        endpoint, frame, requests, concurrency, rate, timeout_s, warmup, slot, keys = args
         progress = _SharedSlot(counts, slot) if counts is not None else None
         stats = _client_run(endpoint, frame, requests, concurrency, rate, timeout_s, warmup, progress, 0,
-                            context, ready=lambda: ready_barrier.wait(), go=lambda: go_event.wait())
+                            context, ready=lambda: ready_barrier.wait(), go=lambda: go_event.wait(),
+                            keys=keys)
         conn.send(stats.pack())
     except BaseException as exc:  # report, never hang the parent
         try:
@@ -527,7 +531,7 @@ def _split(total: int, parts: int) -> list[int]:
 def run(endpoint: str, service: bytes, body: bytes, requests: int, concurrency: int, clients: int = 1,
         key: str | None = None, progress: bool = False, *, framing_name: str = "native",
         rate: float | None = None, timeout_s: float = 10.0, warmup: int | None = None,
-        spawn: str = "process", deadline_ms: int | None = None) -> Result:
+        spawn: str = "process", deadline_ms: int | None = None, keys: CurveKeys | None = None) -> Result:
     """Load `service` at `endpoint` and measure it.
 
     requests     how many requests in all (split evenly across clients)
@@ -535,6 +539,7 @@ def run(endpoint: str, service: bytes, body: bytes, requests: int, concurrency: 
     clients      DEALER sockets, each driven by its own process (spawn="process") or thread
     rate         open loop instead: requests per second in all, on a fixed schedule
     timeout_s    a client that gets no reply for this long gives up; the rest count as missing
+    keys         CURVE: the clients' key pair and the server's public key
     warmup       requests each client sends (and waits for) before the timed run;
                  default: 4 x concurrency, at most 1000
     """
@@ -559,20 +564,23 @@ def run(endpoint: str, service: bytes, body: bytes, requests: int, concurrency: 
         bar = Progress(requests, 1) if progress else None
         try:
             stats = [_client_run(endpoint, frame, requests, concurrency, rate, timeout_s, warmup, bar, 0,
-                                 context)]
+                                 context, keys=keys)]
         finally:
             context.destroy(linger=0)
             if bar is not None:
                 bar.draw(final=True)
         return merge(stats, **fields)
     if spawn == "thread":
-        return _run_threads(endpoint, frame, shares, rates, concurrency, timeout_s, warmup, progress, fields)
+        return _run_threads(endpoint, frame, shares, rates, concurrency, timeout_s, warmup, progress, fields,
+                            keys)
     if spawn != "process":
         raise ValueError(f"spawn must be 'process' or 'thread', not {spawn!r}")
-    return _run_processes(endpoint, frame, shares, rates, concurrency, timeout_s, warmup, progress, fields)
+    return _run_processes(endpoint, frame, shares, rates, concurrency, timeout_s, warmup, progress, fields,
+                          keys)
 
 
-def _run_threads(endpoint, frame, shares, rates, concurrency, timeout_s, warmup, progress, fields) -> Result:
+def _run_threads(endpoint, frame, shares, rates, concurrency, timeout_s, warmup, progress, fields,
+                 keys=None) -> Result:
     context = zmq.Context()
     bar = Progress(sum(shares), len(shares)) if progress else None
     barrier = threading.Barrier(len(shares) + 1)
@@ -582,7 +590,7 @@ def _run_threads(endpoint, frame, shares, rates, concurrency, timeout_s, warmup,
     def client(slot: int) -> None:
         try:
             stats[slot] = _client_run(endpoint, frame, shares[slot], concurrency, rates[slot], timeout_s,
-                                      warmup, bar, slot, context, ready=barrier.wait, go=go.wait)
+                                      warmup, bar, slot, context, ready=barrier.wait, go=go.wait, keys=keys)
         except BaseException as exc:
             stats[slot] = ClientStats(error=f"{type(exc).__name__}: {exc}")
             barrier.abort()
@@ -611,7 +619,8 @@ def _run_threads(endpoint, frame, shares, rates, concurrency, timeout_s, warmup,
     return merge([s or ClientStats(error="client thread did not finish") for s in stats], **fields)
 
 
-def _run_processes(endpoint, frame, shares, rates, concurrency, timeout_s, warmup, progress, fields) -> Result:
+def _run_processes(endpoint, frame, shares, rates, concurrency, timeout_s, warmup, progress, fields,
+                   keys=None) -> Result:
     mp = multiprocessing.get_context("fork")
     n = len(shares)
     counts = mp.RawArray("q", n) if progress else None
@@ -623,7 +632,7 @@ def _run_processes(endpoint, frame, shares, rates, concurrency, timeout_s, warmu
     try:
         for slot in range(n):
             parent_end, child_end = mp.Pipe(duplex=False)
-            args = (endpoint, frame, shares[slot], concurrency, rates[slot], timeout_s, warmup, slot)
+            args = (endpoint, frame, shares[slot], concurrency, rates[slot], timeout_s, warmup, slot, keys)
             child = mp.Process(target=_process_main, args=(child_end, args, barrier, go, counts),
                                name=f"loadgen-{slot}", daemon=True)
             child.start()

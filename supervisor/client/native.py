@@ -11,6 +11,11 @@
 
 Replies are matched to requests by id; replies that arrive while waiting for
 another request are kept until asked for.
+
+On a frontend with CURVE, give the client its key pair and the server's public key:
+
+    keys = CurveKeys.load("alice.key_secret", "server.key")   # files of `corral keygen`
+    with Client("tcp://10.0.0.5:5555", keys=keys) as client: ...
 """
 
 from __future__ import annotations
@@ -23,6 +28,38 @@ from dataclasses import dataclass
 import zmq
 
 from corral.wire.protocol import NATIVE
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """A client's CURVE key pair and the server's public key (z85, as in certificate files)."""
+    public: bytes
+    secret: bytes
+    server: bytes
+
+    @classmethod
+    def load(cls, key_file: str, server_key_file: str) -> "CurveKeys":
+        """key_file: the client's NAME.key_secret; server_key_file: the server's public
+        certificate (NAME.key), or its NAME.key_secret (its public key is in it too).
+        ValueError names the file that is not usable."""
+        import zmq.auth
+        try:
+            public, secret = zmq.auth.load_certificate(key_file)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{key_file}: {exc}") from None
+        if not secret:
+            raise ValueError(f"{key_file}: a public certificate; the client needs its NAME.key_secret")
+        try:
+            server, _ = zmq.auth.load_certificate(server_key_file)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{server_key_file}: {exc}") from None
+        return cls(public, secret, server)
+
+    def apply(self, socket: zmq.Socket) -> None:
+        """Before connect: every connection of `socket` is CURVE to this server."""
+        socket.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
+        socket.setsockopt(zmq.CURVE_PUBLICKEY, self.public)
+        socket.setsockopt(zmq.CURVE_SERVERKEY, self.server)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +82,14 @@ def _seconds(timeout: float) -> str:
 
 
 class Client:
-    def __init__(self, endpoint: str, context: zmq.Context | None = None):
+    def __init__(self, endpoint: str, context: zmq.Context | None = None, keys: CurveKeys | None = None):
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
+        if keys is not None:
+            keys.apply(self.socket)
         self.socket.connect(endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)

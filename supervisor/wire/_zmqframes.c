@@ -21,6 +21,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef struct { unsigned char opaque[64]; } __attribute__((aligned(8))) zmq_msg_t;
 
@@ -33,6 +34,7 @@ static int (*msg_close)(zmq_msg_t *);
 static void *(*msg_data)(zmq_msg_t *);
 static size_t (*msg_size)(const zmq_msg_t *);
 static int (*msg_more)(const zmq_msg_t *);
+static const char *(*msg_gets)(const zmq_msg_t *, const char *);   /* optional: libzmq >= 4.1 */
 static int (*zsend)(void *, const void *, size_t, int);
 static int (*zerrno)(void);
 static PyObject *raise_errno;  /* errno -> raises the zmq exception pyzmq would */
@@ -53,6 +55,7 @@ static PyObject *load(PyObject *self, PyObject *args) {
     msg_data = dlsym(lib, "zmq_msg_data");
     msg_size = dlsym(lib, "zmq_msg_size");
     msg_more = dlsym(lib, "zmq_msg_more");
+    msg_gets = dlsym(lib, "zmq_msg_gets");
     zsend = dlsym(lib, "zmq_send");
     zerrno = dlsym(lib, "zmq_errno");
     if (!(msg_init && msg_recv && msg_close && msg_data && msg_size && msg_more && zsend && zerrno)) {
@@ -83,8 +86,9 @@ static int loaded(void) {
 }
 
 /* The next frame of a message, or NULL with an exception (or, for the first
- * frame only, NULL and *empty set when nothing is waiting). */
-static PyObject *frame(void *socket, int first, int *more, int *empty) {
+ * frame only, NULL and *empty set when nothing is waiting). With `user`, the
+ * frame's User-Id property (ZAP's name for the connection) or None. */
+static PyObject *frame(void *socket, int first, int *more, int *empty, PyObject **user) {
     zmq_msg_t msg;
     msg_init(&msg);
     int rc;
@@ -102,27 +106,37 @@ static PyObject *frame(void *socket, int first, int *more, int *empty) {
     }
     PyObject *bytes = PyBytes_FromStringAndSize(msg_data(&msg), (Py_ssize_t)msg_size(&msg));
     *more = msg_more(&msg);
+    if (user != NULL && bytes != NULL) {
+        const char *name = msg_gets(&msg, "User-Id");
+        if (name != NULL) {
+            *user = PyUnicode_DecodeUTF8(name, (Py_ssize_t)strlen(name), "replace");
+        } else {
+            Py_INCREF(Py_None);
+            *user = Py_None;
+        }
+        if (*user == NULL) {
+            Py_DECREF(bytes);
+            bytes = NULL;
+        }
+    }
     msg_close(&msg);
     return bytes;
 }
 
-/* drain(handle, limit) -> [[frame, ...], ...]: every message waiting, up to limit. */
-static PyObject *drain(PyObject *self, PyObject *args) {
-    unsigned long long handle;
-    int limit;
-    if (!PyArg_ParseTuple(args, "Ki", &handle, &limit) || !loaded())
-        return NULL;
-    void *socket = (void *)(uintptr_t)handle;
+/* Every message waiting, up to limit: [[frame, ...], ...], or with_user
+ * [([frame, ...], user), ...]. */
+static PyObject *drain_messages(void *socket, int limit, int with_user) {
     PyObject *messages = PyList_New(0);
     if (messages == NULL)
         return NULL;
     for (int m = 0; m < limit; m++) {
         int more = 1, empty = 0;
-        PyObject *frames = NULL;
+        PyObject *frames = NULL, *user = NULL;
         for (int first = 1; more; first = 0) {
-            PyObject *bytes = frame(socket, first, &more, &empty);
+            PyObject *bytes = frame(socket, first, &more, &empty, with_user && first ? &user : NULL);
             if (bytes == NULL) {
                 Py_XDECREF(frames);
+                Py_XDECREF(user);
                 if (empty)
                     return messages;
                 if (first && PyList_GET_SIZE(messages) > 0) {
@@ -134,6 +148,7 @@ static PyObject *drain(PyObject *self, PyObject *args) {
             }
             if (frames == NULL && (frames = PyList_New(0)) == NULL) {
                 Py_DECREF(bytes);
+                Py_XDECREF(user);
                 Py_DECREF(messages);
                 return NULL;
             }
@@ -141,18 +156,51 @@ static PyObject *drain(PyObject *self, PyObject *args) {
             Py_DECREF(bytes);
             if (failed) {
                 Py_DECREF(frames);
+                Py_XDECREF(user);
                 Py_DECREF(messages);
                 return NULL;
             }
         }
-        int failed = PyList_Append(messages, frames);
-        Py_DECREF(frames);
+        PyObject *item = frames;
+        if (with_user) {
+            item = PyTuple_Pack(2, frames, user);
+            Py_DECREF(frames);
+            Py_DECREF(user);
+            if (item == NULL) {
+                Py_DECREF(messages);
+                return NULL;
+            }
+        }
+        int failed = PyList_Append(messages, item);
+        Py_DECREF(item);
         if (failed) {
             Py_DECREF(messages);
             return NULL;
         }
     }
     return messages;
+}
+
+/* drain(handle, limit) -> [[frame, ...], ...]: every message waiting, up to limit. */
+static PyObject *drain(PyObject *self, PyObject *args) {
+    unsigned long long handle;
+    int limit;
+    if (!PyArg_ParseTuple(args, "Ki", &handle, &limit) || !loaded())
+        return NULL;
+    return drain_messages((void *)(uintptr_t)handle, limit, 0);
+}
+
+/* drain_with_user(handle, limit) -> [([frame, ...], user or None), ...] */
+static PyObject *drain_with_user(PyObject *self, PyObject *args) {
+    unsigned long long handle;
+    int limit;
+    if (!PyArg_ParseTuple(args, "Ki", &handle, &limit) || !loaded())
+        return NULL;
+    if (msg_gets == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this libzmq has no zmq_msg_gets");
+        return NULL;
+    }
+    return drain_messages((void *)(uintptr_t)handle, limit, 1);
 }
 
 /* send(handle, frames, flags) -> None; a frame libzmq refuses is raised through
@@ -193,6 +241,8 @@ static PyObject *send(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"load", load, METH_VARARGS, "load(path, raise_errno): bind to the libzmq that the loaded module at path links"},
     {"drain", drain, METH_VARARGS, "drain(handle, limit) -> list of messages (lists of frames)"},
+    {"drain_with_user", drain_with_user, METH_VARARGS,
+     "drain_with_user(handle, limit) -> list of (frames, User-Id or None)"},
     {"send", send, METH_VARARGS, "send(handle, frames, flags) -> None; refusals raised via raise_errno"},
     {NULL, NULL, 0, NULL},
 };

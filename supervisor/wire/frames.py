@@ -1,6 +1,7 @@
 """Multipart messages in and out of ZeroMQ sockets, at the cost the hot path can bear.
 
     drain(socket, limit)            every message waiting, up to limit, never blocking
+    drain_with_user(socket, limit)  the same, each with its connection's ZAP User-Id (CURVE key name)
     recv_payload(socket)            one single-frame message, blocking (RCVTIMEO applies)
     send_frames(socket, frames)     one message; zmq.Again / ZMQError(EHOSTUNREACH) as pyzmq raises
 
@@ -118,6 +119,34 @@ else:
         _send(socket, frames[last], flags)
 
 
+def _drain_with_user(socket: zmq.Socket, limit: int) -> list[tuple[list[bytes], str | None]]:
+    messages = []
+    while len(messages) < limit and readable(socket):
+        first = _recv(socket, NOBLOCK, False)
+        try:
+            user = first.get("User-Id")
+        except zmq.ZMQError:
+            user = None
+        frames = [first.bytes]
+        while _get(socket, _RCVMORE):
+            frames.append(_recv(socket))
+        messages.append((frames, user))
+    return messages
+
+
+if _c is not None and hasattr(_c, "drain_with_user"):
+    _c_drain_with_user = _c.drain_with_user
+
+    def drain_with_user(socket: zmq.Socket, limit: int) -> list[tuple[list[bytes], str | None]]:
+        try:
+            return _c_drain_with_user(socket.underlying, limit)
+        except RuntimeError:   # a libzmq without zmq_msg_gets
+            return _drain_with_user(socket, limit)
+else:
+    drain_with_user = _drain_with_user
+
+drain_with_user.__doc__ = ("drain(), each message with the User-Id its connection was given by ZAP (the "
+                           "CURVE key's name; None without one, e.g. an ipc client).")
 drain.__doc__ = "Every message waiting on `socket`, up to `limit`, as lists of frames; never blocks."
 send_frames.__doc__ = ("Send one message. With NOBLOCK, zmq.Again (high-water mark) or ZMQError "
                        "EHOSTUNREACH (a ROUTER peer gone) comes from the first frame, before "

@@ -88,6 +88,7 @@ class Dialect(Enum):
 class Status(IntEnum):
     OK = 200
     BAD_REQUEST = 400
+    FORBIDDEN = 403
     NOT_FOUND = 404
     TOO_LARGE = 413
     TOO_MANY_REQUESTS = 429
@@ -177,6 +178,8 @@ def _apply_meta(request: ClientRequest, meta: bytes) -> None:
         values = json.loads(meta)
     except (ValueError, UnicodeDecodeError):
         raise bad("meta is not valid JSON") from None
+    except RecursionError:   # nested deeper than the interpreter's recursion limit
+        raise bad("meta is nested too deeply") from None
     if not isinstance(values, dict):
         raise bad("meta must be a JSON object")
     for name, value in values.items():
@@ -187,7 +190,10 @@ def _apply_meta(request: ClientRequest, meta: bytes) -> None:
         elif name == "key":
             if not isinstance(value, str):
                 raise bad("meta key must be a string")
-            request.key = value.encode()
+            try:
+                request.key = value.encode()
+            except UnicodeEncodeError:   # a lone surrogate (JSON "\ud800") has no UTF-8
+                raise bad("meta key must be valid Unicode (no lone surrogates)") from None
         elif name == "idempotent":
             if not isinstance(value, bool):
                 raise bad("meta idempotent must be true or false")

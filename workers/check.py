@@ -1,0 +1,80 @@
+"""The start-up, reload and `corral check` validation of guests, in a child of its own.
+
+    python -P -m corral.workers.check --parent PID  < CheckRequest JSON  > results JSON
+
+The arbiter never runs guest code, nor compiles it: it writes a CheckRequest
+on this process's stdin and reads one result per app from its stdout, either
+the compiled artifact in the cache or the problem (as `corral check` words
+it). This process takes a worker's OS limits and, after compiling (which
+writes the daemon's cache), drops to the worker's user before any guest code
+runs: start functions and `corral_init` of the first instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from corral.workers.spec import AppSpec, CheckRequest
+
+
+def check(request: CheckRequest, drop_privileges) -> list[dict]:
+    """Per app, in order: {"name", "artifact", "uses_state"} or {"name", "problem"}."""
+    from pathlib import Path
+
+    from corral.workers import modules
+    from corral.workers.host import EpochTicker, first_instance_fault
+
+    bounded = request.max_address_space_mib > 0
+    cache_dir = Path(request.cache_dir)
+    engine = modules.make_engine(bounded)
+    compiled, results = [], []
+    for app in request.apps:
+        try:
+            module, artifact = modules.compile_cached(engine, Path(app.module), cache_dir, bounded)
+            info = modules.inspect(module)
+            if info.min_memory_bytes > app.max_memory_mib * 1024 * 1024:
+                raise modules.ModuleProblem(f"needs {info.min_memory_bytes // 1048576} MiB of memory at start, "
+                                            f"over max_memory_mib = {app.max_memory_mib}")
+            compiled.append((app, module, str(artifact), info.uses_state))
+        except modules.ModuleProblem as exc:
+            results.append({"name": app.name, "problem": str(exc)})
+    drop_privileges()
+    ticker = EpochTicker(engine)   # a first instance that never returns is interrupted
+    ticker.start()
+    try:
+        for app, module, artifact, uses_state in compiled:
+            spec = AppSpec(**{**asdict(app), "artifact": artifact})
+            fault = first_instance_fault(engine, spec, module, cache_dir, bounded)
+            results.append({"name": app.name, "problem": f"its first instance fails: {fault}"} if fault
+                           else {"name": app.name, "artifact": artifact, "uses_state": uses_state})
+    finally:
+        ticker.stop()
+    order = {app.name: i for i, app in enumerate(request.apps)}
+    return sorted(results, key=lambda r: order[r["name"]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m corral.workers.check")
+    parser.add_argument("--parent", type=int, required=True, help="the daemon's pid")
+    args = parser.parse_args(argv)
+
+    from corral.workers import oslimits
+    oslimits.die_with_parent(args.parent)
+    request = CheckRequest.loads(sys.stdin.read())
+    oslimits.limit_resources(request.max_open_files, request.max_address_space_mib)
+
+    def drop() -> None:
+        oslimits.drop_privileges(request.user, request.group)
+        oslimits.die_with_parent(args.parent)  # a change of credentials clears it
+
+    results = check(request, drop)
+    sys.stdout.write(json.dumps({"apps": results}) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
