@@ -57,6 +57,7 @@ REPLY_OVERHEAD = 200
 # the rest are heartbeats and evictions): past it, the worker is unreachable.
 WORKER_HWM = 1000
 TOP_CLIENTS = 10        # clients shown in status and metrics, the busiest first
+KEY_ACCOUNT = b"\x00key:"   # Broker.client_key: the account of a CURVE key name
 SWEEP_EVERY_S = 5.0     # idle client accounts are forgotten this often
 
 
@@ -149,6 +150,8 @@ class ClientAccount:
     def label(self) -> str:
         """For status and metrics: a key name as it is, a routing identity in hex."""
         name = self.name
+        if name.startswith(KEY_ACCOUNT):
+            return name[len(KEY_ACCOUNT):].decode(errors="replace")
         return name.decode() if name.isascii() and name.isprintable() and name[:1] != b"\x00" else name.hex()
 
 
@@ -232,6 +235,7 @@ class Broker:
         self.accounts: dict[bytes, ClientAccount] = {}   # clients with something open or held
         self.unsent: set[ClientAccount] = set()          # accounts with replies in their outbox
         self.next_sweep = 0.0
+        self.key_of: dict[bytes, bytes] = {}          # routing identity -> CURVE key name
         self.configure(config)
 
     # --- configuration -------------------------------------------------------
@@ -373,6 +377,8 @@ class Broker:
             self.send_client(reply_frames(bad.dialect or Dialect.NATIVE, client, bad.request_id,
                                           STATUS_FRAMES[bad.status], bad.detail.encode()))
             return
+        if user is not None:
+            self.key_of[client] = user.encode()
         if user is not None and (refusal := self.forbidden(parsed, user)):
             self.rejected[Status.FORBIDDEN] += 1
             self.log.warning("request.forbidden", key=user, service=parsed.service[:128].decode(errors="replace"),
@@ -460,9 +466,13 @@ class Broker:
         return status, STATUS_FRAMES[status]
 
     def client_key(self, identity: bytes) -> bytes:
-        """Whose limits a connection counts against: its routing identity. (The hook for
-        CURVE: there, every connection of one key name counts as one client.)"""
-        return identity
+        """Whose limits a connection counts against: its routing identity, or with CURVE
+        its key's name, so that every connection of one key counts as one client.
+
+        Key names are prefixed with a zero byte, which no client-set routing id may
+        start with (libzmq reserves it) and no generated one (5 bytes) can equal."""
+        name = self.key_of.get(identity)
+        return identity if name is None else KEY_ACCOUNT + name
 
     def refuse(self, account: ClientAccount, client: bytes, dialect: Dialect, request_id: bytes) -> None:
         account.refused += 1
@@ -825,6 +835,8 @@ class Broker:
         for name, account in list(self.accounts.items()):
             if not account.inflight and not account.outbox and not account.over:
                 del self.accounts[name]
+        self.key_of = {identity: name for identity, name in self.key_of.items()
+                          if KEY_ACCOUNT + name in self.accounts}
 
     def clients(self, top: int = TOP_CLIENTS) -> list[dict]:
         """The busiest clients (most open, then most held, dropped, refused): what each has

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import GUESTS
+from harness import FAULTS, GUESTS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -409,3 +409,29 @@ def test_both_drains_read_the_key_name_of_each_message(tmp_path):
             socket.close(0)
         authenticator.stop()
         context.term()
+
+
+@pytest.mark.timeout(60)
+def test_with_curve_every_connection_of_one_key_counts_as_one_client(start_daemon, tmp_path):
+    """DESIGN 5: with CURVE on, a client for max_inflight_per_client is also one key name.
+    Two connections of alice share one budget (her third request is 429, on whichever
+    connection); bob, on the same service at the same time, is not refused."""
+    keys = make_keys(tmp_path / "keys", "alice", "bob")
+    port = free_port()
+    daemon = start_daemon({"slow": {"module": FAULTS, "timeout_ms": 5000}},
+                          supervisor={"frontend": [f"ipc://{tmp_path}/f.sock", f"tcp://127.0.0.1:{port}"],
+                                      "workers": 1, "max_inflight_per_client": 2},
+                          extra={"security": {"curve_secret_key": keys / "server.key_secret",
+                                              "client_keys": keys / "clients"}})
+    daemon.frontend = f"ipc://{tmp_path}/f.sock"
+    daemon.tcp, daemon.keys = f"tcp://127.0.0.1:{port}", keys
+    first, second, bob = keyed_client(daemon, "alice"), keyed_client(daemon, "alice"), keyed_client(daemon, "bob")
+    held = [first.send("slow", b"slow"), second.send("slow", b"slow")]   # alice: two open, her budget
+    daemon.wait_for(lambda: sum(c["running"] + c["queued"] for c in daemon.status()["clients"]
+                                if c["client"] == "alice") == 2, what="alice's two requests open")
+    refused = first.call("slow", b"ok", timeout=10)
+    assert refused.status == 429, refused
+    assert second.call("slow", b"ok", timeout=10).status == 429
+    assert bob.call("slow", b"ok", timeout=10).status == 200
+    assert all(r.status == 200 for r in [first.wait(held[0], timeout=10), second.wait(held[1], timeout=10)])
+    assert first.call("slow", b"ok", timeout=10).status == 200   # her budget is back
