@@ -107,37 +107,24 @@ def load_config(args: argparse.Namespace):
         raise SystemExit(EX_CONFIG) from None
 
 
-def import_daemon(report):
-    """corral.daemon's Daemon; an untested wasmtime (abi.UntestedWasmtime, raised
-    as the daemon imports the instance check) is reported and exits 70."""
-    try:
-        from corral.daemon import Daemon
-    except ImportError as exc:
-        if type(exc).__name__ != "UntestedWasmtime":
-            raise
-        report(str(exc))
-        raise SystemExit(EX_SOFTWARE) from None
-    return Daemon
-
-
 def run(args: argparse.Namespace) -> int:
-    from corral.wire import logs
-    logs.configure()
-    Daemon = import_daemon(lambda message: logs.get(component="daemon").error("daemon.start_failed",
-                                                                             error=message))
+    from corral.daemon import Daemon
     return Daemon(config_path(args).absolute()).run()   # status and logs name the file wherever it ran
 
 
 def check(args: argparse.Namespace) -> int:
     from corral import config as config_module
     from corral import paths
-    Daemon = import_daemon(lambda message: print(f"corral: {message}", file=sys.stderr))
+    from corral.daemon import Daemon, UntestedWasmtime
     config = load_config(args)
     daemon = Daemon(config.path)
     daemon.cache_dir = paths.cache_dir(config.supervisor.cache_dir)
     daemon.state_mode = "check"
     try:
         daemon.compile(config)
+    except UntestedWasmtime as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return EX_SOFTWARE
     except config_module.ConfigError as exc:
         for problem in exc.problems:
             print(f"corral: {problem}", file=sys.stderr)

@@ -52,6 +52,7 @@ from corral.workers.spec import AppSpec, CheckRequest, WorkerSpec, resolve
 EX_CONFIG = 78      # sysexits.h: configuration error (systemd: RestartPreventExitStatus=78)
 EX_UNAVAILABLE = 69  # an endpoint cannot be bound
 EX_NOPERM = 77       # a runtime or cache directory belongs to someone else
+EX_SOFTWARE = 70     # the installed wasmtime is not one corral was tested with (UntestedWasmtime)
 RSS_CHECK_S = 1.0
 STATUS_EVERY_S = 2.0
 STOP_WORKERS_S = 2.0  # of graceful_timeout_s, kept for workers to leave after the drain
@@ -106,6 +107,10 @@ class Daemon:
             for problem in exc.problems:
                 self.log.error("config.invalid", problem=problem)
             return EX_CONFIG
+        except UntestedWasmtime as exc:
+            logs.configure()
+            self.log.error("daemon.start_failed", error=str(exc))
+            return EX_SOFTWARE
         except PermissionError as exc:  # the cache or runtime directory belongs to someone else
             self.log.error("daemon.directory_refused", error=str(exc))
             return EX_NOPERM
@@ -681,6 +686,11 @@ class Daemon:
         return {"state": stats} if stats else {}
 
 
+class UntestedWasmtime(RuntimeError):
+    """The check child found the installed wasmtime-py lacking a name the worker's hot path
+    uses (corral.workers.abi.UntestedWasmtime): nothing can be served; the daemon exits 70."""
+
+
 def run_check(request: CheckRequest) -> list[dict]:
     """The check child's answer, one result per app; ConfigError when the child itself fails."""
     command = [os.path.abspath(sys.executable), "-P", "-m", "corral.workers.check", "--parent", str(os.getpid())]
@@ -692,7 +702,10 @@ def run_check(request: CheckRequest) -> list[dict]:
     try:
         # Judged by what it wrote, not its exit status: the loop's SIGCHLD handler
         # may reap this child before subprocess does.
-        results = json.loads(done.stdout)["apps"]
+        answer = json.loads(done.stdout)
+        if "untested" in answer:
+            raise UntestedWasmtime(answer["untested"])
+        results = answer["apps"]
         if sorted(r["name"] for r in results) != sorted(app.name for app in request.apps):
             raise ValueError("not one result per app")
     except (ValueError, KeyError, TypeError):

@@ -20,6 +20,9 @@ from dataclasses import asdict
 from corral.workers.spec import AppSpec, CheckRequest
 
 
+EX_SOFTWARE = 70   # the installed wasmtime is not one corral was tested with
+
+
 def check(request: CheckRequest, drop_privileges) -> list[dict]:
     """Per app, in order: {"name", "artifact", "uses_state"} or {"name", "problem"}."""
     from pathlib import Path
@@ -70,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         oslimits.drop_privileges(request.user, request.group)
         oslimits.die_with_parent(args.parent)  # a change of credentials clears it
 
+    try:
+        from corral.workers import abi  # noqa: F401  (checks wasmtime-py's private names as it loads)
+    except ImportError as exc:
+        if type(exc).__name__ != "UntestedWasmtime":
+            raise
+        # No module can be judged: the daemon exits 70, not 78.
+        sys.stdout.write(json.dumps({"untested": str(exc)}) + "\n")
+        sys.stdout.flush()
+        return EX_SOFTWARE
     results = check(request, drop)
     sys.stdout.write(json.dumps({"apps": results}) + "\n")
     sys.stdout.flush()
