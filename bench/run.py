@@ -26,6 +26,8 @@ Sections (see bench/README.md for what each number means):
   instantiate  the time to make a fresh instance of the echo guest (Guest.instantiate)
   abort        abort-to-serving-again through the real daemon, for on_abort =
                "reinstantiate" (keyed counter guest) and "respawn" (workers = 1)
+  storage      a counter with one kv_get + one kv_put per request, durable (fsync, os)
+               against the same counter kept in memory, through the real daemon
   fairness     a light client's p99 (open loop) beside a client flooding the same
                service, and another service on the same workers, against its p99
                alone: the ratios
