@@ -5,7 +5,6 @@ No timing is asserted: benchmarks are not tests, and these machines are noisy.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -59,6 +58,9 @@ def test_bench_run_quick_prints_every_table_and_leaves_nothing_behind(built_gues
     assert len(re.findall(rf"^ratio p99 beside a flood on echo2? / alone = {NUMBER}", out, re.M)) == 2, out
     assert re.search(rf"^ratio saved/baseline = {NUMBER} \(medians\)", out, re.M), out
     assert re.search(rf"^Guest\.run, the same: an escaped panic, 500 .*\s{NUMBER}\s+{NUMBER}$", out, re.M), out
+    # frames: corral.wire.frames against plain pyzmq, both ways, per message
+    assert re.search(rf"^ratio send_multipart/send_frames = {NUMBER}   ratio recv_multipart/drain = {NUMBER}",
+                     out, re.M), out
     # clean-up: no private directory, no process started from one
     assert bench_dirs() <= before, f"left behind: {bench_dirs() - before}"
     left = [p.info for p in psutil.process_iter(["pid", "cmdline"])
@@ -133,11 +135,9 @@ def test_bench_processes_share_the_scripts_session_and_lead_their_own_groups(tmp
     """One session for every system: Linux schedules a session as one group (CFS
     autogroup), and a session per server process starved the load generator (bench/README.md,
     "Noise"). A process group each, so that each can be stopped whole."""
-    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_run", bench)   # its dataclasses look their module up
-    spec.loader.exec_module(bench)
-    procs = bench.Processes(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))   # bench/ is a package of the checkout, not installed
+    from bench.systems import Processes
+    procs = Processes(tmp_path)
     started = [procs.start([sys.executable, "-c", "import time; time.sleep(30)"]) for _ in range(2)]
     try:
         for process in started:
