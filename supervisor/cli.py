@@ -255,36 +255,8 @@ def status_verb(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    print(f"corral pid {status['pid']}, {status['state']}, up {status['uptime_s']:.0f} s, "
-          f"config {status['config']} (generation {status['config_generation']})")
-    print(f"requests: {status['in_flight']} in flight; by status "
-          + (", ".join(f"{k}: {v}" for k, v in status["statuses"].items()) or "none yet"))
-    print(f"\nworkers ({len(status['workers'])} of {status['workers_target']} wanted):")
-    print(f"  {'slot':>4} {'gen':>4} {'pid':>8} {'state':<9} {'requests':>9} {'faults':>6} {'rss MiB':>8}"
-          f" {'cpu %':>6}")
-    for w in status["workers"]:
-        rss = f"{w['rss_bytes'] / 1048576:.1f}" if w["rss_bytes"] else "-"
-        cpu = f"{w['cpu_percent']:.0f}" if w["cpu_percent"] is not None else "-"
-        print(f"  {w['slot']:>4} {w['generation']:>4} {w['pid']:>8} {w['state']:<9} {w['requests']:>9} "
-              f"{w['faults']:>6} {rss:>8} {cpu:>6}")
-    print("\nservices:")
-    print(f"  {'name':<20} {'instances':<12} {'circuit':<10} {'queued':>6} {'running':>7} {'dropped':>7}  statuses")
-    for s in status["services"]:
-        counts = ", ".join(f"{k}: {v}" for k, v in s["statuses"].items()) or "-"
-        keys = f"  ({s['keys']} keys live, {s['evicted']} evicted)" if "keys" in s else ""
-        print(f"  {s['name']:<20} {s['instances']:<12} {s['circuit']:<10} {s['queued']:>6} "
-              f"{s.get('running', 0):>7} {s.get('dropped', 0):>7}  {counts}{keys}")
-        if "state" in s:
-            st = s["state"]
-            print(f"  {'':<20} state: {st['commits']} commits, {st['rollbacks']} rollbacks, "
-                  f"{st['bytes']} bytes in {st['scopes']} scopes")
-    if status.get("clients"):
-        print("\nclients (the busiest first):")
-        print(f"  {'client':<24} {'queued':>7} {'running':>7} {'unread KiB':>10} {'dropped':>8} {'refused':>8}")
-        for c in status["clients"]:
-            over = "  over budget" if c["over_budget"] else ""
-            print(f"  {c['client'][:24]:<24} {c['queued']:>7} {c['running']:>7} {c['unread_bytes'] / 1024:>10.0f} "
-                  f"{c['dropped']:>8} {c['refused']:>8}{over}")
+    from corral.snapshot import Snapshot
+    print(Snapshot.from_json(status).table())
     return 0
 
 

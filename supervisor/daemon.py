@@ -32,11 +32,10 @@ from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
-import psutil
 import zmq
 
 from corral import config as config_module
-from corral import paths
+from corral import paths, snapshot
 from corral.wire import frames, logs
 from corral.broker import Broker, Event
 from corral.config import Config, ConfigError
@@ -623,62 +622,14 @@ class Daemon:
     # --- status ------------------------------------------------------------
 
     def status_line(self) -> str:
-        ready = sum(1 for w in self.pool.processes.values() if w.state is WorkerState.READY)
-        return (f"{ready}/{self.config.supervisor.workers} workers ready, "
-                f"{len(self.broker.ledger)} requests open, "
-                f"{sum(s.statuses[200] for s in self.broker.services.values())} served")
+        return snapshot.take(self, measure=False, stored=False).status_line()
 
     def status(self) -> dict:
-        links = self.broker.links
-        workers = []
-        for worker in sorted(self.pool.processes.values(), key=lambda w: (w.slot, w.generation)):
-            link = links.get(worker.identity)
-            rss = cpu = None
-            if worker.psutil is not None:
-                try:
-                    rss = worker.psutil.memory_info().rss
-                    cpu = worker.psutil.cpu_percent(None)  # since the last status
-                except psutil.Error:
-                    pass
-            state = "standby" if worker.standby and worker.state is WorkerState.READY else worker.state.value
-            workers.append({"slot": worker.slot, "identity": worker.identity.decode(),
-                            "generation": worker.generation, "pid": worker.pid,
-                            "state": state, "config_generation": worker.config_generation,
-                            "requests": link.handled if link else 0,
-                            "in_flight": len(link.inflight) if link else 0,
-                            "faults": link.faults if link else 0,
-                            "rss_bytes": rss, "cpu_percent": cpu,
-                            "uptime_s": round(time.monotonic() - worker.started, 3)})
-        services = []
-        running: dict = {}
-        for link in links.values():
-            for request in link.inflight.values():
-                running[request.service] = running.get(request.service, 0) + 1
-        for name, service in self.broker.services.items():
-            services.append({"name": name.decode(), "instances": service.app.instances,
-                             "circuit": service.health.circuit.value,
-                             "circuit_opened": service.health.opened,
-                             "queued": len(service.queue), "running": running.get(service, 0),
-                             "dropped": service.dropped,
-                             "quarantined": len(service.health.quarantined_until),
-                             **({"keys": len(service.affinity), "evicted": service.evicted}
-                                if service.keyed else {}),
-                             "statuses": {str(int(k)): v for k, v in sorted(service.statuses.items())},
-                             **self.state_status(name.decode())})
-        return {"pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 3),
-                "config": str(self.config_path), "config_generation": self.config_generation,
-                "state": "stopping" if self.stopping else "reloading" if self.reloading else "running",
-                "workers_target": self.config.supervisor.workers, "workers": workers,
-                "services": services, "in_flight": len(self.broker.ledger),
-                "statuses": {str(int(k)): v for k, v in sorted(self.broker.totals().items())},
-                "dropped_replies": self.broker.dropped_replies,
-                "clients": self.broker.clients()}
+        return snapshot.take(self).to_json()
 
-
-    def state_status(self, service: str) -> dict:
+    def state_stats(self, service: str) -> dict | None:
         """Commits, rollbacks and bytes of a service's durable state, as its database says."""
-        stats = state.read_stats(state.database_path(self.state_dir(self.config), service))
-        return {"state": stats} if stats else {}
+        return state.read_stats(state.database_path(self.state_dir(self.config), service)) or None
 
 
 def run_check(request: CheckRequest) -> list[dict]:
