@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="corral", description=__doc__)
     parser.add_argument("--version", action="version", version=version())
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    from corral import verbs as control_verbs
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", type=Path, help="config file (default: the packaged corral.toml)")
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     call.add_argument("--idempotent", action="store_true", help="may be re-dispatched after a crash")
     call.add_argument("--raw", action="store_true", help="print the body exactly, no newline added")
 
-    status = with_config(verbs.add_parser("status", help="workers, services and counters"))
+    status = with_config(verbs.add_parser("status", help=control_verbs.summary("status"), epilog=control_verbs.usage("status"),
+                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
     bench = with_keys(with_config(verbs.add_parser("bench", help="load a service and print req/s and latency")))
@@ -72,12 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     keygen.add_argument("name", help="the key's name (a client's name in [apps.X] allow)")
     keygen.add_argument("--dir", type=Path, default=Path("."), help="where to write them (default: here)")
 
-    scale = with_config(verbs.add_parser("scale", help="set the number of workers"))
+    scale = with_config(verbs.add_parser("scale", help=control_verbs.summary("scale"), epilog=control_verbs.usage("scale"),
+                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     scale.add_argument("workers", type=int)
-    restart = with_config(verbs.add_parser("restart", help="replace workers gracefully, one at a time"))
+    restart = with_config(verbs.add_parser("restart", help=control_verbs.summary("restart"), epilog=control_verbs.usage("restart"),
+                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     restart.add_argument("slots", type=int, nargs="*", help="slots to restart (default: all)")
-    reload = with_config(verbs.add_parser(
-        "reload", help="reload the config (as SIGHUP does) and wait until every worker serves it"))
+    reload = with_config(verbs.add_parser("reload", help=control_verbs.summary("reload"), epilog=control_verbs.usage("reload"),
+                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     reload.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="give up waiting after S seconds (default 120; the reload goes on)")
 
