@@ -701,6 +701,7 @@ class Broker:
                 self.log.warning("request.failed", request_id=request.request_id[:64].decode(errors="replace"),
                                  ticket=ticket, service=service.name.decode(), status=int(status),
                                  fault=fault.decode(), worker=link.identity.decode(), pid=link.pid,
+                                 instance="discarded" if status in protocol.FAULTS else "kept",
                                  detail=body[:200].decode(errors="replace"))
                 if status in protocol.FAULTS:
                     service.health.record_abort(request.body, now, request.probe)
