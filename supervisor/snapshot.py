@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -261,13 +262,16 @@ def take(daemon: "Daemon", *, measure: bool = True, stored: bool = True) -> Snap
         for request in list(link.inflight.values()):
             running[id(request.service)] = running.get(id(request.service), 0) + 1
     services = []
+    totals = Counter(dict(broker.rejected))   # as broker.totals(), from copies: the loop may be counting
     for name, service in list(broker.services.items()):
+        statuses = dict(service.statuses)
+        totals.update(statuses)
         stats = daemon.state_stats(name.decode()) if stored else None
         latency = service.latency
         services.append(ServiceView(
             name.decode(), service.app.instances, service.health.circuit.value, service.health.opened,
             len(service.queue), running.get(id(service), 0), service.dropped,
-            len(service.health.quarantined_until), _counts(service.statuses),
+            len(service.health.quarantined_until), _counts(statuses),
             len(service.affinity) if service.keyed else None, service.evicted if service.keyed else None,
             StateView.from_stats(stats) if stats else None,
             Latency(tuple(latency.counts), latency.sum, latency.count)))
@@ -276,5 +280,5 @@ def take(daemon: "Daemon", *, measure: bool = True, stored: bool = True) -> Snap
     state = "stopping" if daemon.stopping else "reloading" if daemon.reloading else "running"
     return Snapshot(os.getpid(), round(now - daemon.started, 3), str(daemon.config_path), daemon.config_generation,
                     state, daemon.config.supervisor.workers, tuple(workers), tuple(services),
-                    len(broker.ledger), _counts(broker.totals()), broker.dropped_replies, clients,
+                    len(broker.ledger), _counts(totals), broker.dropped_replies, clients,
                     _counts(broker.rejected), _counts(pool.exits))
