@@ -35,6 +35,7 @@ import zmq
 from corral.wire import protocol
 from corral.circuit import Circuit, Health
 from corral.config import AppSettings, Config
+from corral.deadlines import Deadlines
 from corral.dispatch import PACK, PACK_AGE_S, ClientQueue, Dispatcher, Rotation  # noqa: F401 (PACK*: tests)
 from corral.metrics import Histogram
 from corral.paths import ipc_in_use, remove_ipc_file
@@ -220,6 +221,7 @@ class Broker:
         self.services: dict[bytes, Service] = {}
         self.links: dict[bytes, WorkerLink] = {}
         self.ledger: dict[int, Request] = {}
+        self.deadlines = Deadlines()            # when queued requests expire
         self.next_ticket = 1
         self.waiting = Rotation()              # services with a non-empty queue, in turn
         self.dispatcher = Dispatcher(self.waiting)
@@ -423,6 +425,7 @@ class Broker:
                           idempotent, now, probe)
         request.account = account
         self.ledger[ticket] = request
+        self.deadlines.push(deadline, ticket)
         service.queue.append(request)
         self.waiting.add(service)
 
@@ -624,6 +627,8 @@ class Broker:
     def requeue(self, request: Request) -> None:
         """Put a request that never started back at the head of its queue."""
         request.state = State.QUEUED
+        if not request.redelivered:
+            self.deadlines.push(request.deadline, request.ticket)  # its entry may be gone already
         request.service.queue.appendleft(request)
         self.waiting.add(request.service)
 
@@ -706,6 +711,7 @@ class Broker:
                 self.log.warning("request.failed", request_id=request.request_id[:64].decode(errors="replace"),
                                  ticket=ticket, service=service.name.decode(), status=int(status),
                                  fault=fault.decode(), worker=link.identity.decode(), pid=link.pid,
+                                 instance="discarded" if status in protocol.FAULTS else "kept",
                                  detail=body[:200].decode(errors="replace"))
                 if status in protocol.FAULTS:
                     service.health.record_abort(request.body, now, request.probe)
@@ -817,17 +823,21 @@ class Broker:
             if now > allowed:
                 self.events.append((Event.SILENT, link, "heartbeat lost"))
                 self.worker_gone(link.identity, "heartbeat lost")
-        for service in list(self.waiting):
-            for request in service.queue:
-                if request.state is State.QUEUED and request.deadline <= now and not request.redelivered:
-                    self.expire(request)
-        for link in self.links.values():
-            for request in link.backlog:
-                if request.state is State.QUEUED and request.deadline <= now and not request.redelivered:
-                    self.expire(request)
+        self.expire_due(now)
         if now >= self.next_sweep:
             self.next_sweep = now + SWEEP_EVERY_S
             self.forget_idle_clients()
+
+    def expire_due(self, now: float) -> None:
+        """Answer 504 to the queued requests whose deadline has passed (a redelivered one
+        goes to a worker all the same: only its token can tell whether it committed)."""
+        ledger = self.ledger
+        for ticket in self.deadlines.due(now):
+            request = ledger.get(ticket)
+            if request is not None and request.state is State.QUEUED and not request.redelivered:
+                self.expire(request)
+        self.deadlines.compact(len(ledger), lambda: [(r.deadline, r.ticket) for r in ledger.values()
+                                                     if r.state is State.QUEUED and not r.redelivered])
 
     def forget_idle_clients(self) -> None:
         """Let go of the accounts of clients with nothing open or held (connections come

@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="corral", description=__doc__)
     parser.add_argument("--version", action="version", version=version())
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    from corral import verbs as control_verbs
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", type=Path, help="config file (default: the packaged corral.toml)")
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     call.add_argument("--idempotent", action="store_true", help="may be re-dispatched after a crash")
     call.add_argument("--raw", action="store_true", help="print the body exactly, no newline added")
 
-    status = with_config(verbs.add_parser("status", help="workers, services and counters"))
+    status = with_config(verbs.add_parser("status", help=control_verbs.summary("status"), epilog=control_verbs.usage("status"),
+                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
     bench = with_keys(with_config(verbs.add_parser("bench", help="load a service and print req/s and latency")))
@@ -72,12 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     keygen.add_argument("name", help="the key's name (a client's name in [apps.X] allow)")
     keygen.add_argument("--dir", type=Path, default=Path("."), help="where to write them (default: here)")
 
-    scale = with_config(verbs.add_parser("scale", help="set the number of workers"))
+    scale = with_config(verbs.add_parser("scale", help=control_verbs.summary("scale"), epilog=control_verbs.usage("scale"),
+                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     scale.add_argument("workers", type=int)
-    restart = with_config(verbs.add_parser("restart", help="replace workers gracefully, one at a time"))
+    restart = with_config(verbs.add_parser("restart", help=control_verbs.summary("restart"), epilog=control_verbs.usage("restart"),
+                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     restart.add_argument("slots", type=int, nargs="*", help="slots to restart (default: all)")
-    reload = with_config(verbs.add_parser(
-        "reload", help="reload the config (as SIGHUP does) and wait until every worker serves it"))
+    reload = with_config(verbs.add_parser("reload", help=control_verbs.summary("reload"), epilog=control_verbs.usage("reload"),
+                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     reload.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="give up waiting after S seconds (default 120; the reload goes on)")
 
@@ -242,36 +246,8 @@ def status_verb(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    print(f"corral pid {status['pid']}, {status['state']}, up {status['uptime_s']:.0f} s, "
-          f"config {status['config']} (generation {status['config_generation']})")
-    print(f"requests: {status['in_flight']} in flight; by status "
-          + (", ".join(f"{k}: {v}" for k, v in status["statuses"].items()) or "none yet"))
-    print(f"\nworkers ({len(status['workers'])} of {status['workers_target']} wanted):")
-    print(f"  {'slot':>4} {'gen':>4} {'pid':>8} {'state':<9} {'requests':>9} {'faults':>6} {'rss MiB':>8}"
-          f" {'cpu %':>6}")
-    for w in status["workers"]:
-        rss = f"{w['rss_bytes'] / 1048576:.1f}" if w["rss_bytes"] else "-"
-        cpu = f"{w['cpu_percent']:.0f}" if w["cpu_percent"] is not None else "-"
-        print(f"  {w['slot']:>4} {w['generation']:>4} {w['pid']:>8} {w['state']:<9} {w['requests']:>9} "
-              f"{w['faults']:>6} {rss:>8} {cpu:>6}")
-    print("\nservices:")
-    print(f"  {'name':<20} {'instances':<12} {'circuit':<10} {'queued':>6} {'running':>7} {'dropped':>7}  statuses")
-    for s in status["services"]:
-        counts = ", ".join(f"{k}: {v}" for k, v in s["statuses"].items()) or "-"
-        keys = f"  ({s['keys']} keys live, {s['evicted']} evicted)" if "keys" in s else ""
-        print(f"  {s['name']:<20} {s['instances']:<12} {s['circuit']:<10} {s['queued']:>6} "
-              f"{s.get('running', 0):>7} {s.get('dropped', 0):>7}  {counts}{keys}")
-        if "state" in s:
-            st = s["state"]
-            print(f"  {'':<20} state: {st['commits']} commits, {st['rollbacks']} rollbacks, "
-                  f"{st['bytes']} bytes in {st['scopes']} scopes")
-    if status.get("clients"):
-        print("\nclients (the busiest first):")
-        print(f"  {'client':<24} {'queued':>7} {'running':>7} {'unread KiB':>10} {'dropped':>8} {'refused':>8}")
-        for c in status["clients"]:
-            over = "  over budget" if c["over_budget"] else ""
-            print(f"  {c['client'][:24]:<24} {c['queued']:>7} {c['running']:>7} {c['unread_bytes'] / 1024:>10.0f} "
-                  f"{c['dropped']:>8} {c['refused']:>8}{over}")
+    from corral.snapshot import Snapshot
+    print(Snapshot.from_json(status).table())
     return 0
 
 

@@ -6,7 +6,8 @@ A ROUTER socket on an ipc:// path that only the daemon's user can open
     request  ["", verb, json arguments]
     reply    ["", json result]            result always has "ok"
 
-`reload` answers when the reload is over: the new config serving on every
+Each verb is a function of corral.verbs, found here by name. `reload`
+answers when the reload is over: the new config serving on every
 worker, or refused (with its problems). Its clients wait in the meantime.
 """
 
@@ -19,11 +20,11 @@ from typing import TYPE_CHECKING
 import zmq
 
 from corral.paths import ipc_in_use, ipc_path, remove_ipc_file
+from corral.verbs import VERBS
 
 if TYPE_CHECKING:
     from corral.daemon import Daemon
 
-VERBS = ("status", "scale", "restart", "reload")
 
 
 class Control:
@@ -81,25 +82,10 @@ class Control:
             return {"ok": False, "error": "arguments must be a JSON object"}
         if not isinstance(args, dict):
             return {"ok": False, "error": "arguments must be a JSON object"}
-        daemon = self.daemon
-        if verb == "status":
-            return {"ok": True, **daemon.status()}
-        if verb == "reload":
-            return daemon.reload()
-        if verb == "scale":
-            workers = args.get("workers")
-            if type(workers) is not int or not 1 <= workers <= 256:
-                return {"ok": False, "error": "scale needs workers: an integer from 1 to 256"}
-            return daemon.scale(workers)
-        if verb == "restart":
-            slots = args.get("slots")
-            every = sorted(s for s, w in daemon.pool.slots.items())
-            if slots is None:
-                slots = every
-            if not isinstance(slots, list) or any(s not in every for s in slots):
-                return {"ok": False, "error": f"restart needs slots from {every}"}
-            return daemon.restart_slots(slots)
-        return {"ok": False, "error": f"unknown verb {verb!r} (known: {', '.join(VERBS)})"}
+        handler = VERBS.get(verb)
+        if handler is None:
+            return {"ok": False, "error": f"unknown verb {verb!r} (known: {', '.join(VERBS)})"}
+        return handler(self.daemon, args)
 
     def close(self) -> None:
         self.socket.close(linger=0)

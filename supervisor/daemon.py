@@ -32,17 +32,17 @@ from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
-import psutil
 import zmq
 
 from corral import config as config_module
-from corral import paths
+from corral import paths, snapshot
 from corral.wire import frames, logs
 from corral.broker import Broker, Event
 from corral.config import Config, ConfigError
 from corral.control import Control
 from corral.metrics import MetricsServer
 from corral.notify import Notifier
+from corral.rollout import Rollout
 from corral.wire.tuning import quiet_garbage_collector
 from corral.pool import (STANDBY_BASE, Pool, WorkerProcess, WorkerState, describe_exit,
                              kill_stale_workers)
@@ -73,9 +73,7 @@ class Daemon:
         self.stop_deadline = 0.0
         self.workers_released = False
         self.announced_ready = False
-        self.reloading = False
-        self.roll: deque[int] = deque()     # slots still to roll onto the new config
-        self.rolling: tuple[int, WorkerProcess | None] | None = None  # (slot, its old worker)
+        self.rollout: Rollout[WorkerProcess] = Rollout()
         self.next_rss = 0.0
         self.next_status = 0.0
         self.next_tick = 0.0
@@ -322,8 +320,9 @@ class Daemon:
         sup = self.config.supervisor
         wanted = not self.stopping and (slot < sup.workers or STANDBY_BASE <= slot < STANDBY_BASE + sup.standby)
         serving = self.pool.slots.get(slot) is worker and slot < STANDBY_BASE
+        self.rollout.gone(worker)
         self.pool.vacate(worker, respawn=wanted)
-        if serving and wanted:
+        if serving and wanted and self.rollout.may_promote(slot):
             promoted = self.pool.promote(slot)
             link = self.broker.links.get(promoted.identity) if promoted else None
             if link is not None:
@@ -355,12 +354,10 @@ class Daemon:
         if self.stopping or self.pool.slots.get(worker.slot) is not worker:
             self.release(worker, "not needed")  # scaled down or stopping meanwhile
             return
-        if self.rolling and worker.slot == self.rolling[0]:
-            # The slot's new worker is serving: now its old one may leave.
-            old = self.rolling[1]
-            if old is not None:
-                self.release(old, "replaced")
-            self.rolling = None
+        step = self.rollout.ready(worker.slot)
+        if step is not None:
+            if step.old is not None:
+                self.release(step.old, "replaced")
             self.roll_next()
         if not self.announced_ready and self.pool.all_ready(self.config.supervisor.workers):
             self.announced_ready = True
@@ -493,12 +490,13 @@ class Daemon:
         for slot in [s for s in self.pool.slots if s >= STANDBY_BASE and s not in self.standby_slots()]:
             worker = self.pool.slots.get(slot)
             self.pool.remove_slot(slot)
-            if worker is not None:
-                self.release(worker, "standby no longer wanted")
+            for leaving in (worker, self.rollout.drop(slot)):
+                if leaving is not None:
+                    self.release(leaving, "standby no longer wanted")
         self.pool.fill(self.standby_slots())
         # Only now: roll_next() ends the reload (READY=1) when nothing is left to roll.
-        self.reloading = True
-        self.restart_slots(list(range(config.supervisor.workers)) + list(self.standby_slots()))
+        self.rollout.reload(list(range(config.supervisor.workers)) + list(self.standby_slots()))
+        self.roll_next()
 
     def rebind(self, config: Config) -> str | None:
         """A reload's listeners: the frontend's endpoints and the metrics endpoint. Everything
@@ -533,16 +531,14 @@ class Daemon:
     def scale(self, workers: int, quiet: bool = False) -> dict:
         old = max(self.pool.serving_slots() + [-1]) + 1
         self.config = _with_workers(self.config, workers)
-        for slot in range(workers, old):
+        scaling = self.rollout.scale(old, workers)
+        for slot in scaling.removed:
             worker = self.pool.slots.get(slot)
             self.pool.remove_slot(slot)
             if worker is not None:
                 self.release(worker, "scaled down")
-            if self.rolling and self.rolling[0] == slot:
-                if self.rolling[1] is not None:
-                    self.release(self.rolling[1], "scaled down")
-                self.rolling = None
-        self.roll = deque(s for s in self.roll if s < workers)
+        if scaling.release is not None:
+            self.release(scaling.release, "scaled down")
         self.pool.fill(range(workers))
         self.roll_next()
         if not quiet:
@@ -551,22 +547,15 @@ class Daemon:
 
     def restart_slots(self, slots: list[int]) -> dict:
         """Replace the workers of `slots` one at a time: a new one first, then the old leaves."""
-        self.roll.extend(s for s in slots if s not in self.roll)
-        if self.rolling is None:
-            self.roll_next()
+        self.rollout.restart(slots)
+        self.roll_next()
         return {"ok": True, "restarting": slots}
 
     def roll_next(self) -> None:
-        while self.roll and self.rolling is None and not self.stopping:
-            slot = self.roll.popleft()
-            old = self.pool.slots.get(slot)
-            if old is not None and old.config_generation == self.config_generation and \
-                    old.state is WorkerState.STARTING:
-                continue  # already starting on the current config
+        slot = self.rollout.next(self.pool.slots, self.fresh)
+        if slot is not None:
             self.pool.spawn(slot)
-            self.rolling = (slot, old)
-        if not self.roll and self.rolling is None and self.reloading:
-            self.reloading = False
+        if self.rollout.reload_over():
             self.log.info("reload.done", config_generation=self.config_generation)
             self.notifier.ready(self.status_line())
             if self.compiling is None:
@@ -575,6 +564,14 @@ class Daemon:
                     answer["warnings"] = self.reload_warnings
                 self.control.reload_over(answer)
                 self.reload_warnings = []
+
+    def fresh(self, worker: WorkerProcess) -> bool:
+        """Already starting on the current config: nothing to roll."""
+        return worker.config_generation == self.config_generation and worker.state is WorkerState.STARTING
+
+    @property
+    def reloading(self) -> bool:
+        return self.rollout.reloading
 
     # --- stop --------------------------------------------------------------
 
@@ -590,7 +587,7 @@ class Daemon:
         self.notifier.stopping()
         self.control.reload_over({"ok": False, "error": "the daemon is stopping"})
         self.broker.drain()
-        self.roll.clear()
+        self.rollout.stop()
         self.log.info("daemon.draining", signal=why, in_flight=len(self.broker.ledger))
 
     def stop_progress(self, now: float) -> bool:
@@ -628,62 +625,14 @@ class Daemon:
     # --- status ------------------------------------------------------------
 
     def status_line(self) -> str:
-        ready = sum(1 for w in self.pool.processes.values() if w.state is WorkerState.READY)
-        return (f"{ready}/{self.config.supervisor.workers} workers ready, "
-                f"{len(self.broker.ledger)} requests open, "
-                f"{sum(s.statuses[200] for s in self.broker.services.values())} served")
+        return snapshot.take(self, measure=False, stored=False).status_line()
 
     def status(self) -> dict:
-        links = self.broker.links
-        workers = []
-        for worker in sorted(self.pool.processes.values(), key=lambda w: (w.slot, w.generation)):
-            link = links.get(worker.identity)
-            rss = cpu = None
-            if worker.psutil is not None:
-                try:
-                    rss = worker.psutil.memory_info().rss
-                    cpu = worker.psutil.cpu_percent(None)  # since the last status
-                except psutil.Error:
-                    pass
-            state = "standby" if worker.standby and worker.state is WorkerState.READY else worker.state.value
-            workers.append({"slot": worker.slot, "identity": worker.identity.decode(),
-                            "generation": worker.generation, "pid": worker.pid,
-                            "state": state, "config_generation": worker.config_generation,
-                            "requests": link.handled if link else 0,
-                            "in_flight": len(link.inflight) if link else 0,
-                            "faults": link.faults if link else 0,
-                            "rss_bytes": rss, "cpu_percent": cpu,
-                            "uptime_s": round(time.monotonic() - worker.started, 3)})
-        services = []
-        running: dict = {}
-        for link in links.values():
-            for request in link.inflight.values():
-                running[request.service] = running.get(request.service, 0) + 1
-        for name, service in self.broker.services.items():
-            services.append({"name": name.decode(), "instances": service.app.instances,
-                             "circuit": service.health.circuit.value,
-                             "circuit_opened": service.health.opened,
-                             "queued": len(service.queue), "running": running.get(service, 0),
-                             "dropped": service.dropped,
-                             "quarantined": len(service.health.quarantined_until),
-                             **({"keys": len(service.affinity), "evicted": service.evicted}
-                                if service.keyed else {}),
-                             "statuses": {str(int(k)): v for k, v in sorted(service.statuses.items())},
-                             **self.state_status(name.decode())})
-        return {"pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 3),
-                "config": str(self.config_path), "config_generation": self.config_generation,
-                "state": "stopping" if self.stopping else "reloading" if self.reloading else "running",
-                "workers_target": self.config.supervisor.workers, "workers": workers,
-                "services": services, "in_flight": len(self.broker.ledger),
-                "statuses": {str(int(k)): v for k, v in sorted(self.broker.totals().items())},
-                "dropped_replies": self.broker.dropped_replies,
-                "clients": self.broker.clients()}
+        return snapshot.take(self).to_json()
 
-
-    def state_status(self, service: str) -> dict:
+    def state_stats(self, service: str) -> dict | None:
         """Commits, rollbacks and bytes of a service's durable state, as its database says."""
-        stats = state.read_stats(state.database_path(self.state_dir(self.config), service))
-        return {"state": stats} if stats else {}
+        return state.read_stats(state.database_path(self.state_dir(self.config), service)) or None
 
 
 class UntestedWasmtime(RuntimeError):

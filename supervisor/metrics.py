@@ -12,6 +12,9 @@ from bisect import bisect_left
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
+from corral import snapshot
+from corral.snapshot import Snapshot
+
 if TYPE_CHECKING:
     from corral.daemon import Daemon
 
@@ -34,42 +37,43 @@ class Histogram:
 
 
 def render(daemon: "Daemon") -> str:
-    broker, pool = daemon.broker, daemon.pool
+    return render_snapshot(snapshot.take(daemon, measure=False))
+
+
+def render_snapshot(now: Snapshot) -> str:
     out: list[str] = []
 
     def family(name: str, kind: str, help_text: str) -> None:
         out.append(f"# HELP {name} {help_text}")
         out.append(f"# TYPE {name} {kind}")
 
-    services = list(broker.services.items())
+    services = now.services
     family("corral_requests_total", "counter", "Requests answered, by service and status.")
-    for name, service in services:
-        for status, count in sorted(dict(service.statuses).items()):
-            out.append(f'corral_requests_total{{service="{name.decode()}",status="{int(status)}"}} {count}')
+    for service in services:
+        for status, count in service.statuses:
+            out.append(f'corral_requests_total{{service="{service.name}",status="{status}"}} {count}')
     family("corral_rejected_total", "counter", "Requests refused before reaching a service queue, by status.")
-    for status, count in sorted(dict(broker.rejected).items()):
-        out.append(f'corral_rejected_total{{status="{int(status)}"}} {count}')
+    for status, count in now.rejected:
+        out.append(f'corral_rejected_total{{status="{status}"}} {count}')
     family("corral_request_duration_seconds", "histogram",
            "Time from the broker receiving a request to its reply, by service.")
-    for name, service in services:
-        histogram = service.latency
-        counts, total, count = list(histogram.counts), histogram.sum, histogram.count
+    for service in services:
+        latency = service.latency
         cumulative = 0
-        for bound, n in zip(LATENCY_BUCKETS, counts):
+        for bound, n in zip(LATENCY_BUCKETS, latency.counts):
             cumulative += n
-            out.append(f'corral_request_duration_seconds_bucket{{service="{name.decode()}",le="{bound}"}} {cumulative}')
-        out.append(f'corral_request_duration_seconds_bucket{{service="{name.decode()}",le="+Inf"}} {count}')
-        out.append(f'corral_request_duration_seconds_sum{{service="{name.decode()}"}} {total}')
-        out.append(f'corral_request_duration_seconds_count{{service="{name.decode()}"}} {count}')
+            out.append(f'corral_request_duration_seconds_bucket{{service="{service.name}",le="{bound}"}} {cumulative}')
+        out.append(f'corral_request_duration_seconds_bucket{{service="{service.name}",le="+Inf"}} {latency.count}')
+        out.append(f'corral_request_duration_seconds_sum{{service="{service.name}"}} {latency.sum}')
+        out.append(f'corral_request_duration_seconds_count{{service="{service.name}"}} {latency.count}')
     family("corral_queue_depth", "gauge", "Requests waiting for a worker, by service.")
-    for name, service in services:
-        out.append(f'corral_queue_depth{{service="{name.decode()}"}} {len(service.queue)}')
+    for service in services:
+        out.append(f'corral_queue_depth{{service="{service.name}"}} {service.queued}')
     family("corral_replies_dropped_total", "counter",
            "Replies not delivered (the client was gone, or over max_client_backlog_mib), by service.")
-    for name, service in services:
-        out.append(f'corral_replies_dropped_total{{service="{name.decode()}"}} {service.dropped}')
-    clients = broker.clients()
-    if clients:
+    for service in services:
+        out.append(f'corral_replies_dropped_total{{service="{service.name}"}} {service.dropped}')
+    if now.clients:
         for metric, field, kind, text in (
                 ("corral_client_queued", "queued", "gauge", "Requests queued, by client (the busiest few)."),
                 ("corral_client_running", "running", "gauge", "Requests on a worker, by client (the busiest few)."),
@@ -80,23 +84,22 @@ def render(daemon: "Daemon") -> str:
                 ("corral_client_refused_total", "refused", "counter",
                  "Requests answered 429, by client (the busiest few).")):
             family(metric, kind, text)
-            for client in clients:
-                label = client["client"].replace("\\", "\\\\").replace('"', '\\"')
-                out.append(f'{metric}{{client="{label}"}} {client[field]}')
+            for client in now.clients:
+                label = client.client.replace("\\", "\\\\").replace('"', '\\"')
+                out.append(f'{metric}{{client="{label}"}} {getattr(client, field)}')
     family("corral_circuit_open", "gauge", "1 while a service's circuit is open or half-open.")
-    for name, service in services:
-        state = service.health.circuit.value
-        out.append(f'corral_circuit_open{{service="{name.decode()}",state="{state}"}} {int(state != "closed")}')
-    keyed = [(name, service) for name, service in services if service.keyed]
+    for service in services:
+        state = service.circuit
+        out.append(f'corral_circuit_open{{service="{service.name}",state="{state}"}} {int(state != "closed")}')
+    keyed = [service for service in services if service.keyed]
     if keyed:
         family("corral_keys", "gauge", "Keys with a live instance, by keyed service.")
-        for name, service in keyed:
-            out.append(f'corral_keys{{service="{name.decode()}"}} {len(service.affinity)}')
+        for service in keyed:
+            out.append(f'corral_keys{{service="{service.name}"}} {service.keys}')
         family("corral_keys_evicted_total", "counter", "Key instances dropped over max_keys, by keyed service.")
-        for name, service in keyed:
-            out.append(f'corral_keys_evicted_total{{service="{name.decode()}"}} {service.evicted}')
-    stored = [(name, daemon.state_status(name.decode()).get("state")) for name, _ in services]
-    stored = [(name, stats) for name, stats in stored if stats]
+        for service in keyed:
+            out.append(f'corral_keys_evicted_total{{service="{service.name}"}} {service.evicted}')
+    stored = [service for service in services if service.state is not None]
     if stored:
         for metric, kind, key, text in (
                 ("corral_state_commits_total", "counter", "commits", "Requests whose durable-state writes committed."),
@@ -104,18 +107,15 @@ def render(daemon: "Daemon") -> str:
                  "Requests whose durable-state writes were dropped (500/502/504, a failed commit)."),
                 ("corral_state_bytes", "gauge", "bytes", "Key and value bytes of live durable-state entries.")):
             family(metric, kind, text)
-            for name, stats in stored:
-                out.append(f'{metric}{{service="{name.decode()}"}} {stats[key]}')
+            for service in stored:
+                out.append(f'{metric}{{service="{service.name}"}} {getattr(service.state, key)}')
     family("corral_in_flight", "gauge", "Requests in the broker's ledger (queued or on a worker).")
-    out.append(f"corral_in_flight {len(broker.ledger)}")
+    out.append(f"corral_in_flight {now.in_flight}")
     family("corral_worker_exits_total", "counter", "Worker processes that exited, by cause.")
-    for cause, count in sorted(dict(pool.exits).items()):
+    for cause, count in now.exits:
         out.append(f'corral_worker_exits_total{{cause="{cause}"}} {count}')
     family("corral_workers", "gauge", "Worker processes, by state.")
-    states: dict[str, int] = {}
-    for worker in list(pool.processes.values()):
-        states[worker.state.value] = states.get(worker.state.value, 0) + 1
-    for state, count in sorted(states.items()):
+    for state, count in now.worker_states().items():
         out.append(f'corral_workers{{state="{state}"}} {count}')
     return "\n".join(out) + "\n"
 

@@ -144,8 +144,10 @@ def test_log_events_one_per_state_change_with_one_name_per_thing(start_daemon):
             assert re.fullmatch(r"w\d+\.\d+", event["worker"]), event
             if "pid" in event and event["event"] != "daemon.started":
                 assert workers[event["pid"]] == event["worker"], event
-    fault = [e for e in events if e["event"] == "request.fault"]
-    assert fault and fault[0]["component"] == "worker" and fault[0]["worker"] == workers[fault[0]["pid"]]
+    fault = [e for e in events if e["event"] in ("request.failed", "request.fault")]
+    assert len(fault) == 1, fault    # one event per fault
+    assert fault[0]["event"] == "request.failed" and fault[0]["worker"] == workers[fault[0]["pid"]]
+    assert fault[0]["service"] == "faults" and fault[0]["request_id"] and fault[0]["instance"] == "discarded"
     assert [e["cause"] for e in events if e["event"] == "worker.retiring"] == ["abort"]
     assert [e["cause"] for e in events if e["event"] == "worker.exited"][0] == "retired (abort)"
 

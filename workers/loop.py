@@ -194,10 +194,8 @@ class WorkerLoop:
         return self.fault(job, guest, result)
 
     def fault(self, job: Job, guest: Guest | None, result: outcome.Outcome) -> RetireReason | None:
-        self.log.warning("request.fault", ticket=job.ticket, service=job.service.decode(),
-                         status=int(result.status), fault=result.fault.decode(),
-                         detail=result.body[:200].decode(errors="replace"),
-                         instance="discarded" if result.poisoned else "kept")
+        # Not logged here: the broker logs the fault once (request.failed), with the
+        # request id and the client's service, which this process never sees.
         if result.poisoned and guest is not None:
             return guest.abort_escalates(time.monotonic())
         return None
