@@ -99,3 +99,15 @@ def shared_daemon(cache_dir):
     yield daemon
     killed = daemon.cleanup()
     assert not killed, f"processes left behind: {killed}"
+
+
+@pytest.fixture(scope="module")
+def worker_engine():
+    """A worker's engine (corral.workers.modules) with its epoch ticking, as in a worker."""
+    from corral.workers import modules
+    from corral.workers.host import EpochTicker
+    engine = modules.make_engine()
+    ticker = EpochTicker(engine)
+    ticker.start()
+    yield engine
+    ticker.stop()

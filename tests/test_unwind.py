@@ -14,7 +14,7 @@ import wasmtime
 from harness import GUESTS
 
 from corral.workers import modules
-from corral.workers.host import EpochTicker, Guest
+from corral.workers.host import Guest
 from corral.workers.spec import AppSpec
 
 UNWIND = GUESTS / "unwind" / "unwind.wat"
@@ -23,12 +23,8 @@ STACK_TOP = 196608
 
 
 @pytest.fixture(scope="module")
-def engine():
-    engine = modules.make_engine()
-    ticker = EpochTicker(engine)
-    ticker.start()
-    yield engine
-    ticker.stop()
+def engine(worker_engine):
+    return worker_engine
 
 
 def make_guest(engine, path, tmp_path, timeout_ms=1000) -> Guest:

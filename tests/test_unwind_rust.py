@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from corral.workers import modules
-from corral.workers.host import EpochTicker, Guest
+from corral.workers.host import Guest
 from corral.workers.spec import AppSpec
 
 PANIC = re.compile(rb"^unwind: panicked at examples/counter\.rs:\d+:\d+: counter: asked to panic at count (\d+)$")
@@ -86,12 +86,8 @@ def test_ten_thousand_escaped_panics_through_the_daemon_all_answer_500_and_keep_
 
 
 @pytest.fixture(scope="module")
-def engine():
-    engine = modules.make_engine()
-    ticker = EpochTicker(engine)
-    ticker.start()
-    yield engine
-    ticker.stop()
+def engine(worker_engine):
+    return worker_engine
 
 
 @pytest.mark.timeout(120)
