@@ -57,6 +57,11 @@ class Violation(Exception):
     """A pointer or length outside the guest's memory."""
 
 
+def _buffer(base: int, args, at: int) -> bytes:
+    """The bytes of the (pointer, length) argument pair at `at` (checked by StateCalls._enter)."""
+    return string_at(base + (args[at].i32 & _U32), args[at + 1].i32 & _U32)
+
+
 class StateCalls:
     """The four host functions of one app, and what they act on while a request runs."""
 
@@ -69,7 +74,7 @@ class StateCalls:
 
     def define(self, linker: wasmtime.Linker) -> None:
         for name, (params, result) in SIGNATURES.items():
-            callback = _Callback(getattr(self, "_" + name))
+            callback = _Callback(self._guarded(name, getattr(self, "_" + name)))
             self._keep.append(callback)
             ty = wasmtime.FuncType(list(params), [result])
             self._keep.append(ty)
@@ -104,79 +109,71 @@ class StateCalls:
                 raise Violation(f"buffer [{pointer}, {pointer + length}) lies outside memory of {size} bytes")
         return (_memory_data(context, self.memory) or 0) if size else 0, args
 
+    def _guarded(self, name: str, call):
+        """The C callback around one host function: a Violation traps (an abort, DESIGN 3b),
+        and so does any other exception, so that a bug here never takes the worker down."""
+        def callback(env, caller, args_at, count) -> int:
+            try:
+                return call(caller, args_at)
+            except Violation as exc:
+                return self._trap(name, str(exc))
+            except Exception as exc:
+                return self._trap(name, f"host function failed: {exc!r}")
+        return callback
+
     def _trap(self, name: str, detail: str) -> int:
         self.violation = f"{name}: {detail}"
         message = self.violation.encode()
         return _trap_new(message, len(message)) or 0
 
-    def _kv_get(self, env, caller, args_at, count) -> int:
-        try:
-            base, args = self._enter(caller, args_at, 0, 2)
-            writes = self.writes
-            if writes is None:
-                args[0].i64 = state.UNAVAILABLE
-                return 0
-            key = string_at(base + (args[0].i32 & _U32), args[1].i32 & _U32)
-            found = writes.get(key)
-            if isinstance(found, int):
-                args[0].i64 = found
-                return 0
-            if len(found) <= args[3].i32 & _U32:
-                memmove(base + (args[2].i32 & _U32), found, len(found))
-            args[0].i64 = len(found)
+    def _kv_get(self, caller, args_at) -> int:
+        base, args = self._enter(caller, args_at, 0, 2)
+        writes = self.writes
+        if writes is None:
+            args[0].i64 = state.UNAVAILABLE
             return 0
-        except Violation as exc:
-            return self._trap("kv_get", str(exc))
-        except Exception as exc:  # a bug here must not take the worker down: the request aborts
-            return self._trap("kv_get", f"host function failed: {exc!r}")
+        key = _buffer(base, args, 0)
+        found = writes.get(key)
+        if isinstance(found, int):
+            args[0].i64 = found
+            return 0
+        if len(found) <= args[3].i32 & _U32:
+            memmove(base + (args[2].i32 & _U32), found, len(found))
+        args[0].i64 = len(found)
+        return 0
 
-    def _kv_put(self, env, caller, args_at, count) -> int:
-        try:
-            base, args = self._enter(caller, args_at, 0, 2)
-            writes = self.writes
-            if writes is None:
-                args[0].i32 = state.UNAVAILABLE
-                return 0
-            key = string_at(base + (args[0].i32 & _U32), args[1].i32 & _U32)
-            value = string_at(base + (args[2].i32 & _U32), args[3].i32 & _U32)
-            args[0].i32 = writes.put(key, value)
+    def _kv_put(self, caller, args_at) -> int:
+        base, args = self._enter(caller, args_at, 0, 2)
+        writes = self.writes
+        if writes is None:
+            args[0].i32 = state.UNAVAILABLE
             return 0
-        except Violation as exc:
-            return self._trap("kv_put", str(exc))
-        except Exception as exc:
-            return self._trap("kv_put", f"host function failed: {exc!r}")
+        key = _buffer(base, args, 0)
+        value = _buffer(base, args, 2)
+        args[0].i32 = writes.put(key, value)
+        return 0
 
-    def _kv_delete(self, env, caller, args_at, count) -> int:
-        try:
-            base, args = self._enter(caller, args_at, 0)
-            writes = self.writes
-            if writes is None:
-                args[0].i32 = state.UNAVAILABLE
-                return 0
-            args[0].i32 = writes.delete(string_at(base + (args[0].i32 & _U32), args[1].i32 & _U32))
+    def _kv_delete(self, caller, args_at) -> int:
+        base, args = self._enter(caller, args_at, 0)
+        writes = self.writes
+        if writes is None:
+            args[0].i32 = state.UNAVAILABLE
             return 0
-        except Violation as exc:
-            return self._trap("kv_delete", str(exc))
-        except Exception as exc:
-            return self._trap("kv_delete", f"host function failed: {exc!r}")
+        args[0].i32 = writes.delete(_buffer(base, args, 0))
+        return 0
 
-    def _kv_list(self, env, caller, args_at, count) -> int:
-        try:
-            base, args = self._enter(caller, args_at, 0, 2, 4)
-            writes = self.writes
-            if writes is None:
-                args[0].i64 = state.UNAVAILABLE
-                return 0
-            prefix = string_at(base + (args[0].i32 & _U32), args[1].i32 & _U32)
-            after = string_at(base + (args[2].i32 & _U32), args[3].i32 & _U32)
-            found = writes.list(prefix, after, args[5].i32 & _U32)
-            if isinstance(found, int):
-                args[0].i64 = found
-                return 0
-            memmove(base + (args[4].i32 & _U32), found, len(found))
-            args[0].i64 = len(found)
+    def _kv_list(self, caller, args_at) -> int:
+        base, args = self._enter(caller, args_at, 0, 2, 4)
+        writes = self.writes
+        if writes is None:
+            args[0].i64 = state.UNAVAILABLE
             return 0
-        except Violation as exc:
-            return self._trap("kv_list", str(exc))
-        except Exception as exc:
-            return self._trap("kv_list", f"host function failed: {exc!r}")
+        prefix = _buffer(base, args, 0)
+        after = _buffer(base, args, 2)
+        found = writes.list(prefix, after, args[5].i32 & _U32)
+        if isinstance(found, int):
+            args[0].i64 = found
+            return 0
+        memmove(base + (args[4].i32 & _U32), found, len(found))
+        args[0].i64 = len(found)
+        return 0
