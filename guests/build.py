@@ -226,16 +226,18 @@ def build_rust(out: Path, force: bool = False) -> dict[str, Path]:
     return built
 
 
-def build_c(out: Path, force: bool = False) -> dict[str, Path]:
+def build_c(out: Path, force: bool = False, examples: list[str] = C_EXAMPLES,
+            flags: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Each C example as c_NAME.wasm, with `flags` beside ZIG_FLAGS."""
     cc = zig_cc()
     this_script = Path(__file__).resolve()
     built = {}
-    for example in C_EXAMPLES:
+    for example in examples:
         source = GUESTS / "c" / "examples" / f"{example}.c"
         name = f"c_{example}"
         wasm = out / f"{name}.wasm"
         if force or not fresh(wasm, [source, C_HEADER, this_script]):
-            run([*cc, *ZIG_FLAGS, "-I", C_HEADER.parent, source], wasm)
+            run([*cc, *ZIG_FLAGS, *flags, "-I", C_HEADER.parent, source], wasm)
         built[name] = wasm
     return built
 
@@ -270,17 +272,7 @@ def load_cxxrt():
 
 
 def build_c_unwind(out: Path, force: bool = False) -> dict[str, Path]:
-    cc = zig_cc()
-    this_script = Path(__file__).resolve()
-    built = {}
-    for example in C_UNWIND_EXAMPLES:
-        source = GUESTS / "c" / "examples" / f"{example}.c"
-        name = f"c_{example}"
-        wasm = out / f"{name}.wasm"
-        if force or not fresh(wasm, [source, C_HEADER, this_script]):
-            run([*cc, *ZIG_FLAGS, *C_UNWIND_FLAGS, *UNWIND_EXAMPLE_LINK, "-I", C_HEADER.parent, source], wasm)
-        built[name] = wasm
-    return built
+    return build_c(out, force, C_UNWIND_EXAMPLES, (*C_UNWIND_FLAGS, *UNWIND_EXAMPLE_LINK))
 
 
 def build_cpp(out: Path, force: bool = False) -> dict[str, Path]:
