@@ -177,7 +177,7 @@ class Entry:
             if payload is None or not self.exception_message:
                 return outcome.unwound()
             return self._describe_exception(payload, timeout_ms)
-        return outcome.from_trap(code, message, False, timeout_ms)
+        return outcome.from_trap(code, message, timeout_ms)
 
     def _take_trap(self, error: int | None) -> tuple[int | None, str]:
         """The trap code (None if it has none) and message of a failed call, freeing the trap."""
@@ -238,7 +238,7 @@ class Entry:
                 self._restore_stack()
                 return outcome.exception_message_failed("threw an exception of its own")
             if code == outcome.INTERRUPT:
-                return outcome.from_trap(code, message, False, timeout_ms)
+                return outcome.from_trap(code, message, timeout_ms)
             return outcome.exception_message_failed(f"trapped: {outcome.trap_text(code, message)}")
         packed = args[0].i64 & _U64
         at, length = packed >> 32, packed & _U32

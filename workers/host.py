@@ -90,9 +90,9 @@ class Guest:
             instance = self.pre.instantiate(store)
         except wasmtime.Trap as trap:
             return outcome.from_trap(trap.trap_code.value if trap.trap_code else None,
-                                     trap.message, False, timeout_ms)
+                                     trap.message, timeout_ms)
         except wasmtime.ExitTrap as exc:   # proc_exit in a start function
-            return outcome.from_trap(None, str(exc), False, timeout_ms)
+            return outcome.from_trap(None, str(exc), timeout_ms)
         except wasmtime.WasmtimeError as exc:
             return outcome.instantiation_failed(str(exc))
         if not self.info.corral_abi:

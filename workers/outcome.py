@@ -73,9 +73,8 @@ def trap_text(code: int | None, message: str) -> str:
     return f"trap {name}: {_cause(message) or name}"
 
 
-def from_trap(code: int | None, message: str, exception_pending: bool, timeout_ms: int) -> Outcome:
-    if code is None and exception_pending:
-        return unwound()
+def from_trap(code: int | None, message: str, timeout_ms: int) -> Outcome:
+    """A trap (an escaped exception is not one: abi.Entry takes it out first, see unwound)."""
     if code == INTERRUPT:
         return Outcome(Status.DEADLINE, b"deadline: interrupted after %d ms" % timeout_ms,
                        b"interrupt", poisoned=True)
