@@ -58,6 +58,9 @@ REPLY_OVERHEAD = 200
 # the rest are heartbeats and evictions): past it, the worker is unreachable.
 WORKER_HWM = 1000
 TOP_CLIENTS = 10        # clients shown in status and metrics, the busiest first
+# A worker that exits by itself says goodbye last; reaped before its goodbye is read, its
+# last messages are still on the way: wait this long for them before answering what it held.
+GOODBYE_WAIT_S = 0.5
 KEY_ACCOUNT = b"\x00key:"   # Broker.client_key: the account of a CURVE key name
 SWEEP_EVERY_S = 5.0     # idle client accounts are forgotten this often
 
@@ -167,6 +170,7 @@ class WorkerLink:
     liveness_s: float      # silent this long (beyond its longest call) and it is dead
     last_sent: float = 0.0
     retiring: bool = False
+    said_goodbye: bool = False   # its last message has been read
     inflight: dict[int, Request] = field(default_factory=dict)
     backlog: deque[Request] = field(default_factory=deque)  # keyed requests waiting for this worker
     # keyed: service name -> the keys whose instance lives here, least recently used first
@@ -234,6 +238,7 @@ class Broker:
         # Idempotent requests of a worker declared gone but not yet reaped: re-dispatched only
         # once it is, so that the old process can no longer commit them (DESIGN 3b).
         self.unreaped: dict[bytes, list[Request]] = {}
+        self.departing: dict[bytes, tuple[str, float]] = {}   # reaped, goodbye unread: cause, until
         self.accounts: dict[bytes, ClientAccount] = {}   # clients with something open or held
         self.unsent: set[ClientAccount] = set()          # accounts with replies in their outbox
         self.next_sweep = 0.0
@@ -656,6 +661,8 @@ class Broker:
                     self.on_ready(identity, payload, now)
                 elif command == W_RETIRING and link is not None:
                     self.on_retiring(link, payload)
+                elif command == W_DISCONNECT and link is not None:
+                    self.on_goodbye(link)
                 elif command != W_HEARTBEAT:
                     self.log.warning("worker.unexpected_message", worker=identity.decode(errors="replace"),
                                      command=command.hex())
@@ -740,6 +747,13 @@ class Broker:
             self.retire(link)
             self.events.append((Event.RETIRING, link, reason))
 
+    def on_goodbye(self, link: WorkerLink) -> None:
+        """The worker's last message: everything it sent has been read."""
+        link.said_goodbye = True
+        departing = self.departing.pop(link.identity, None)
+        if departing is not None:
+            self.worker_gone(link.identity, departing[0], reaped=True)
+
     def retire(self, link: WorkerLink) -> None:
         """Send the worker nothing more; ask it to finish what it holds and leave."""
         link.retiring = True
@@ -773,9 +787,18 @@ class Broker:
         link.last_sent = time.monotonic()
         return True
 
-    def worker_gone(self, identity: bytes, cause: str, reaped: bool = False) -> None:
+    def worker_gone(self, identity: bytes, cause: str, reaped: bool = False, clean: bool = False) -> None:
         """A worker died or was killed: answer everything it held now, and re-dispatch its
-        idempotent requests once it is `reaped` (this call again, from the arbiter's reap)."""
+        idempotent requests once it is `reaped` (this call again, from the arbiter's reap).
+
+        A worker reaped after a `clean` exit said goodbye as its last message; until that
+        is read, replies and hand-backs it sent before may still be on the way, and what
+        it held is left alone (GOODBYE_WAIT_S at most)."""
+        link = self.links.get(identity)
+        if reaped and clean and link is not None and not link.said_goodbye:
+            self.departing[identity] = (cause, time.monotonic() + GOODBYE_WAIT_S)
+            return
+        self.departing.pop(identity, None)
         if reaped:
             for request in self.unreaped.pop(identity, ()):
                 if self.ledger.get(request.ticket) is request:
@@ -811,7 +834,12 @@ class Broker:
 
     def tick(self, now: float) -> None:
         """Heartbeats to workers, silent workers, requests expired in the queue."""
+        for identity, (cause, until) in list(self.departing.items()):
+            if now >= until:
+                self.worker_gone(identity, cause, reaped=True)
         for link in list(self.links.values()):
+            if link.identity in self.departing:
+                continue   # exited; its goodbye is awaited above
             if now - link.last_sent >= self.heartbeat_s:
                 self.send_worker(link, W_HEARTBEAT)
             allowed = link.last_seen + link.liveness_s

@@ -311,7 +311,8 @@ class Daemon:
         if self.broker.events:
             self.handle_broker_events()
         for worker, returncode in self.pool.reap():
-            self.broker.worker_gone(worker.identity, worker.cause or describe_exit(returncode), reaped=True)
+            self.broker.worker_gone(worker.identity, worker.cause or describe_exit(returncode), reaped=True,
+                                    clean=returncode == 0)
             self.vacate(worker)
 
     def vacate(self, worker: WorkerProcess) -> None:

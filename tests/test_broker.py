@@ -17,10 +17,10 @@ import zmq
 from harness import GUESTS
 from corral import config as config_module
 from corral.wire import logs
-from corral.broker import PACK, PACK_AGE_S, Broker
+from corral.broker import GOODBYE_WAIT_S, PACK, PACK_AGE_S, Broker
 from corral.config import to_toml
-from corral.wire.protocol import (W_EVICT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, Dialect, iter_requests,
-                                 parse_evict, reply_record)
+from corral.wire.protocol import (W_DISCONNECT, W_EVICT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, Dialect,
+                                 iter_requests, parse_evict, reply_record, retiring_message)
 
 
 class HandWorker:
@@ -29,6 +29,7 @@ class HandWorker:
     def __init__(self, context: zmq.Context, broker: Broker, backend: str, capacity: int,
                  identity: bytes = b"w0.1", service: str = "counter"):
         self.broker = broker
+        self.identity = identity
         self.service = service.encode()
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -205,3 +206,41 @@ def test_a_worker_that_stops_reading_cannot_grow_the_broker(two_workers):
             break
     # the broker's pipe (WORKER_HWM), the socket buffers, the worker's own pipe: then no more
     assert refused_at is not None, "a million messages queued for a worker that does not read"
+
+
+def holder_and_other(workers: list[HandWorker]) -> tuple[HandWorker, HandWorker]:
+    received(workers)
+    first, second = workers
+    return (first, second) if first.unanswered else (second, first)
+
+
+def test_a_hand_back_read_after_its_worker_was_reaped_is_still_re_dispatched(two_workers):
+    """A worker that retires after an abort hands back what it has not started, says goodbye
+    and exits, and the daemon may reap it before any of that is read (seen once in CI's chaos
+    test). Those requests never ran: they go to another worker, never answered 502."""
+    broker, workers = two_workers
+    submit(broker, b"echo", 3)               # packed: all three on one worker
+    holder, other = holder_and_other(workers)
+    aborted, *unstarted = holder.unanswered
+    assert len(unstarted) == 2 and not other.unanswered
+    holder.socket.send(W_REPLY + b"".join(reply_record(aborted, 502, b"trap", b"unreachable")))
+    holder.socket.send(retiring_message("abort", unstarted))
+    holder.socket.send(W_DISCONNECT)
+    broker.worker_gone(holder.identity, "retired (abort)", reaped=True, clean=True)   # before reading
+    other_link = broker.links[other.identity]
+    holder.pump(lambda: holder.identity not in broker.links and all(t in other_link.inflight for t in unstarted))
+    other.take()
+    assert sorted(other.unanswered) == sorted(unstarted)
+    assert aborted not in broker.ledger      # answered by its own reply
+
+
+def test_a_worker_reaped_without_a_goodbye_has_what_it_held_answered_soon_after(two_workers):
+    broker, workers = two_workers
+    submit(broker, b"echo", 1)
+    holder, _ = holder_and_other(workers)
+    (ticket,) = holder.unanswered
+    broker.worker_gone(holder.identity, "retired (abort)", reaped=True, clean=True)
+    broker.tick(time.monotonic())
+    assert ticket in broker.ledger           # its goodbye may still be on the way
+    broker.tick(time.monotonic() + GOODBYE_WAIT_S + 0.01)
+    assert ticket not in broker.ledger and holder.identity not in broker.links   # answered 502

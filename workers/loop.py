@@ -261,6 +261,9 @@ class WorkerLoop:
     def exit(self) -> int:
         for store in self.host.stores.values():
             store.close()
+        # Last on the pipe: once the broker reads it, it has read every reply and
+        # hand-back before it, however soon it sees this process reaped.
+        self.send(W_DISCONNECT)
         self.socket.close(linger=LINGER_MS)
         self.context.term()
         return 0

@@ -26,6 +26,9 @@ it replaces. Every message is one frame: a command byte and its payload
     REPLY      W_REPLY (u64 ticket, u16 status, u8 len, u32 len, fault, body)*
     HEARTBEAT  W_HEARTBEAT
     RETIRING   W_RETIRING u8 len, reason, u64 ticket*    (tickets handed back)
+    DISCONNECT W_DISCONNECT    goodbye: the last message of a worker that exits
+                          by itself (the broker answers for what it held only
+                          once this is read, or soon after the exit if never)
   broker -> worker
     REQUEST    W_REQUEST (u64 ticket, u32 left_ms, u16 len, u16 len, u32 len, u64 token,
                           u8 flags, service, key, body)*
