@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -39,6 +40,7 @@ CXX_UNWINDS = {
     ("cpp_throws", "catch chaos {n}"): (200, "caught chaos {n}, 2 guards destroyed"),
     ("c_panics", "panic chaos {n}"): (500, "chaos {n} (count "),
 }
+WORKER_PID = re.compile(rb"\(pid (\d+)\)")   # in a 502 for a request its dead worker held
 ABORTS = {b"unreachable", b"oob", b"div0", b"recurse", b"grow", b"badptr", b"badlen", b"empty",
           b"badstatus", b"loop"}
 
@@ -64,6 +66,7 @@ def test_chaos(start_daemon, built_guests, unwind_guests):
     cxx_replies: list[tuple[str, bytes, int, bytes, int, bytes]] = []
     killed: list[int] = []
     unwind_replies: list[tuple[bytes, int, bytes]] = []
+    lost_with_worker: list[tuple[int, bytes]] = []   # (pid, reply body) of a 502 naming its worker
 
     def healthy(n: int) -> None:
         client = daemon.client()
@@ -118,8 +121,13 @@ def test_chaos(start_daemon, built_guests, unwind_guests):
                 problems.append(f"rust_unwind: no reply to {body!r}")
                 return
             unwind_replies.append((body, reply.status, reply.body))
-            if reply.status == 502 and b"signal 9" in reply.body:
-                continue   # its worker was SIGKILLed under it
+            worker = WORKER_PID.search(reply.body) if reply.status == 502 else None
+            if worker:
+                # Its worker died holding it: the broker saw it reaped ("killed by signal 9") or
+                # found it gone when it sent to it ("unreachable"). Checked below: it must be a
+                # worker the killer SIGKILLed, never one that retired or lost it otherwise.
+                lost_with_worker.append((int(worker[1]), reply.body))
+                continue
             if body == b"panic" and (reply.status != 500 or not reply.body.startswith(b"unwind: panicked at")):
                 problems.append(f"rust_unwind: a panic got {reply.status} {reply.body[:120]!r}")
             elif body == b"incr" and reply.status != 200:
@@ -164,6 +172,8 @@ def test_chaos(start_daemon, built_guests, unwind_guests):
     assert not any(t.is_alive() for t in threads), "a chaos thread is stuck"
 
     assert not problems, problems[:10]
+    stray = [body for pid, body in lost_with_worker if pid not in killed]
+    assert not stray, f"502 from workers nobody killed: {stray[:5]}"
     assert min(healthy_done) > 100, healthy_done
     assert killed, "the killer thread killed nobody"
     assert sum(1 for body, status, _ in unwind_replies if body == b"panic" and status == 500) > 20   # exercised, even on a busy machine
