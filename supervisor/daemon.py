@@ -303,9 +303,10 @@ class Daemon:
             self.reload()
 
     def reap(self) -> None:
-        # A worker that exits as soon as it has sent its last replies is often
-        # seen dead before they are read: read what waits on the backend first,
-        # or its requests would be answered as lost with their replies in hand.
+        # A worker is often seen dead before its last messages are read. Read what
+        # waits on the backend first: a killed worker's last replies are answered
+        # as sent, not as lost, and a clean exit's goodbye is usually in already
+        # (if not, the broker waits for it: Broker.worker_gone).
         while self.broker.on_backend():
             pass
         if self.broker.events:
