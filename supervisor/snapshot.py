@@ -71,7 +71,7 @@ class StateView:
 
 @dataclass(frozen=True)
 class Latency:
-    counts: tuple[int, ...] = ()   # per bucket of metrics.LATENCY_BUCKETS, the last one +Inf
+    counts: tuple[int, ...] = ()   # per bucket of histogram.LATENCY_BUCKETS, the last one +Inf
     sum: float = 0.0
     count: int = 0
 
@@ -239,7 +239,7 @@ def take(daemon: "Daemon", *, measure: bool = True, stored: bool = True) -> Snap
     """The daemon as it is now. `measure` asks psutil for each worker's rss and cpu (cpu is
     since the last measure: only `corral status` asks); `stored` reads each service's durable
     state counters from its database."""
-    broker, pool = daemon.broker, daemon.pool
+    broker, pool = daemon.broker.core, daemon.pool
     now = time.monotonic()
     links = dict(broker.links)
     workers = []
