@@ -482,6 +482,9 @@ class BrokerCore:
             self.worker_gone(identity, "protocol violation", now)
 
     def on_ready(self, identity: bytes, payload: bytes, now: float) -> None:
+        if identity in self.links:
+            # Its link holds requests and keys; a second link would leave them unanswered.
+            raise ProtocolViolation("READY from a worker already linked")
         try:
             info = json.loads(payload[1:])
             heartbeat_s = int(info.get("heartbeat_ms") or 0) / 1000 or self.heartbeat_s

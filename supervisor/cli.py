@@ -123,9 +123,8 @@ def check(args: argparse.Namespace) -> int:
     config = load_config(args)
     daemon = Daemon(config.path)
     daemon.cache_dir = paths.cache_dir(config.supervisor.cache_dir)
-    daemon.state_mode = "check"
     try:
-        daemon.compile(config)
+        daemon.compile(config, mode="check")
     except UntestedWasmtime as exc:
         print(f"corral: {exc}", file=sys.stderr)
         return EX_SOFTWARE

@@ -39,7 +39,7 @@ from corral import paths, snapshot
 from corral.wire import frames, logs
 from corral.broker import Broker
 from corral.broker_ledger import Event
-from corral.config import Config, ConfigError
+from corral.config import AppSettings, Config, ConfigError
 from corral.control import Control
 from corral.metrics import MetricsServer
 from corral.notify import Notifier
@@ -83,9 +83,6 @@ class Daemon:
         self.reload_result: tuple[Config, list[AppSpec]] | ConfigError | None = None
         self.reload_again = False
         self.reload_warnings: list[str] = []   # told to whoever asked for the reload, when it is over
-        # How compile() treats state files (DESIGN 3b): "start" makes them and forgets every
-        # recorded token, "serve" (a reload) makes them, "check" (`corral check`) makes nothing.
-        self.state_mode = "serve"
 
     # --- start -------------------------------------------------------------
 
@@ -96,9 +93,7 @@ class Daemon:
             self.cache_dir = paths.cache_dir(config.supervisor.cache_dir)
             runtime = paths.runtime_dir()
             kill_stale_workers(runtime, self.log)   # before the state files: none may still commit
-            self.state_mode = "start"
-            spec_inputs = self.compile(config)
-            self.state_mode = "serve"
+            spec_inputs = self.compile(config, mode="start")
             self.clean_stale_run_dirs(runtime)
             self.run_dir = paths.private_dir(runtime / f"daemon-{os.getpid()}")
         except ConfigError as exc:
@@ -146,10 +141,14 @@ class Daemon:
             self.shutdown()
         return 0
 
-    def compile(self, config: Config) -> list[AppSpec]:
+    def compile(self, config: Config, mode: str = "serve") -> list[AppSpec]:
         """Compile (or find in the cache) every module and make one instance of each, as a
         worker would, in a child process under a worker's limits and user (guest code never
-        runs in the arbiter); ConfigError names the modules that fail either."""
+        runs in the arbiter); ConfigError names the modules that fail either.
+
+        `mode` says what becomes of state files (docs/state.md): "start" makes them and
+        forgets every recorded token, "serve" (a reload) makes them, "check" (`corral
+        check`) makes nothing. Runs on the reload thread too: it keeps nothing on self."""
         sup = config.supervisor
         apps = [AppSpec(app.name, str(app.module), "", app.instances, app.timeout_ms, app.max_memory_mib,
                         app.on_abort, app.state_durability, app.max_state_mib, app.max_state_value_kib,
@@ -159,10 +158,9 @@ class Daemon:
         results = run_check(request)
         by_name = {app.name: app for app in apps}
         problems = [f"{config.path}: [apps.{r['name']}] module: {r['problem']}" for r in results if "problem" in r]
-        self.config_being_compiled = config
         for r in results:
             if "problem" not in r and r.get("uses_state"):
-                problem = self.check_state_file(config.apps[r["name"]])
+                problem = self.check_state_file(config, config.apps[r["name"]], mode)
                 if problem:
                     problems.append(f"{config.path}: [apps.{r['name']}] module: {problem}")
         if problems:
@@ -172,19 +170,18 @@ class Daemon:
     def state_dir(self, config: Config) -> Path:
         return paths.state_dir(config.supervisor.state_dir, self.cache_dir)
 
-    def check_state_file(self, app: AppSettings) -> str | None:
+    def check_state_file(self, config: Config, app: AppSettings, mode: str) -> str | None:
         """A state file that cannot be served is a config problem: named now, not a crash loop later.
 
         SQLite only (corral.workers.state imports no wasmtime): no guest code runs here."""
-        config = self.config_being_compiled
         folder = self.state_dir(config)
         path = state.database_path(folder, app.name)
         try:
-            if self.state_mode != "check":
+            if mode != "check":
                 paths.private_dir(folder)
-            state.check_file(path, create=self.state_mode != "check", prune_tokens=self.state_mode == "start")
+            state.check_file(path, create=mode != "check", prune_tokens=mode == "start")
             sup = config.supervisor
-            if self.state_mode != "check" and os.getuid() == 0 and (sup.user or sup.group):
+            if mode != "check" and os.getuid() == 0 and (sup.user or sup.group):
                 uid, gid = resolve(sup.user, sup.group)
                 for item in [folder] + [p for p in folder.glob(f"{app.name}.sqlite3*")]:
                     os.chown(item, uid, gid)
@@ -437,7 +434,7 @@ class Daemon:
     def compile_for_reload(self, config: Config) -> None:
         """In the compile thread: hand the loop a (config, apps) or a ConfigError, and wake it."""
         try:
-            self.reload_result = (config, self.compile(config))
+            self.reload_result = (config, self.compile(config, mode="serve"))
         except ConfigError as exc:
             self.reload_result = exc
         except Exception as exc:  # never let a reload kill the daemon
@@ -471,6 +468,9 @@ class Daemon:
         if problem:
             self.reload_refused(ConfigError([f"{config.path}: {problem}"]))
             return
+        for warning in config_module.warnings(config):   # what `corral check` warns about, too
+            self.log.warning("config.warning", problem=warning)
+            self.reload_warnings.append(warning)
         for name in ("control", "cache_dir"):
             if getattr(config.supervisor, name) != getattr(self.config.supervisor, name):
                 self.log.warning("reload.needs_restart", key=f"supervisor.{name}")
@@ -492,9 +492,15 @@ class Daemon:
                 if leaving is not None:
                     self.release(leaving, "standby no longer wanted")
         self.pool.fill(self.standby_slots())
-        # Only now: roll_next() ends the reload (READY=1) when nothing is left to roll.
-        self.rollout.reload(list(range(config.supervisor.workers)) + list(self.standby_slots()))
+        # Only now: roll_next() ends the reload (READY=1) when nothing is left to roll. A slot
+        # whose worker already runs this config (just spawned by scale() or fill()) has nothing
+        # to roll: queued all the same, it was replaced once its worker was ready before its turn.
+        slots = list(range(config.supervisor.workers)) + list(self.standby_slots())
+        self.rollout.reload([slot for slot in slots if not self.on_current_config(self.pool.slots.get(slot))])
         self.roll_next()
+
+    def on_current_config(self, worker: WorkerProcess | None) -> bool:
+        return worker is not None and worker.config_generation == self.config_generation
 
     def rebind(self, config: Config) -> str | None:
         """A reload's listeners: the frontend's endpoints and the metrics endpoint. Everything

@@ -108,10 +108,6 @@ class ClientQueue:
         for lane in list(self.lanes.values()):
             yield from lane
 
-    def by_client(self) -> dict[bytes, int]:
-        """Requests queued per client (keyed services: all under b"")."""
-        return {client: len(lane) for client, lane in self.lanes.items()}
-
 
 class Rotation:
     """The services with queued work, in the order they get their next turn.

@@ -313,3 +313,18 @@ def test_the_core_imports_no_zeromq_and_reads_no_clock():
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_second_ready_from_a_linked_worker_is_a_protocol_violation(tmp_path):
+    """It would overwrite the link and strand what the first one held: the worker is dropped
+    instead, what it held answered as a dead worker's, and no new link is made."""
+    core, transport, log = make_core(tmp_path)
+    ready(core, b"w0.1", 0.0)
+    core.on_client(native(b"r1"), 0.0)
+    core.dispatch(0.0)
+    core.events.clear()
+    ready(core, b"w0.1", 0.1, capacity=8)
+    assert [(e[0], e[2]) for e in core.events] == [(Event.SILENT, "protocol violation")]
+    assert b"w0.1" not in core.links and not core.ledger
+    assert transport.statuses() == [(b"r1", 502)] and b"protocol violation" in transport.replies[0][-1]
+    assert [e for e, _ in log.events if e == "worker.protocol_violation"]
