@@ -15,21 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING
-
 import zmq
 
 from corral.paths import ipc_in_use, ipc_path, remove_ipc_file
-from corral.verbs import VERBS
-
-if TYPE_CHECKING:
-    from corral.daemon import Daemon
-
+from corral.verbs import VERBS, Arbiter
 
 
 class Control:
-    def __init__(self, context: zmq.Context, endpoint: str, daemon: "Daemon"):
-        self.daemon = daemon
+    def __init__(self, context: zmq.Context, endpoint: str, arbiter: Arbiter):
+        self.arbiter = arbiter
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, 65536)
@@ -85,7 +79,7 @@ class Control:
         handler = VERBS.get(verb)
         if handler is None:
             return {"ok": False, "error": f"unknown verb {verb!r} (known: {', '.join(VERBS)})"}
-        return handler(self.daemon, args)
+        return handler(self.arbiter, args)
 
     def close(self) -> None:
         self.socket.close(linger=0)

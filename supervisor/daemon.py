@@ -35,7 +35,7 @@ from pathlib import Path
 import zmq
 
 from corral import config as config_module
-from corral import paths, snapshot
+from corral import paths
 from corral.wire import frames, logs
 from corral.broker import Broker
 from corral.broker_ledger import Event
@@ -44,6 +44,8 @@ from corral.control import Control
 from corral.metrics import MetricsServer
 from corral.notify import Notifier
 from corral.rollout import Rollout
+from corral.snapshot import Board, Facts, Snapshot, take as take_snapshot
+from corral.verbs import Arbiter
 from corral.wire.tuning import quiet_garbage_collector
 from corral.pool import (STANDBY_BASE, Pool, WorkerProcess, WorkerState, describe_exit,
                              kill_stale_workers)
@@ -83,6 +85,7 @@ class Daemon:
         self.reload_result: tuple[Config, list[AppSpec]] | ConfigError | None = None
         self.reload_again = False
         self.reload_warnings: list[str] = []   # told to whoever asked for the reload, when it is over
+        self.board = Board(self.wake)          # the Snapshot the metrics thread reads
 
     # --- start -------------------------------------------------------------
 
@@ -114,9 +117,11 @@ class Daemon:
         self.metrics = None
         try:
             self.broker = Broker(self.context, config, f"ipc://{self.run_dir / 'workers.sock'}", self.log)
-            self.control = Control(self.context, config.supervisor.control, self)
+            self.control = Control(self.context, config.supervisor.control, Arbiter(
+                status=self.status, slots=lambda: sorted(self.pool.slots), scale=self.scale,
+                restart=self.restart_slots, reload=self.reload))
             if config.metrics.listen:
-                self.metrics = MetricsServer(config.metrics.listen, self)
+                self.metrics = MetricsServer(config.metrics.listen, self.board, self.state_stats)
         except (zmq.ZMQError, OSError, ValueError) as exc:   # ValueError: a CURVE key unreadable since check
             self.log.error("daemon.bind_failed", error=str(exc), frontend=list(config.supervisor.frontend),
                            control=config.supervisor.control, metrics=config.metrics.listen)
@@ -237,6 +242,9 @@ class Daemon:
     # --- the loop ----------------------------------------------------------
 
     def loop(self) -> None:
+        """One turn: read the sockets -> dispatch -> the broker's timers -> what the broker
+        learned (its events, drained once, here) -> signals (reap, reload, stop) -> the
+        other timers. docs/internals.md tells the turn and who owns which worker fact."""
         broker = self.broker
         poller = zmq.Poller()
         frontend, backend, control = broker.frontend, broker.backend, self.control.socket
@@ -253,7 +261,8 @@ class Daemon:
             else:
                 found = 0
                 now = time.monotonic()
-                timeout = 0 if busy_turns else max(0, min(1000, int((self.next_timer - now) * 1000) + 1))
+                timeout = 0 if busy_turns or self.signals else \
+                    max(0, min(1000, int((self.next_timer - now) * 1000) + 1))
                 for item, _ in poller.poll(timeout):
                     if item is backend:
                         found += broker.on_backend()
@@ -264,22 +273,29 @@ class Daemon:
                         self.next_timer = 0.0  # a verb may have started or stopped workers
                     elif item == wakeup:
                         self.drain_wakeup()
+            if signal.SIGCHLD in self.signals:
+                # Before a reap, every message waiting on the backend: a killed worker's last
+                # replies are answered as sent, not as lost, a worker's RETIRING still finds
+                # it (it exits as soon as it is told to), and a clean exit's goodbye is
+                # usually in already (if not, the broker waits for it: BrokerCore.worker_gone).
+                while broker.on_backend():
+                    found += 1
+            signals = len(self.signals)   # this turn's; any later one is the next turn's
             busy_turns = busy_turns + 1 if found else 0
-            if broker.core.events:
-                # Before a reap: a worker's RETIRING read this turn must still find it
-                # (it exits as soon as it is told to, often before SIGCHLD is handled).
-                self.handle_broker_events()
-            if self.signals or self.reload_result is not None:
-                self.handle_signals()
             broker.dispatch()
-            if broker.core.events:
-                self.handle_broker_events()
             now = time.monotonic()
+            if now >= self.next_tick:
+                self.tick_broker(now)
+            self.handle_broker_events()
+            if signals or self.reload_result is not None:
+                self.handle_signals(signals)
             if now >= self.next_timer and self.timers(now):
                 return
+            if self.board.wanted:
+                self.board.publish(self.snapshot())
 
-    def handle_signals(self) -> None:
-        while self.signals:
+    def handle_signals(self, count: int) -> None:
+        for _ in range(count):
             self.handle_signal(self.signals.popleft())
         if self.reload_result is not None:
             self.finish_reload()
@@ -301,14 +317,7 @@ class Daemon:
             self.reload()
 
     def reap(self) -> None:
-        # A worker is often seen dead before its last messages are read. Read what
-        # waits on the backend first: a killed worker's last replies are answered
-        # as sent, not as lost, and a clean exit's goodbye is usually in already
-        # (if not, the broker waits for it: Broker.worker_gone).
-        while self.broker.on_backend():
-            pass
-        if self.broker.core.events:
-            self.handle_broker_events()
+        """The workers that exited (the loop read the backend and the broker's events first)."""
         for worker, returncode in self.pool.reap():
             self.broker.worker_gone(worker.identity, worker.cause or describe_exit(returncode), reaped=True,
                                     clean=returncode == 0)
@@ -328,7 +337,10 @@ class Daemon:
                 self.broker.unpark(promoted.identity)
 
     def handle_broker_events(self) -> None:
+        """What the broker learned about workers this turn: the pool and the roll act on it."""
         events = self.broker.take_events()
+        if not events:
+            return
         self.next_timer = 0.0  # kills and respawns may have been scheduled
         for event, link, *detail in events:
             worker = self.pool.by_identity(link.identity)
@@ -371,13 +383,13 @@ class Daemon:
 
     # --- timers ------------------------------------------------------------
 
+    def tick_broker(self, now: float) -> None:
+        """Heartbeats, silent workers, expired requests: often while work waits, else twice a heartbeat."""
+        self.broker.tick(now)
+        self.next_tick = now + (0.01 if self.broker.busy else self.broker.heartbeat_s / 2)
+
     def timers(self, now: float) -> bool:
         """Run what is due, note when the next thing is; True when the daemon is done."""
-        if now >= self.next_tick:
-            self.broker.tick(now)
-            if self.broker.core.events:
-                self.handle_broker_events()
-            self.next_tick = now + (0.01 if self.broker.busy else self.broker.heartbeat_s / 2)
         self.pool.due(now)
         if now >= self.next_rss:
             self.next_rss = now + RSS_CHECK_S
@@ -514,7 +526,7 @@ class Daemon:
         metrics = None
         if moved and listen:
             try:
-                metrics = MetricsServer(listen, self)
+                metrics = MetricsServer(listen, self.board, self.state_stats)
             except OSError as exc:
                 return f"[metrics] listen {listen}: {exc.strerror or exc}"
         try:
@@ -628,11 +640,25 @@ class Daemon:
 
     # --- status ------------------------------------------------------------
 
+    def snapshot(self, measure: bool = False, stored: bool = False) -> Snapshot:
+        facts = Facts(self.started, str(self.config_path), self.config_generation,
+                      "stopping" if self.stopping else "reloading" if self.reloading else "running",
+                      self.config.supervisor.workers)
+        return take_snapshot(self.broker.core, self.pool, facts, measure=measure,
+                            state_stats=self.state_stats if stored else None)
+
     def status_line(self) -> str:
-        return snapshot.take(self, measure=False, stored=False).status_line()
+        return self.snapshot().status_line()
 
     def status(self) -> dict:
-        return snapshot.take(self).to_json()
+        return self.snapshot(measure=True, stored=True).to_json()
+
+    def wake(self) -> None:
+        """From another thread: let the loop's poll return (a reader waits on the Board)."""
+        try:
+            self.wakeup_write.send(b"w")
+        except (OSError, AttributeError):   # (not yet made, or closed: the reader times out)
+            pass
 
     def state_stats(self, service: str) -> dict | None:
         """Commits, rollbacks and bytes of a service's durable state, as its database says."""

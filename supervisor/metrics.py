@@ -1,26 +1,17 @@
 """Prometheus metrics in the text exposition format, on `[metrics] listen`.
 
-The arbiter loop owns every number; a small HTTP thread renders them on
-each scrape from copies taken under the GIL (builtin dict and list copies
-are atomic), so the loop never waits for a scraper.
+The arbiter loop owns every number; on each scrape a small HTTP thread asks
+the loop for a fresh Snapshot (corral.snapshot.Board) and renders that, so
+it never walks the loop's live objects, and the loop never waits for it.
 """
 
 from __future__ import annotations
 
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
 
-from corral import snapshot
 from corral.histogram import LATENCY_BUCKETS
-from corral.snapshot import Snapshot
-
-if TYPE_CHECKING:
-    from corral.daemon import Daemon
-
-def render(daemon: "Daemon") -> str:
-    return render_snapshot(snapshot.take(daemon, measure=False))
-
+from corral.snapshot import Board, Snapshot, StateStats, with_state
 
 def render_snapshot(now: Snapshot) -> str:
     out: list[str] = []
@@ -105,7 +96,7 @@ def render_snapshot(now: Snapshot) -> str:
 class MetricsServer:
     """GET /metrics on a thread of its own."""
 
-    def __init__(self, listen: str, daemon: "Daemon"):
+    def __init__(self, listen: str, board: Board, state_stats: StateStats):
         from corral.config import metrics_address
         host, port = metrics_address(listen)   # no host: loopback, never every interface
 
@@ -114,7 +105,11 @@ class MetricsServer:
                 if self.path.split("?")[0] != "/metrics":
                     self.send_error(404, "only /metrics is served here")
                     return
-                body = render(daemon).encode()
+                now = board.read()
+                if now is None:
+                    self.send_error(503, "the daemon has not published its numbers yet")
+                    return
+                body = render_snapshot(with_state(now, state_stats)).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))

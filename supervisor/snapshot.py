@@ -2,9 +2,9 @@
 
 `corral status` (its JSON and its table), the Prometheus metrics and
 sd_notify's STATUS= line all read a Snapshot, so they cannot disagree on
-what a number means. A snapshot is frozen: taking it copies what it needs
-from the broker and the pool (builtin list and dict copies are atomic under
-the GIL, so the metrics thread may take one while the loop runs).
+what a number means. A snapshot is frozen, and only the arbiter's loop takes
+one (from the broker's core and the pool): the metrics thread reads the one
+the loop last published on a Board, never the live objects.
 
 The JSON of `corral status --json` is `Snapshot.to_json()`; the CLI turns
 it back with `Snapshot.from_json()`. What only metrics reads (latency
@@ -14,17 +14,15 @@ histograms, the broker's refusals, worker exits) is not in that JSON.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import psutil
 
 from corral.pool import WorkerState
-
-if TYPE_CHECKING:
-    from corral.daemon import Daemon
 
 
 @dataclass(frozen=True)
@@ -235,15 +233,27 @@ def _counts(counter) -> tuple:
     return tuple(sorted((int(k) if not isinstance(k, str) else k, v) for k, v in dict(counter).items()))
 
 
-def take(daemon: "Daemon", *, measure: bool = True, stored: bool = True) -> Snapshot:
-    """The daemon as it is now. `measure` asks psutil for each worker's rss and cpu (cpu is
-    since the last measure: only `corral status` asks); `stored` reads each service's durable
-    state counters from its database."""
-    broker, pool = daemon.broker.core, daemon.pool
+@dataclass(frozen=True)
+class Facts:
+    """What the arbiter tells a snapshot about itself."""
+    started: float                 # time.monotonic() at start
+    config: str
+    config_generation: int
+    state: str                     # running, reloading or stopping
+    workers_target: int
+
+
+StateStats = Callable[[str], "dict | None"]   # service name -> its durable state's counters
+
+
+def take(broker, pool, facts: Facts, *, measure: bool = True, state_stats: StateStats | None = None) -> Snapshot:
+    """The daemon as it is now, from the broker's core and the pool (in the loop's thread).
+    `measure` asks psutil for each worker's rss and cpu (cpu is since the last measure:
+    only `corral status` asks); `state_stats` reads each service's durable state counters."""
     now = time.monotonic()
-    links = dict(broker.links)
+    links = broker.links
     workers = []
-    for worker in sorted(list(pool.processes.values()), key=lambda w: (w.slot, w.generation)):
+    for worker in sorted(pool.processes.values(), key=lambda w: (w.slot, w.generation)):
         link = links.get(worker.identity)
         rss = cpu = None
         if measure and worker.psutil is not None:
@@ -259,26 +269,59 @@ def take(daemon: "Daemon", *, measure: bool = True, stored: bool = True) -> Snap
                                   rss, cpu, round(now - worker.started, 3)))
     running: dict = {}
     for link in links.values():
-        for request in list(link.inflight.values()):
+        for request in link.inflight.values():
             running[id(request.service)] = running.get(id(request.service), 0) + 1
     services = []
-    totals = Counter(dict(broker.rejected))   # as broker.totals(), from copies: the loop may be counting
-    for name, service in list(broker.services.items()):
-        statuses = dict(service.statuses)
-        totals.update(statuses)
-        stats = daemon.state_stats(name.decode()) if stored else None
+    for name, service in broker.services.items():
+        stats = state_stats(name.decode()) if state_stats is not None else None
         latency = service.latency
         services.append(ServiceView(
             name.decode(), service.app.instances, service.health.circuit.value, service.health.opened,
             len(service.queue), running.get(id(service), 0), service.dropped,
-            len(service.health.quarantined_until), _counts(statuses),
+            len(service.health.quarantined_until), _counts(service.statuses),
             len(service.affinity) if service.keyed else None, service.evicted if service.keyed else None,
             StateView.from_stats(stats) if stats else None,
             Latency(tuple(latency.counts), latency.sum, latency.count)))
     clients = tuple(ClientView(c["client"], c["queued"], c["running"], c["unread_bytes"], c["dropped"],
                                c["refused"], c["over_budget"]) for c in broker.clients())
-    state = "stopping" if daemon.stopping else "reloading" if daemon.reloading else "running"
-    return Snapshot(os.getpid(), round(now - daemon.started, 3), str(daemon.config_path), daemon.config_generation,
-                    state, daemon.config.supervisor.workers, tuple(workers), tuple(services),
-                    len(broker.ledger), _counts(totals), broker.dropped_replies, clients,
+    return Snapshot(os.getpid(), round(now - facts.started, 3), facts.config, facts.config_generation,
+                    facts.state, facts.workers_target, tuple(workers), tuple(services),
+                    len(broker.ledger), _counts(broker.totals()), broker.dropped_replies, clients,
                     _counts(broker.rejected), _counts(pool.exits))
+
+
+def with_state(snapshot: Snapshot, state_stats: StateStats) -> Snapshot:
+    """The snapshot with each service's durable state counters, read from its database (on
+    the reader's thread: the loop never waits for SQLite on a scrape's behalf)."""
+    services = []
+    for service in snapshot.services:
+        stats = state_stats(service.name)
+        services.append(replace(service, state=StateView.from_stats(stats) if stats else None))
+    return replace(snapshot, services=tuple(services))
+
+
+class Board:
+    """The latest Snapshot the loop published, for readers on other threads (the metrics exporter).
+
+    A reader asks for a fresh one: the loop is woken (`wake`), sees `wanted`, and
+    publishes at the end of its turn; the reader waits for it at most `timeout`."""
+
+    def __init__(self, wake: Callable[[], None]):
+        self.wake = wake
+        self.latest: Snapshot | None = None
+        self.wanted = False
+        self.changed = threading.Condition()
+
+    def read(self, timeout: float = 2.0) -> Snapshot | None:
+        with self.changed:
+            seen = self.latest
+            self.wanted = True
+            self.wake()
+            self.changed.wait_for(lambda: self.latest is not seen, timeout)
+            return self.latest
+
+    def publish(self, snapshot: Snapshot) -> None:
+        with self.changed:
+            self.latest = snapshot
+            self.wanted = False
+            self.changed.notify_all()

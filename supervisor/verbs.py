@@ -1,37 +1,48 @@
 """The control verbs, one function each (circus's commands): what the control endpoint does.
 
-Each verb takes the daemon and the request's JSON arguments and returns its
+Each verb takes the Arbiter (the few things the daemon lets a verb ask for,
+not the daemon itself) and the request's JSON arguments and returns its
 reply (a dict with "ok"), or None when the reply comes later (a reload is
 answered when it is over). Its docstring's first line is the CLI's help;
 the rest gives the message on the control socket (a REQ client sends
 [verb, json arguments]) and the command line that sends it.
 
 Arguments are checked here, with a sentence that says what was expected,
-before the daemon is asked for anything.
+before the arbiter is asked for anything.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import Callable
 
-if TYPE_CHECKING:
-    from corral.daemon import Daemon
-
-Verb = Callable[["Daemon", dict], "dict | None"]
 MAX_WORKERS = 256
 
 
-def status(daemon: "Daemon", args: dict) -> dict:
+@dataclass(frozen=True)
+class Arbiter:
+    """What a verb may ask of the daemon, and nothing else (the daemon makes one of its methods)."""
+    status: Callable[[], dict]                 # the status JSON (corral.snapshot)
+    slots: Callable[[], list[int]]             # the slots that exist, standbys included
+    scale: Callable[[int], dict]
+    restart: Callable[[list[int]], dict]
+    reload: Callable[[], "dict | None"]        # None: answered when the reload is over
+
+
+Verb = Callable[[Arbiter, dict], "dict | None"]
+
+
+def status(arbiter: Arbiter, args: dict) -> dict:
     """workers, services and counters
 
     message:  status {}
     command:  corral status [--json]
     reply:    {"ok": true, "pid": ..., "workers": [...], "services": [...], ...} (corral.snapshot)
     """
-    return {"ok": True, **daemon.status()}
+    return {"ok": True, **arbiter.status()}
 
 
-def scale(daemon: "Daemon", args: dict) -> dict:
+def scale(arbiter: Arbiter, args: dict) -> dict:
     """set the number of workers
 
     message:  scale {"workers": N}
@@ -41,26 +52,26 @@ def scale(daemon: "Daemon", args: dict) -> dict:
     workers = args.get("workers")
     if type(workers) is not int or not 1 <= workers <= MAX_WORKERS:
         return {"ok": False, "error": f"scale needs workers: an integer from 1 to {MAX_WORKERS}"}
-    return daemon.scale(workers)
+    return arbiter.scale(workers)
 
 
-def restart(daemon: "Daemon", args: dict) -> dict:
+def restart(arbiter: Arbiter, args: dict) -> dict:
     """replace workers gracefully, one at a time
 
     message:  restart {"slots": [S, ...]}     (no slots: every slot)
     command:  corral restart [S ...]
     reply:    {"ok": true, "restarting": [S, ...]}
     """
-    every = sorted(daemon.pool.slots)
+    every = sorted(arbiter.slots())
     slots = args.get("slots")
     if slots is None:
         slots = every
     if not isinstance(slots, list) or any(s not in every for s in slots):
         return {"ok": False, "error": f"restart needs slots from {every}"}
-    return daemon.restart_slots(slots)
+    return arbiter.restart(slots)
 
 
-def reload(daemon: "Daemon", args: dict) -> dict | None:
+def reload(arbiter: Arbiter, args: dict) -> dict | None:
     """reload the config (as SIGHUP does) and wait until every worker serves it
 
     message:  reload {}
@@ -68,7 +79,7 @@ def reload(daemon: "Daemon", args: dict) -> dict | None:
     reply:    when every worker serves the new config: {"ok": true, "config_generation": G,
               "warnings": [...]}; or {"ok": false, "problems": [...]}, nothing changed
     """
-    return daemon.reload()
+    return arbiter.reload()
 
 
 VERBS: dict[str, Verb] = {verb.__name__: verb for verb in (status, scale, restart, reload)}

@@ -90,3 +90,52 @@ def test_the_arbiter_imports_nothing_of_the_worker_but_its_spec():
             if isinstance(node, ast.Import) for alias in node.names]
         assert not [name for name in imported if name.split(".")[0] == "wasmtime"
                     or room_of(name) == "corral.workers"], f"{source} imports {imported}"
+
+
+def arbiter_imports(folder: Path) -> dict[str, set[str]]:
+    """corral.X -> the arbiter modules it imports (anywhere: in functions, under TYPE_CHECKING)."""
+    modules = {f"corral.{path.stem}": path for path in folder.glob("*.py") if path.stem != "__init__"}
+    graph = {}
+    for module, path in modules.items():
+        graph[module] = {next(m for m in sorted(modules, key=len, reverse=True) if name == m or name.startswith(m + "."))
+                         for _, name in corral_imports(path)
+                         if any(name == m or name.startswith(m + ".") for m in modules)} - {module}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import circle, each once (as the path from its first module round to it)."""
+    found, done = [], set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            circle = path[path.index(module):]
+            if frozenset(circle) not in done:
+                done.add(frozenset(circle))
+                found.append(circle + [module])
+            return
+        for imported in sorted(graph.get(module, ())):
+            visit(imported, path + [module])
+
+    for module in sorted(graph):
+        visit(module, [])
+    return found
+
+
+def test_the_arbiters_modules_import_no_circle():
+    """A circle means no module of it can be read, or tested, without the others: the
+    satellites (control, verbs, metrics, snapshot) get narrow interfaces instead of the daemon."""
+    found = circles(arbiter_imports(REPO / "supervisor"))
+    assert not found, "\n".join(" -> ".join(circle) for circle in found)
+
+
+def test_only_the_cli_imports_the_daemon():
+    graph = arbiter_imports(REPO / "supervisor")
+    assert sorted(m for m, imported in graph.items() if "corral.daemon" in imported) == ["corral.cli"]
+
+
+def test_the_circle_rule_finds_a_circle(tmp_path):
+    """The check itself: two modules that import each other, one only under TYPE_CHECKING."""
+    (tmp_path / "a.py").write_text("from corral.b import B\n")
+    (tmp_path / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from corral import a\n")
+    assert circles(arbiter_imports(tmp_path)) == [["corral.a", "corral.b", "corral.a"]]

@@ -110,14 +110,32 @@ def test_take_copies_the_daemon_into_a_snapshot():
                              dropped_replies=0, rejected=Counter({404: 2}), totals=lambda: Counter({200: 3, 404: 2}),
                              clients=lambda: [])
     pool = SimpleNamespace(processes={7: worker}, exits=Counter({"retired": 1}))
-    daemon = SimpleNamespace(broker=SimpleNamespace(core=broker), pool=pool, started=0.0, config_path="/c.toml", config_generation=1,
-                             stopping=False, reloading=True, config=SimpleNamespace(supervisor=SimpleNamespace(workers=1)),
-                             state_stats=lambda name: {"commits": 1, "rollbacks": 0, "bytes": 5, "scopes": 1})
-    now = snapshot.take(daemon)
+    facts = snapshot.Facts(started=0.0, config="/c.toml", config_generation=1, state="reloading", workers_target=1)
+    stats = lambda name: {"commits": 1, "rollbacks": 0, "bytes": 5, "scopes": 1}  # noqa: E731
+    now = snapshot.take(broker, pool, facts, state_stats=stats)
     assert now.state == "reloading" and now.in_flight == 2 and now.served == 3
     assert now.workers[0].in_flight == 1 and now.workers[0].faults == 1 and now.workers[0].state == "ready"
     echo = now.services[0]
     assert echo.queued == 2 and echo.running == 1 and echo.state == StateView(1, 0, 5, 1)
     assert echo.latency.count == 1 and sum(echo.latency.counts) == 1
     assert now.statuses == ((200, 3), (404, 2)) and now.rejected == ((404, 2),) and now.exits == (("retired", 1),)
-    assert snapshot.take(daemon, stored=False).services[0].state is None
+    bare = snapshot.take(broker, pool, facts)
+    assert bare.services[0].state is None
+    assert snapshot.with_state(bare, stats).services[0].state == StateView(1, 0, 5, 1)
+
+
+def test_the_board_hands_a_reader_the_snapshot_the_loop_publishes_after_it_asked():
+    """The metrics thread never takes a snapshot itself: it wakes the loop and waits."""
+    import threading
+    published = Snapshot(1, 0.0, "/c.toml", 1, "running", 1)
+    board = snapshot.Board(wake=lambda: None)
+    board.publish(Snapshot(1, 0.0, "/c.toml", 0, "running", 1))   # an older one
+    woken = threading.Event()
+    board.wake = woken.set
+    got = []
+    reader = threading.Thread(target=lambda: got.append(board.read(timeout=10)))
+    reader.start()
+    assert woken.wait(10) and board.wanted
+    board.publish(published)
+    reader.join(10)
+    assert got == [published] and not board.wanted

@@ -20,7 +20,7 @@ from corral.control import Control
 
 class Recorder:
     def __init__(self, slots=(0, 1, 1000)):
-        self.pool = SimpleNamespace(slots={s: None for s in slots})
+        self.every = list(slots)
         self.calls: list[tuple] = []
 
     def status(self):
@@ -31,7 +31,10 @@ class Recorder:
         self.calls.append(("scale", workers))
         return {"ok": True, "workers": workers}
 
-    def restart_slots(self, slots):
+    def slots(self):
+        return self.every
+
+    def restart(self, slots):
         self.calls.append(("restart", slots))
         return {"ok": True, "restarting": slots}
 
@@ -41,7 +44,7 @@ class Recorder:
 
 
 def handle(daemon, *frames: bytes):
-    return Control.handle(SimpleNamespace(daemon=daemon), list(frames))
+    return Control.handle(SimpleNamespace(arbiter=daemon), list(frames))
 
 
 @pytest.mark.parametrize("name", sorted(verbs.VERBS))
