@@ -177,14 +177,18 @@ class Broker:
     # --- what the arbiter asks of the broker -----------------------------------
 
     def dispatch(self) -> None:
-        self.core.dispatch(time.monotonic())
+        core = self.core
+        if core.waiting or core.backlogged or core.unsent:   # (most turns: no clock read)
+            core.dispatch(time.monotonic())
 
     def tick(self, now: float) -> None:
         self.core.tick(now)
 
     def take_events(self) -> list[tuple]:
         """What the core learned about workers since the last call (Event, link, detail...)."""
-        events, self.core.events = self.core.events, []
+        events = self.core.events
+        if events:   # (most turns have none: no new list for them)
+            self.core.events = []
         return events
 
     def worker_gone(self, identity: bytes, cause: str, reaped: bool = False, clean: bool = False) -> None:

@@ -59,6 +59,7 @@ EX_SOFTWARE = 70     # the installed wasmtime is not one corral was tested with 
 RSS_CHECK_S = 1.0
 STATUS_EVERY_S = 2.0
 STOP_WORKERS_S = 2.0  # of graceful_timeout_s, kept for workers to leave after the drain
+SIGCHLD = signal.SIGCHLD
 POLL_EVERY = 16       # busy loop turns between polls (see Daemon.loop)
 CHECK_TIMEOUT_S = 120        # the module check child: compiling is most of it
 CHECK_TIMEOUT_PER_APP_S = 15  # first instances are interrupted after 10 s each
@@ -273,7 +274,7 @@ class Daemon:
                         self.next_timer = 0.0  # a verb may have started or stopped workers
                     elif item == wakeup:
                         self.drain_wakeup()
-            if signal.SIGCHLD in self.signals:
+            if self.signals and SIGCHLD in self.signals:
                 # Before a reap, every message waiting on the backend: a killed worker's last
                 # replies are answered as sent, not as lost, a worker's RETIRING still finds
                 # it (it exits as soon as it is told to), and a clean exit's goodbye is
