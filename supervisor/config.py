@@ -171,11 +171,9 @@ _SUPERVISOR_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "cache_dir": (_STR, _a_path),
     "max_open_files": (_INT, _between(64, 1 << 20)),
     "max_address_space_mib": (_INT, lambda v: None if v == 0 or v >= 512 else "must be 0 (no limit) or at least 512"),
-    "user": (_STR, None),
-    "group": (_STR, None),
-    "state_dir": (_STR, None),
     "user": (_STR, _a_path),   # a NUL in a name is refused as in a path
     "group": (_STR, _a_path),
+    "state_dir": (_STR, None),
 }
 _RESTART_KEYS = {
     "intensity": (_INT, _non_negative),
