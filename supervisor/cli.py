@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from corral.wire.exits import EX_CONFIG, EX_SOFTWARE
+
 EXIT_FAILED_REPLY = 1   # a reply came, but not 200
 EXIT_NO_REPLY = 3       # no reply within --timeout, or the daemon is not there
-EX_CONFIG = 78
-EX_SOFTWARE = 70        # the installed wasmtime is not one corral was tested with
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
 def check(args: argparse.Namespace) -> int:
     from corral import config as config_module
     from corral import paths
-    from corral.daemon import Daemon, UntestedWasmtime
+    from corral.daemon import Daemon
+    from corral.wire.exits import UntestedWasmtime
     config = load_config(args)
     daemon = Daemon(config.path)
     daemon.cache_dir = paths.cache_dir(config.supervisor.cache_dir)

@@ -48,11 +48,8 @@ from corral.pool import (STANDBY_BASE, Pool, WorkerProcess, WorkerState, describ
                              kill_stale_workers)
 from corral.workers import state
 from corral.workers.spec import AppSpec, CheckRequest, WorkerSpec, resolve
+from corral.wire.exits import EX_CONFIG, EX_NOPERM, EX_SOFTWARE, EX_UNAVAILABLE, UntestedWasmtime
 
-EX_CONFIG = 78      # sysexits.h: configuration error (systemd: RestartPreventExitStatus=78)
-EX_UNAVAILABLE = 69  # an endpoint cannot be bound
-EX_NOPERM = 77       # a runtime or cache directory belongs to someone else
-EX_SOFTWARE = 70     # the installed wasmtime is not one corral was tested with (UntestedWasmtime)
 RSS_CHECK_S = 1.0
 STATUS_EVERY_S = 2.0
 STOP_WORKERS_S = 2.0  # of graceful_timeout_s, kept for workers to leave after the drain
@@ -635,11 +632,6 @@ class Daemon:
     def state_stats(self, service: str) -> dict | None:
         """Commits, rollbacks and bytes of a service's durable state, as its database says."""
         return state.read_stats(state.database_path(self.state_dir(self.config), service)) or None
-
-
-class UntestedWasmtime(RuntimeError):
-    """The check child found the installed wasmtime-py lacking a name the worker's hot path
-    uses (corral.workers.abi.UntestedWasmtime): nothing can be served; the daemon exits 70."""
 
 
 def run_check(request: CheckRequest) -> list[dict]:

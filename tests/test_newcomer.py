@@ -242,3 +242,79 @@ def test_status_shows_the_absolute_config_path_when_run_with_a_relative_one(cach
         assert daemon.stop() == 0
     finally:
         daemon.cleanup()
+
+
+# --- issue 20: the small defects a newcomer reads in the code -------------------------
+
+REPO_ROOT = GUESTS.parent
+
+
+def package_sources():
+    return sorted(p for folder in ("supervisor", "workers") for p in (REPO_ROOT / folder).rglob("*.py"))
+
+
+def test_no_dict_literal_names_a_key_twice():
+    """A key written twice in one dict literal: the first is dead (config.py's user and group were)."""
+    import ast
+    twice = []
+    for path in package_sources():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Dict):
+                keys = [k.value for k in node.keys if isinstance(k, ast.Constant)]
+                twice += [f"{path.name}:{node.lineno}: {k!r}" for k in set(keys) if keys.count(k) > 1]
+    assert not twice, twice
+
+
+def test_each_exit_code_and_untested_wasmtime_is_defined_once():
+    import ast
+    defined: dict[str, list[str]] = {}
+    for path in package_sources():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Assign):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.ClassDef):
+                names = [node.name]
+            for name in names:
+                if name.startswith("EX_") or name == "UntestedWasmtime":
+                    defined.setdefault(name, []).append(path.name)
+    assert defined.get("EX_SOFTWARE") == ["exits.py"], defined
+    assert defined.get("UntestedWasmtime") == ["exits.py"], defined
+    assert all(len(where) == 1 for where in defined.values()), defined
+
+
+@pytest.mark.timeout(120)
+def test_a_missing_wasmtime_name_of_the_state_calls_is_exit_70_not_an_attribute_error(tmp_path):
+    """workers/statecalls.py's private wasmtime names are in the start-up check: `corral
+    check` and `corral run` say which is gone and exit 70, as for the hot path's own."""
+    import importlib.metadata
+    import json
+    import os
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import wasmtime._ffi as ffi\n"
+        "class WithoutOne:\n"
+        "    def __init__(self, dll):\n"
+        "        self.dll = dll\n"
+        "    def __getattr__(self, name):\n"
+        "        return getattr(self.dll, name)\n"
+        "    def __getitem__(self, name):\n"
+        "        if name == 'wasmtime_linker_define_func_unchecked':\n"
+        "            raise AttributeError(name)\n"
+        "        return self.dll[name]\n"
+        "ffi.dll = WithoutOne(ffi.dll)\n")
+    config = tmp_path / "corral.toml"
+    config.write_text(f'[supervisor]\nfrontend = "ipc://{tmp_path}/f.sock"\ncontrol = "ipc://{tmp_path}/c.sock"\n'
+                      f'cache_dir = "{tmp_path}/cache"\nstate_dir = "{tmp_path}/state"\n'
+                      f'[apps.tally]\nmodule = "{GUESTS / "counter_durable.wat"}"\n')
+    env = {**os.environ, "PYTHONPATH": str(site), "RUNTIME_DIRECTORY": str(tmp_path / "run")}
+    expected = (f"wasmtime {importlib.metadata.version('wasmtime')} has no C function "
+                "wasmtime_linker_define_func_unchecked in wasmtime._ffi.dll, which corral's hot path "
+                "(corral/workers/abi.py) uses; corral is tested with wasmtime>=50,<51")
+    check = corral("check", "-c", config, env=env)
+    assert (check.returncode, check.stderr) == (70, f"corral: {expected}\n")
+    run = corral("run", "-c", config, env=env)
+    assert run.returncode == 70, run.stderr
+    line = json.loads(run.stderr.strip().splitlines()[-1])
+    assert (line["event"], line["error"]) == ("daemon.start_failed", expected)

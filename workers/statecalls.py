@@ -15,22 +15,16 @@ import ctypes
 from ctypes import CFUNCTYPE, c_char_p, c_size_t, c_void_p, memmove, string_at
 
 import wasmtime
-from wasmtime import _bindings as raw_types
-from wasmtime._ffi import dll
 
+# wasmtime-py's private names come checked from abi (its _raw too): a missing one is
+# UntestedWasmtime at start-up (exit 70), never an AttributeError later.
+from corral.workers.abi import _raw, raw_types
 from corral.workers import state
 from corral.workers.state import Store, WriteSet
 
 _U32 = 0xFFFFFFFF
 _Callback = CFUNCTYPE(c_size_t, c_void_p, c_void_p, c_void_p, c_size_t)
 _Finalizer = CFUNCTYPE(None, c_void_p)
-
-
-def _raw(name: str, restype, *argtypes):
-    function = dll[name]
-    function.restype = restype
-    function.argtypes = argtypes
-    return function
 
 
 _define = _raw("wasmtime_linker_define_func_unchecked", c_void_p, c_void_p, c_char_p, c_size_t, c_char_p,
