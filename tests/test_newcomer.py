@@ -318,3 +318,44 @@ def test_a_missing_wasmtime_name_of_the_state_calls_is_exit_70_not_an_attribute_
     assert run.returncode == 70, run.stderr
     line = json.loads(run.stderr.strip().splitlines()[-1])
     assert (line["event"], line["error"]) == ("daemon.start_failed", expected)
+
+
+def test_a_failed_commit_replaces_each_gated_reply_whole_whatever_its_pieces(tmp_path, monkeypatch):
+    """workers/loop.py turns the replies of a failed commit into 503 in place: it replaces the
+    pieces each record took, not a hard-coded three (here a record is made of four)."""
+    import sqlite3
+    from types import SimpleNamespace
+    from corral.wire import protocol
+    from corral.workers import loop as loop_module, outcome, state
+    from corral.wire.protocol import Status, iter_replies
+
+    def four_pieces(ticket, status, fault, body):
+        header, fault, body = protocol.reply_record(ticket, status, fault, body)
+        return header, fault, body[:1], body[1:]
+    monkeypatch.setattr(loop_module, "reply_record", four_pieces)
+    monkeypatch.setattr(loop_module, "SLOW_CALL_S", 1e9)   # no flush between them: one batch
+
+    def refuse(self, now=None, waiting=None):
+        raise sqlite3.OperationalError("database is locked")
+    monkeypatch.setattr(state.Store, "commit", refuse)
+    store = state.Store(tmp_path / "kv.sqlite3", "os", state.Limits(), 30.0)
+
+    def run(key, body, timeout_ms, writes):
+        if body.startswith(b"put"):
+            writes.put(b"k", body)
+        return outcome.Outcome(Status.OK, body)
+    guest = SimpleNamespace(state=SimpleNamespace(store=store), app=SimpleNamespace(timeout_ms=1000), run=run)
+    worker = object.__new__(loop_module.WorkerLoop)
+    worker.host = SimpleNamespace(guests={b"kv": guest})
+    worker.log = SimpleNamespace(error=lambda *a, **k: None)
+    worker.cautious, worker.handled, worker.pending = {}, 0, 0
+    worker.replies, worker.gated, worker.staged = [protocol.W_REPLY], [], {}
+    far = time.monotonic() + 60
+    for ticket, body in ((1, b"put one"), (2, b"read only"), (3, b"put three")):
+        assert worker.run_one(loop_module.Job(ticket, far, b"kv", b"alice", body)) is None
+    worker.commit()
+    replies = list(iter_replies(b"".join(worker.replies)))
+    assert replies == [(1, Status.UNAVAILABLE, b"state", b"state commit failed"),
+                       (2, Status.OK, b"", b"read only"),
+                       (3, Status.UNAVAILABLE, b"state", b"state commit failed")]
+    store.close()

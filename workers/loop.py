@@ -81,7 +81,7 @@ class WorkerLoop:
         self.handled = 0
         self.leaving = False  # the broker said DISCONNECT: finish what we hold, then exit
         self.cautious: dict[bytes, int] = {}   # service -> calls left before batching again
-        self.gated: list[tuple[int, WriteSet]] = []  # (index in replies, write set) of staged requests
+        self.gated: list[tuple[slice, WriteSet]] = []  # (its record's pieces in replies, write set) of staged requests
         self.staged: dict[Store, None] = {}          # stores with write sets to commit before the flush
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
@@ -179,10 +179,11 @@ class WorkerLoop:
             if writes is not None and writes.writes:
                 writes.store.stage(writes, result.status, result.fault, result.body)
                 self.staged[writes.store] = None
-                self.gated.append((len(self.replies), writes))
-            elif writes is not None and writes.saw_staged:
-                self.gated.append((len(self.replies), writes))   # 503 too if what it read is not kept
-            self.replies += reply_record(job.ticket, result.status, result.fault, result.body)
+            record = reply_record(job.ticket, result.status, result.fault, result.body)
+            # saw_staged: it read what others staged, so it is 503 too if that is not kept.
+            if writes is not None and (writes.writes or writes.saw_staged):
+                self.gated.append((slice(len(self.replies), len(self.replies) + len(record)), writes))
+            self.replies += record
             self.pending += 1
             return None
         if writes is not None and writes.writes:
@@ -224,10 +225,11 @@ class WorkerLoop:
                 failed.update(tickets)
                 self.log.error("state.commit_failed", file=str(store.path), error=str(exc), requests=len(tickets))
         if failed:
-            for index, writes in self.gated:
+            # Last first: a record replaced by one of another length leaves the earlier slices right.
+            for pieces, writes in reversed(self.gated):
                 if writes.ticket in failed:
-                    self.replies[index:index + 3] = reply_record(writes.ticket, Status.UNAVAILABLE, b"state",
-                                                                 b"state commit failed")
+                    self.replies[pieces] = reply_record(writes.ticket, Status.UNAVAILABLE, b"state",
+                                                        b"state commit failed")
         self.staged.clear()
         self.gated.clear()
 
