@@ -359,3 +359,10 @@ def test_a_failed_commit_replaces_each_gated_reply_whole_whatever_its_pieces(tmp
                        (2, Status.OK, b"", b"read only"),
                        (3, Status.UNAVAILABLE, b"state", b"state commit failed")]
     store.close()
+
+
+def test_no_test_switch_in_production_code():
+    """Test-only mechanisms (the kill after a commit: tests/kill_after_commit) live in tests/."""
+    found = [f"{path.relative_to(REPO_ROOT)}:{n}" for path in package_sources()
+             for n, line in enumerate(path.read_text().splitlines(), 1) if "CORRAL_TEST" in line]
+    assert not found, found

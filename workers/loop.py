@@ -26,7 +26,6 @@ heartbeats every heartbeat_ms, whatever the broker sends meanwhile.
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 import time
 from collections import deque
@@ -47,9 +46,6 @@ SLOW_CALL_S = 0.001    # a guest call this long (wall time) makes the worker cau
 CAUTIOUS_CALLS = 64    # ... for this many calls of that guest: replies go out before each
 MAX_BATCH = 64         # replies per message at most
 MAX_DRAIN = 256        # messages taken from the socket per wake-up at most
-# A file whose presence makes the worker SIGKILL itself after its next commit, before the
-# replies leave: the one moment a test cannot reach from outside (tests/test_state.py).
-KILL_AFTER_COMMIT = os.environ.get("CORRAL_TEST_KILL_AFTER_COMMIT", "")
 
 
 @dataclass(slots=True)
@@ -216,10 +212,6 @@ class WorkerLoop:
         for store in self.staged:
             try:
                 store.commit(waiting=self.heartbeat_if_due)
-                if KILL_AFTER_COMMIT and os.path.exists(KILL_AFTER_COMMIT):
-                    # Tests: die as if killed between a commit and its reply (once per file).
-                    os.unlink(KILL_AFTER_COMMIT)
-                    os.kill(os.getpid(), signal.SIGKILL)
             except sqlite3.Error as exc:
                 tickets = [w.ticket for _, w in self.gated if w.store is store]
                 failed.update(tickets)
