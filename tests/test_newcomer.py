@@ -366,3 +366,25 @@ def test_no_test_switch_in_production_code():
     found = [f"{path.relative_to(REPO_ROOT)}:{n}" for path in package_sources()
              for n, line in enumerate(path.read_text().splitlines(), 1) if "CORRAL_TEST" in line]
     assert not found, found
+
+
+def test_restart_of_a_slot_that_is_not_there_says_which_are():
+    from types import SimpleNamespace
+    from corral import verbs
+    one = SimpleNamespace(pool=SimpleNamespace(slots={0: None}))
+    assert verbs.restart(one, {"slots": [3]}) == {"ok": False,
+                                                  "error": "no worker in slot 3; the worker is in slot 0"}
+
+
+def test_state_import_and_backup_count_in_words(tmp_path):
+    config = tmp_path / "corral.toml"
+    config.write_text(f'[supervisor]\ncache_dir = "{tmp_path}/cache"\nstate_dir = "{tmp_path}/state"\n'
+                      f'[apps.tally]\nmodule = "{GUESTS / "counter_durable.wat"}"\ninstances = "keyed"\n')
+    (tmp_path / "state").mkdir(mode=0o700)
+    line = '{"scope": "YWxpY2U=", "key": "Y291bnQ=", "value": "AwAAAAAAAAA="}\n'
+    imported = corral("state", "import", "tally", "-c", config, input=line)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout == f"{tmp_path}/state/tally.sqlite3: 1 entry imported\n"
+    backup = corral("state", "backup", tmp_path / "copy", "-c", config)
+    assert backup.returncode == 0, backup.stderr
+    assert backup.stdout == f"{tmp_path}/copy: 1 database copied\n"
