@@ -170,7 +170,7 @@ def test_every_option_of_bench_has_help(monkeypatch):
         raise SystemExit(0)
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
     with pytest.raises(SystemExit):
-        cli.main(["bench", "echo"])
+        cli.main(["status"])   # the top-level parser (call and bench parse their own)
     verbs = next(a for a in seen["parser"]._actions if isinstance(a, argparse._SubParsersAction))
     bench = verbs.choices["bench"]
     missing = [a.dest for a in bench._actions if not a.help]
@@ -388,3 +388,63 @@ def test_state_import_and_backup_count_in_words(tmp_path):
     backup = corral("state", "backup", tmp_path / "copy", "-c", config)
     assert backup.returncode == 0, backup.stderr
     assert backup.stdout == f"{tmp_path}/copy: 1 database copied\n"
+
+
+@pytest.mark.timeout(120)
+def test_call_takes_options_before_the_body_and_names_a_close_service(start_daemon):
+    daemon = start_daemon()
+    config = daemon.config_path
+    first = corral("call", "counter", "--key", "alice", "-c", config, env=daemon.env)
+    assert (first.returncode, first.stdout) == (0, "1\n"), first.stderr
+    thrown = corral("call", "counter", "--key", "alice", "throw", "-c", config, env=daemon.env)
+    assert thrown.returncode == 1
+    assert thrown.stderr == "corral: 500: unwind: a Wasm exception escaped the export\n"
+    again = corral("call", "counter", "-c", config, "get", "--key", "alice", env=daemon.env)
+    assert again.stdout == "2\n", again.stderr
+    bench = corral("bench", "echo", "-n", "20", "--no-progress", "-c", config, "hi", env=daemon.env)
+    assert bench.returncode == 0, bench.stderr
+    typo = corral("call", "ecoh", "x", "-c", config, env=daemon.env)
+    assert (typo.returncode, typo.stderr) == (1, "corral: 404: no such service: ecoh (did you mean echo?)\n")
+    far = corral("call", "nothing-like-it", "-c", config, env=daemon.env)
+    assert far.stderr == ("corral: 404: no such service: nothing-like-it "
+                          "(the services of this config: calc, counter, echo)\n")
+
+
+@pytest.mark.timeout(120)
+def test_a_body_over_twice_max_message_kib_is_refused_at_once(start_daemon):
+    daemon = start_daemon({"echo": {"module": GUESTS / "echo.wat"}},
+                          supervisor={"workers": 1, "max_message_kib": 1})
+    config = daemon.config_path
+    big = b"x" * (2 * 1024 + 65536 + 1)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "corral", "call", "echo", "-", "-c", str(config)], input=big,
+                          capture_output=True, timeout=60, env=daemon.env)
+    assert time.monotonic() - started < 5       # not after --timeout (10 s)
+    assert done.returncode == 1
+    assert done.stderr.decode() == (f"corral: the body is 66 KiB, over twice max_message_kib (1 KiB) in {config}: "
+                                    "the daemon would drop the connection without a reply (up to twice the "
+                                    "limit it answers 413)\n")
+    fits = subprocess.run([sys.executable, "-m", "corral", "call", "echo", "-", "-c", str(config)],
+                          input=b"x" * 2048, capture_output=True, timeout=60, env=daemon.env)
+    assert (fits.returncode, fits.stderr) == (1, b"corral: 413: body of 2048 bytes is over max_message_kib\n")
+
+
+from test_security import curve_daemon  # noqa: E402,F401  (a fixture: a daemon with a CURVE frontend)
+
+
+@pytest.mark.timeout(120)
+def test_a_call_without_a_key_on_a_curve_frontend_is_told_it_needs_one(curve_daemon):
+    config = curve_daemon.config_path
+    started = time.monotonic()
+    done = corral("call", "echo", "x", "-c", config, "-e", curve_daemon.tcp, env=curve_daemon.env)
+    assert time.monotonic() - started < 5   # not after --timeout (10 s)
+    assert done.returncode == 2
+    assert done.stderr == (f"corral: {curve_daemon.tcp} speaks CURVE ([security] curve_secret_key in {config}): "
+                           f"this frontend needs --key-file NAME.key_secret (a key pair from corral keygen whose "
+                           f"public half is in {curve_daemon.keys / 'clients'})\n")
+    alice = curve_daemon.keys / "alice.key_secret"
+    done = corral("call", "echo", "x", "-c", config, "-e", curve_daemon.tcp, "--key-file", alice,
+                  env=curve_daemon.env)
+    assert (done.returncode, done.stdout) == (0, "x\n"), done.stderr
+    ipc = corral("call", "echo", "x", "-c", config, "-e", curve_daemon.frontend, env=curve_daemon.env)
+    assert (ipc.returncode, ipc.stdout) == (0, "x\n"), ipc.stderr   # ipc: no CURVE, no key needed

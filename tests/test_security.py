@@ -238,8 +238,8 @@ def test_the_cli_takes_client_keys(curve_daemon):
     done = corral("call", "calc", "{}", "-c", path, "-e", curve_daemon.tcp, "--key-file", alice,
                   "--server-key", str(curve_daemon.keys / "server.key"), cwd=cwd)
     assert done.returncode == 1 and "403" in done.stderr, done.stderr
-    done = corral("call", "echo", "x", "-c", path, "-e", curve_daemon.tcp, "--timeout", "1", cwd=cwd)
-    assert done.returncode == 3, done.stderr   # no key: refused, no reply
+    done = corral("call", "echo", "x", "-e", curve_daemon.tcp, "--timeout", "1", cwd=cwd)
+    assert done.returncode == 3, done.stderr   # no key, and no config to tell: refused, no reply
     done = corral("bench", "echo", "-n", "200", "--concurrency", "8", "-c", path, "-e", curve_daemon.tcp,
                   "--key-file", alice, cwd=cwd)
     assert done.returncode == 0, done.stdout + done.stderr
