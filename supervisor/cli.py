@@ -136,24 +136,35 @@ def check(args: argparse.Namespace) -> int:
     from corral import paths
     from corral.daemon import Daemon
     from corral.wire.exits import UntestedWasmtime
-    config = load_config(args)
+    try:
+        config, problems = config_module.with_defaults(config_module.load(config_path(args))), []
+    except config_module.ConfigError as exc:
+        # The rest of the file is still checked: every problem is named in one run.
+        if exc.partial is None or not exc.partial.apps:
+            return said(exc.problems, EX_CONFIG)
+        config, problems = config_module.with_defaults(exc.partial), exc.problems
     daemon = Daemon(config.path)
     daemon.cache_dir = paths.cache_dir(config.supervisor.cache_dir)
     daemon.state_mode = "check"
     try:
         daemon.compile(config)
     except UntestedWasmtime as exc:
-        print(f"corral: {exc}", file=sys.stderr)
-        return EX_SOFTWARE
+        return said([str(exc)], EX_SOFTWARE)
     except config_module.ConfigError as exc:
-        for problem in exc.problems:
-            print(f"corral: {problem}", file=sys.stderr)
-        return EX_CONFIG
+        problems += exc.problems
+    if problems:
+        return said(problems, EX_CONFIG)
     for warning in config_module.warnings(config):
         print(f"corral: warning: {warning}", file=sys.stderr)
     count = len(config.apps)
     print(f"{config.path}: ok, {count} app{'' if count == 1 else 's'}: {', '.join(sorted(config.apps))}")
     return 0
+
+
+def said(problems: list[str], code: int) -> int:
+    for problem in problems:
+        print(f"corral: {problem}", file=sys.stderr)
+    return code
 
 
 def client_endpoint(args: argparse.Namespace) -> str:

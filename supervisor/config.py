@@ -27,11 +27,16 @@ RESERVED_SERVICE_PREFIX = "mmi."
 
 
 class ConfigError(Exception):
-    """One or more problems in a config file; `problems` lists them all."""
+    """One or more problems in a config file; `problems` lists them all.
 
-    def __init__(self, problems: list[str]):
+    `partial`: the config made of every part that was read without a problem (the
+    apps among them), when there is one: `corral check` still compiles and tries
+    those modules, so that one run names every problem of the file."""
+
+    def __init__(self, problems: list[str], partial: "Config | None" = None):
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.partial = partial
 
 
 @dataclass(frozen=True)
@@ -346,10 +351,11 @@ def parse(doc: dict[str, Any], file: Path) -> Config:
     if not apps and not problems:
         reader.problem("[apps]", "no apps configured: nothing to serve")
 
+    config = Config(path=file, supervisor=supervisor, restart=restart, logging=logging,
+                    metrics=metrics, apps=apps, security=security)
     if problems:
-        raise ConfigError(problems)
-    return Config(path=file, supervisor=supervisor, restart=restart, logging=logging,
-                  metrics=metrics, apps=apps, security=security)
+        raise ConfigError(problems, partial=config)
+    return config
 
 
 def _read_security(reader: _Reader, file: Path, table: dict) -> SecuritySettings:

@@ -448,3 +448,25 @@ def test_a_call_without_a_key_on_a_curve_frontend_is_told_it_needs_one(curve_dae
     assert (done.returncode, done.stdout) == (0, "x\n"), done.stderr
     ipc = corral("call", "echo", "x", "-c", config, "-e", curve_daemon.frontend, env=curve_daemon.env)
     assert (ipc.returncode, ipc.stdout) == (0, "x\n"), ipc.stderr   # ipc: no CURVE, no key needed
+
+
+@pytest.mark.timeout(120)
+def test_corral_check_names_every_kind_of_problem_in_one_run(tmp_path):
+    """A non-loopback frontend (a config problem) does not hide a bad import and a
+    trapping start function (module problems) in the same file."""
+    (tmp_path / "imports.wat").write_text('(module (import "env" "launch" (func)))\n')
+    (tmp_path / "traps.wat").write_text("(module (func $start unreachable) (start $start))\n")
+    (tmp_path / "fine.wat").write_text("(module)\n")
+    path = tmp_path / "corral.toml"
+    path.write_text(f'[supervisor]\nfrontend = "tcp://0.0.0.0:5555"\ncache_dir = "{tmp_path}/cache"\n'
+                    f'[apps.imports]\nmodule = "imports.wat"\n[apps.traps]\nmodule = "traps.wat"\n'
+                    f'[apps.fine]\nmodule = "fine.wat"\n[apps.lost]\nmodule = "nowhere.wat"\n')
+    done = corral("check", "-c", path)
+    assert done.returncode == 78
+    lines = done.stderr.splitlines()
+    assert any("[supervisor] frontend: tcp://0.0.0.0:5555 is not a loopback address" in line for line in lines), lines
+    assert any("[apps.lost] module: file" in line and "does not exist" in line for line in lines), lines
+    assert any("[apps.imports] module:" in line and "env" in line and "launch" in line for line in lines), lines
+    assert any("[apps.traps] module: its first instance fails:" in line and "unreachable" in line
+               for line in lines), lines
+    assert not any("[apps.fine]" in line for line in lines), lines
