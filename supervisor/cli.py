@@ -117,10 +117,15 @@ def config_path(args: argparse.Namespace) -> Path:
 
 
 def load_config(args: argparse.Namespace):
+    """The config, or exit 78 naming its problems. A server key in $CREDENTIALS_DIRECTORY
+    that is not set here (an operator's shell, outside the unit) is no problem for these
+    verbs: none of them reads the server's secret key (`run` and `check` do)."""
     from corral import config
     try:
         return config.with_defaults(config.load(config_path(args)))
     except config.ConfigError as exc:
+        if exc.partial is not None and all(config.CREDENTIALS_UNSET in p for p in exc.problems):
+            return config.with_defaults(exc.partial)
         for problem in exc.problems:
             print(f"corral: {problem}", file=sys.stderr)
         raise SystemExit(EX_CONFIG) from None
@@ -229,9 +234,12 @@ def client_keys(args: argparse.Namespace):
     from corral.client import CurveKeys
     server_key = args.server_key
     if server_key is None:
+        from corral.config import CREDENTIALS
         server_key = load_config(args).security.curve_secret_key
-        if server_key is None:
-            print("corral: --key-file needs --server-key: the config has no [security] curve_secret_key",
+        if server_key is None or str(server_key).startswith(CREDENTIALS):
+            why = "has no [security] curve_secret_key" if server_key is None else \
+                f"reads the server key from {CREDENTIALS}, which only the unit has"
+            print(f"corral: --key-file needs --server-key (the server's public NAME.key): the config {why}",
                   file=sys.stderr)
             raise SystemExit(2)
     try:

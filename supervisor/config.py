@@ -24,6 +24,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "console")
 STATE_DURABILITIES = ("fsync", "os")
 RESERVED_SERVICE_PREFIX = "mmi."
+# A [security] path may start with it: systemd's credentials directory (LoadCredential=), where
+# a unit's dynamic user can read a secret key that only root may read on disk (docs/operating.md).
+CREDENTIALS = "$CREDENTIALS_DIRECTORY"
+CREDENTIALS_UNSET = "$CREDENTIALS_DIRECTORY is not set"
 
 
 class ConfigError(Exception):
@@ -360,9 +364,15 @@ def parse(doc: dict[str, Any], file: Path) -> Config:
 
 def _read_security(reader: _Reader, file: Path, table: dict) -> SecuritySettings:
     values = reader.read("security", table, _SECURITY_KEYS)
+    unset = False
     for name in ("curve_secret_key", "client_keys"):
         if name in values:
-            values[name] = (file.parent / values[name]).resolve()
+            values[name] = _security_path(file, values[name])
+            if str(values[name]).startswith(CREDENTIALS):
+                unset = True
+                reader.problem(f"[security] {name}", f"{values[name]}: {CREDENTIALS_UNSET}; systemd sets it in a "
+                               "unit with LoadCredential= (docs/operating.md). To check this file by hand, set it "
+                               "to the folder that holds the key: CREDENTIALS_DIRECTORY=/etc/corral/keys corral check")
     secret, clients = values.get("curve_secret_key"), values.get("client_keys")
     if (secret is None) != (clients is None):
         have, missing = ("curve_secret_key", "client_keys") if clients is None else ("client_keys", "curve_secret_key")
@@ -376,12 +386,23 @@ def _read_security(reader: _Reader, file: Path, table: dict) -> SecuritySettings
             reader.problem("[security] curve_secret_key", f"this libzmq ({zmq.zmq_version()}) has no CURVE "
                            "support (zmq.has('curve') is false): corral will not serve without it")
         try:
-            server_keys(secret)
+            if not unset:
+                server_keys(secret)
         except ValueError as exc:
             reader.problem("[security] curve_secret_key", f"{secret}: {exc}")
-        if not clients.is_dir():
+        if not clients.is_dir() and not unset:
             reader.problem("[security] client_keys", f"{clients} is not a directory")
     return SecuritySettings(**values)
+
+
+def _security_path(file: Path, value: str) -> Path:
+    """Relative to the config file; or in $CREDENTIALS_DIRECTORY (left as written when it is not set)."""
+    for spelling in (CREDENTIALS, "${CREDENTIALS_DIRECTORY}"):
+        if value.startswith(spelling + "/"):
+            where = os.environ.get("CREDENTIALS_DIRECTORY")
+            rest = value[len(spelling) + 1:]
+            return Path(where) / rest if where else Path(CREDENTIALS) / rest
+    return (file.parent / value).resolve()
 
 
 def _check_exposure(reader: _Reader, frontends: tuple[str, ...], security: SecuritySettings) -> None:

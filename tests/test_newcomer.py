@@ -470,3 +470,109 @@ def test_corral_check_names_every_kind_of_problem_in_one_run(tmp_path):
     assert any("[apps.traps] module: its first instance fails:" in line and "unreachable" in line
                for line in lines), lines
     assert not any("[apps.fine]" in line for line in lines), lines
+
+
+def readme_block(path, heading: str, language: str) -> str:
+    """The first ```language block after `heading` in a markdown file."""
+    text = path.read_text()
+    after = text[text.index(heading):]
+    start = after.index(f"```{language}\n") + len(f"```{language}\n")
+    return after[start:after.index("```", start)]
+
+
+DYNAMIC_UID = 61990   # in systemd's DynamicUser range, with no passwd entry: a stranger to every file
+
+
+def load_as_unit_user(config, credentials=None) -> str:
+    """config.load(config) in a child that has become the unit's dynamic user (another uid and
+    gid, no groups): "ok", or the problems. Forked, not exec'd: this interpreter lives under
+    /root, which that user cannot enter (as systemd/README.md says of a Python there)."""
+    import os
+    from corral import config as config_module, security  # noqa: F401  (the child cannot read /root's stdlib)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: never returns into pytest
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setresgid(DYNAMIC_UID, DYNAMIC_UID, DYNAMIC_UID)
+            os.setresuid(DYNAMIC_UID, DYNAMIC_UID, DYNAMIC_UID)
+            if credentials is not None:
+                os.environ["CREDENTIALS_DIRECTORY"] = str(credentials)
+            try:
+                config_module.load(config)
+                answer = "ok"
+            except config_module.ConfigError as exc:
+                answer = "\n".join(exc.problems)
+            os.write(write, answer.encode())
+        except BaseException:
+            import traceback
+            os.write(write, traceback.format_exc().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as stream:
+        answer = stream.read().decode()
+    os.waitpid(pid, 0)
+    return answer
+
+
+@pytest.mark.timeout(180)
+def test_the_systemd_curve_steps_work_for_the_units_dynamic_user(start_daemon):
+    """systemd/README.md's CURVE steps, run as written (paths moved under a scratch root).
+    As the unit's user, the plain secret key (0600 root) cannot be read (the unit's exit 78);
+    through LoadCredential= and $CREDENTIALS_DIRECTORY it can, and the daemon serves a keyed
+    client with that config."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+    root = Path(tempfile.mkdtemp(prefix="crl-unit-", dir="/tmp"))
+    try:
+        os.chmod(root, 0o755)
+        corral_bin = Path(sys.executable).parent / "corral"
+        steps = readme_block(REPO_ROOT / "systemd" / "README.md", "## Serve tcp clients with CURVE", "sh")
+        steps = (steps.replace("/opt/corral/.venv/bin/corral", str(corral_bin)).replace("sudo ", "")
+                 .replace("/etc/", f"{root}/etc/").replace("~/", f"{root}/home/"))
+        for line in steps.strip().splitlines():
+            done = subprocess.run(["bash", "-ec", line], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, (line, done.stderr)
+        keys = root / "etc" / "corral" / "keys"
+        assert (keys / "clients" / "alice.key").is_file() and (keys / "server.key_secret").stat().st_mode & 0o077 == 0
+        drop_in = (root / "etc" / "systemd" / "system" / "corral.service.d" / "curve.conf").read_text()
+        credential, source = drop_in.split("LoadCredential=")[1].strip().split(":")
+        # What systemd does at each start: a copy only the service's user can read.
+        credentials = root / "credentials"
+        credentials.mkdir(mode=0o500)
+        shutil.copy(source, credentials / credential)
+        os.chmod(credentials / credential, 0o400)
+        for path in (credentials, credentials / credential):
+            os.chown(path, DYNAMIC_UID, DYNAMIC_UID)
+
+        config = root / "etc" / "corral" / "corral.toml"
+        head = f'[apps.echo]\nmodule = "{GUESTS / "echo.wat"}"\n'
+        config.write_text(head + '[security]\ncurve_secret_key = "keys/server.key_secret"\nclient_keys = "keys/clients"\n')
+        os.chmod(config, 0o644)
+        plain = load_as_unit_user(config)
+        assert "cannot read the certificate" in plain and "Permission denied" in plain, plain
+
+        security = readme_block(REPO_ROOT / "systemd" / "README.md", "## Serve tcp clients with CURVE", "toml")
+        config.write_text(head + security.replace("/etc/", f"{root}/etc/"))
+        assert load_as_unit_user(config, credentials) == "ok"
+        by_hand = corral("check", "-c", config)   # outside the unit: says how to check it
+        assert by_hand.returncode == 78 and "$CREDENTIALS_DIRECTORY is not set" in by_hand.stderr, by_hand.stderr
+
+        port = free_port()
+        daemon = start_daemon({"echo": {"module": GUESTS / "echo.wat"}},
+                              supervisor={"workers": 1, "frontend": [f"tcp://127.0.0.1:{port}"]},
+                              extra={"security": {"curve_secret_key": "$CREDENTIALS_DIRECTORY/server.key_secret",
+                                                  "client_keys": str(keys / "clients")}},
+                              env={"CREDENTIALS_DIRECTORY": str(credentials)})
+        called = corral("call", "echo", "hi", "-e", f"tcp://127.0.0.1:{port}", "--key-file",
+                        root / "home" / "corral-keys" / "alice.key_secret", "--server-key", keys / "server.key")
+        assert (called.returncode, called.stdout) == (0, "hi\n"), called.stderr
+        status = corral("status", "-c", daemon.config_path, env={**daemon.env, "CREDENTIALS_DIRECTORY": ""})
+        assert status.returncode == 0, status.stderr   # an operator's shell: no credentials, no problem
+        assert daemon.stop() == 0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
