@@ -576,3 +576,25 @@ def test_the_systemd_curve_steps_work_for_the_units_dynamic_user(start_daemon):
         assert daemon.stop() == 0
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_every_installed_config_serves_only_installed_modules():
+    """pyproject.toml's data-files, as pip lays them out in <prefix>/share/corral: each config
+    installed there names modules that are installed there too (languages.toml served
+    ../build/guests, which no installed package has)."""
+    import glob
+    import os
+    import tomllib
+    from corral import config as config_module
+    data_files = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    installed = {f"{target}/{os.path.basename(source)}": source for target, patterns in data_files.items()
+                 for pattern in patterns for source in glob.glob(str(REPO_ROOT / pattern))}
+    configs = [path for path in installed if path.startswith("share/corral/config/")]
+    assert "share/corral/config/corral.toml" in configs, configs
+    for path in configs:
+        with open(installed[path], "rb") as stream:
+            doc = tomllib.load(stream)
+        for name, app in doc["apps"].items():
+            module = os.path.normpath(os.path.join(os.path.dirname(path), app["module"]))
+            assert module in installed, f"{path}: [apps.{name}] module {app['module']} is not installed ({module})"
+    assert config_module.load(REPO_ROOT / "config" / "corral.toml").apps
