@@ -598,3 +598,20 @@ def test_every_installed_config_serves_only_installed_modules():
             module = os.path.normpath(os.path.join(os.path.dirname(path), app["module"]))
             assert module in installed, f"{path}: [apps.{name}] module {app['module']} is not installed ({module})"
     assert config_module.load(REPO_ROOT / "config" / "corral.toml").apps
+
+
+def test_a_missing_zig_says_what_to_run(monkeypatch, tmp_path):
+    """After `./dev run` alone (no test extra), guests/build.py names the command that installs zig."""
+    import importlib.util
+    import shutil
+    from harness import load_guest_builder
+    build = load_guest_builder()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    wanted = f"run `{sys.executable} -m pip install 'ziglang>=0.13'` (or `./dev test` once"
+    with pytest.raises(build.ToolchainMissing) as linker:
+        build.wasm_linker(tmp_path)
+    assert str(linker.value).startswith(f"no wasm linker: {wanted}"), linker.value
+    with pytest.raises(build.ToolchainMissing) as compiler:
+        build.zig_cc()
+    assert str(compiler.value).startswith(f"no C compiler for wasm32: {wanted}"), compiler.value
