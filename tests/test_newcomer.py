@@ -615,3 +615,44 @@ def test_a_missing_zig_says_what_to_run(monkeypatch, tmp_path):
     with pytest.raises(build.ToolchainMissing) as compiler:
         build.zig_cc()
     assert str(compiler.value).startswith(f"no C compiler for wasm32: {wanted}"), compiler.value
+
+
+@pytest.mark.timeout(180)
+def test_the_default_config_test_refuses_another_daemons_port():
+    """tests/test_daemon.py's packaged-config test, with something else answering on 5555 (here
+    an impostor that echoes every request, as another corral would): it fails at once, saying
+    why, and never takes the impostor's replies for its own daemon's."""
+    import threading
+    import zmq
+    context = zmq.Context()
+    impostor = context.socket(zmq.ROUTER)
+    impostor.linger = 0
+    stop = threading.Event()
+    try:
+        impostor.bind("tcp://127.0.0.1:5555")
+    except zmq.ZMQError:
+        impostor.close()
+        impostor = None   # something already listens there: the test must fail all the same
+
+    def echo() -> None:
+        while not stop.is_set():
+            if impostor.poll(50):
+                peer, magic, request_id, service, meta, body = impostor.recv_multipart()
+                impostor.send_multipart([peer, magic, request_id, b"200", body])
+    thread = threading.Thread(target=echo, daemon=True) if impostor is not None else None
+    if thread is not None:
+        thread.start()
+    try:
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "tests/test_daemon.py::test_default_config_serves_the_example_guests"],
+                              capture_output=True, text=True, timeout=150, cwd=REPO_ROOT)
+        assert done.returncode == 1, done.stdout
+        assert "another process listens on tcp://127.0.0.1:5555, where the packaged config serves" in done.stdout
+        assert time.monotonic() - started < 30
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join()
+            impostor.close()
+        context.term()
