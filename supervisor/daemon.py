@@ -40,6 +40,7 @@ from corral.wire import frames, logs
 from corral.broker import Broker, Event
 from corral.config import Config, ConfigError
 from corral.control import Control
+from corral.frontend_watch import FrontendWatch
 from corral.metrics import MetricsServer
 from corral.notify import Notifier
 from corral.rollout import Rollout
@@ -116,6 +117,7 @@ class Daemon:
         try:
             self.broker = Broker(self.context, config, f"ipc://{self.run_dir / 'workers.sock'}", self.log)
             self.control = Control(self.context, config.supervisor.control, self)
+            self.frontend_watch = FrontendWatch(self.broker.frontend, self.log, config.supervisor.max_message_kib)
             if config.metrics.listen:
                 self.metrics = MetricsServer(config.metrics.listen, self)
         except (zmq.ZMQError, OSError, ValueError) as exc:   # ValueError: a CURVE key unreadable since check
@@ -485,6 +487,7 @@ class Daemon:
         logs.configure(config.logging.level, config.logging.format)
         self.use_config(config, apps)
         self.broker.configure(config)
+        self.frontend_watch.use(config.supervisor.max_message_kib)
         self.scale(config.supervisor.workers, quiet=True)
         for slot in [s for s in self.pool.slots if s >= STANDBY_BASE and s not in self.standby_slots()]:
             worker = self.pool.slots.get(slot)
@@ -614,6 +617,7 @@ class Daemon:
             time.sleep(0.01)
         if self.metrics is not None:
             self.metrics.close()
+        self.frontend_watch.close()
         self.broker.close()
         self.control.close()
         self.context.term()

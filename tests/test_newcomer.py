@@ -656,3 +656,22 @@ def test_the_default_config_test_refuses_another_daemons_port():
             thread.join()
             impostor.close()
         context.term()
+
+
+@pytest.mark.timeout(120)
+def test_the_daemon_logs_a_connection_dropped_for_a_frame_over_the_limit(start_daemon):
+    import zmq
+    daemon = start_daemon({"echo": {"module": GUESTS / "echo.wat"}},
+                          supervisor={"workers": 1, "max_message_kib": 1})
+    socket = daemon.context.socket(zmq.DEALER)
+    socket.linger = 0
+    socket.connect(daemon.frontend)
+    try:
+        socket.send_multipart([b"CORRAL1", b"r1", b"echo", b"", b"x" * (2 * 1024 + 65536 + 1)])
+        found = daemon.wait_for(lambda: daemon.events("client.disconnected"), timeout=10,
+                                what="client.disconnected")
+    finally:
+        socket.close()
+    assert found[0]["endpoint"] == daemon.frontend and found[0]["component"] == "daemon"
+    assert "sent a frame over 66 KiB (twice max_message_kib, plus 64 KiB)" in found[0]["detail"]
+    assert daemon.call("echo", b"still serving").body == b"still serving"
