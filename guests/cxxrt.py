@@ -71,7 +71,7 @@ LIBCXX_SOURCES = ["stdexcept.cpp", "string.cpp", "exception.cpp"]
 
 # How a throwing guest is linked: a reactor (no _start, so no WASI imports
 # for argv and exit; corral_init runs the static constructors), with the
-# shadow-stack pointer and the tag exported for the host (DESIGN section 3).
+# shadow-stack pointer and the tag exported for the host (docs/guest-abi.md).
 LINK_FLAGS = [
     *TARGET, *EH_FLAGS, "-mexec-model=reactor",
     "-Wl,--no-entry", "-Wl,--strip-debug",

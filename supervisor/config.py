@@ -1,4 +1,4 @@
-"""TOML config to typed, validated settings (DESIGN section 5).
+"""TOML config to typed, validated settings (docs/config.md).
 
 Every problem is collected, not just the first: `corral check` prints them
 all, each naming the file, the key and what is wrong.
@@ -56,7 +56,7 @@ class SupervisorSettings:
     max_message_kib: int = 16384
     max_inflight_per_client: int = 1000   # accepted and not yet answered, queued or running; more: 429
     max_client_backlog_mib: int = 64      # replies one client has not read yet; over it: dropped, 429
-    # Beyond DESIGN: requests a worker may hold at once (credit-based flow).
+    # Requests a worker may hold at once (credit-based flow).
     pipeline: int = 16
     # Planned recycling (gunicorn's max_requests / max_requests_jitter); 0: off.
     max_requests: int = 0
@@ -71,7 +71,7 @@ class SupervisorSettings:
     max_address_space_mib: int = 0
     user: str = ""  # drop to this user/group when started as root
     group: str = ""
-    state_dir: str = ""  # durable state (DESIGN 3b); default: paths.state_dir()
+    state_dir: str = ""  # durable state (docs/state.md); default: paths.state_dir()
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class AppSettings:
     on_abort: str = "respawn"
     idempotent: bool = False
     max_keys: int = 1024   # keyed: instances per worker; the least recently used one beyond goes
-    state_durability: str = "fsync"   # durable state (DESIGN 3b): synchronous=FULL; "os": NORMAL
+    state_durability: str = "fsync"   # durable state (docs/state.md): synchronous=FULL; "os": NORMAL
     max_state_mib: int = 64           # key + value bytes of one scope's live entries
     max_state_value_kib: int = 128
     max_state_key_bytes: int = 2048

@@ -1,4 +1,4 @@
-"""`corral state export|import|backup`: the operator's tools for durable state (DESIGN 3b).
+"""`corral state export|import|backup`: the operator's tools for durable state (docs/state.md).
 
 They read the config only to find state_dir and the services; they open the
 SQLite files directly, so they work with the daemon running or not: an export

@@ -675,3 +675,31 @@ def test_the_daemon_logs_a_connection_dropped_for_a_frame_over_the_limit(start_d
     assert found[0]["endpoint"] == daemon.frontend and found[0]["component"] == "daemon"
     assert "sent a frame over 66 KiB (twice max_message_kib, plus 64 KiB)" in found[0]["detail"]
     assert daemon.call("echo", b"still serving").body == b"still serving"
+
+
+# The broker's files are being rewritten on another branch; their two citations go with it.
+NOT_YET_CITING_DOCS = {"supervisor/broker.py", "supervisor/daemon.py"}
+
+
+def test_docs_and_comments_cite_the_projects_own_docs_not_design():
+    """DESIGN.md is not in the repository: what it said lives in docs/, and that is what is cited."""
+    import subprocess as sp
+    tracked = sp.run(["git", "ls-files"], capture_output=True, text=True, cwd=REPO_ROOT, check=True).stdout.split()
+    citing = [name for name in tracked if name not in NOT_YET_CITING_DOCS and name != "tests/test_newcomer.py"
+              and (REPO_ROOT / name).is_file() and "DESIGN" in (REPO_ROOT / name).read_text(errors="replace")]
+    assert not citing, citing
+    for doc in ("guest-abi", "state", "worker-protocol", "config", "operating"):
+        assert (REPO_ROOT / "docs" / f"{doc}.md").stat().st_size > 2000, doc
+
+
+def test_the_readme_is_short_and_links_only_to_files_that_exist():
+    import re
+    readme = (REPO_ROOT / "README.md").read_bytes()
+    assert len(readme) < 15000, len(readme)
+    text = readme.decode()
+    assert text.splitlines()[5:7] == [
+        "./dev run     # set up .venv and run the daemon on config/corral.toml (guests echo, counter, calc)",
+        "./dev test    # set up .venv and the guest toolchains (apt, pip), then run the whole test suite"]
+    for target in re.findall(r"\]\(([^)#]+)\)", text):
+        assert (REPO_ROOT / target).exists(), target
+    assert "pkill" not in text

@@ -1,4 +1,4 @@
-"""Durable state (DESIGN 3b): the write sets and commits of workers/state.py, and the real
+"""Durable state (docs/state.md): the write sets and commits of workers/state.py, and the real
 daemon serving guests that use kv_get/kv_put/kv_delete/kv_list over real SQLite files.
 
 guests/kv_ops.wat runs the operations a request body spells out (the builders

@@ -13,13 +13,13 @@ behind a slow call (except once, the first time a fast guest turns slow).
 Counting calls rather than seconds lets a fast guest that was merely
 descheduled during one call (wall time, on a busy machine) batch again soon.
 
-Durable state (DESIGN 3b): the write set of a request that ends 200 or 422
+Durable state (docs/state.md): the write set of a request that ends 200 or 422
 is staged on its service's store; every flush first commits what is staged
 (one transaction per store: group commit), and only then sends the replies
 (the output gate). A commit that fails turns its requests' replies into 503.
 
 While a guest runs the worker cannot answer; the broker judges a busy
-worker by the longest call it may be running (DESIGN 4b). When idle, it
+worker by the longest call it may be running (docs/worker-protocol.md). When idle, it
 heartbeats every heartbeat_ms, whatever the broker sends meanwhile.
 """
 
@@ -55,7 +55,7 @@ class Job:
     service: bytes
     key: bytes | None
     body: bytes
-    token: int = 0      # idempotent: recorded with its commit (DESIGN 3b)
+    token: int = 0      # idempotent: recorded with its commit (docs/state.md)
     flags: int = 0
 
 

@@ -1,4 +1,4 @@
-"""The host functions of module `corral` (DESIGN 3b): kv_get, kv_put, kv_delete, kv_list.
+"""The host functions of module `corral` (docs/state.md): kv_get, kv_put, kv_delete, kv_list.
 
 They are defined once per app on its linker, as raw "unchecked" callbacks
 (the arguments arrive in a wasmtime_val_raw_t buffer, the result goes back
@@ -104,7 +104,7 @@ class StateCalls:
         return (_memory_data(context, self.memory) or 0) if size else 0, args
 
     def _guarded(self, name: str, call):
-        """The C callback around one host function: a Violation traps (an abort, DESIGN 3b),
+        """The C callback around one host function: a Violation traps (an abort, docs/state.md),
         and so does any other exception, so that a bug here never takes the worker down."""
         def callback(env, caller, args_at, count) -> int:
             try:
