@@ -703,3 +703,69 @@ def test_the_readme_is_short_and_links_only_to_files_that_exist():
     for target in re.findall(r"\]\(([^)#]+)\)", text):
         assert (REPO_ROOT / target).exists(), target
     assert "pkill" not in text
+
+
+def console_steps(heading: str, nth: int = 0) -> list[tuple[str, list[str]]]:
+    """($ command, the lines it prints) of the nth ```console block after `heading` in README.md."""
+    text = (REPO_ROOT / "README.md").read_text()
+    block = text[text.index(heading):].split("```console\n")[nth + 1].split("```")[0]
+    steps: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            steps[-1][1].append(line)
+    return steps
+
+
+def run_readme_step(command: str, config, env) -> list[str]:
+    import shlex
+    words = shlex.split(command, comments=True)
+    assert words[0] == ".venv/bin/corral", command
+    words = [w if w != "durable.toml" else str(config) for w in words[1:]]
+    if "-c" not in words:
+        words += ["-c", str(config)]
+    done = corral(*words, env=env)
+    return (done.stdout + done.stderr).splitlines()
+
+
+@pytest.mark.timeout(180)
+def test_the_readmes_try_it_commands_print_what_it_says(start_daemon):
+    daemon = start_daemon()
+    for command, printed in console_steps("## Try it"):
+        if "corral status" in command:
+            continue   # its numbers are the reader's own
+        assert run_readme_step(command, daemon.config_path, daemon.env) == printed, command
+
+
+@pytest.mark.timeout(180)
+def test_the_readmes_durable_counter_survives_a_trap_a_kill_and_a_restart(start_daemon):
+    import signal as signals
+    daemon = start_daemon({"tally": {"module": GUESTS / "counter_durable.wat", "instances": "keyed"}},
+                          supervisor={"workers": 1})
+    running = True   # its first `corral run` is the daemon started above
+    for command, printed in console_steps("## Try it", nth=2):
+        if command.startswith("kill -9"):          # the worker in slot 0, from outside
+            worker = next(w for w in daemon.status()["workers"] if w["slot"] == 0)
+            os_kill(worker["pid"], signals.SIGKILL)
+            daemon.wait_for(lambda: any(w["pid"] != worker["pid"] and w["state"] == "ready"
+                                        for w in daemon.status()["workers"]), what="a new worker")
+        elif command.startswith("kill -TERM"):     # the daemon: it drains and exits 0
+            assert daemon.stop() == 0
+            running = False
+        elif "corral run" in command:
+            if not running:
+                daemon.start()
+                running = True
+        elif "corral status" in command:
+            continue
+        elif "corral check" in command:
+            assert run_readme_step(command, daemon.config_path, daemon.env) == \
+                [f"{daemon.config_path}: ok, 1 app: tally"]
+        else:
+            assert run_readme_step(command, daemon.config_path, daemon.env) == printed, command
+
+
+def os_kill(pid: int, sig: int) -> None:
+    import os
+    os.kill(pid, sig)
