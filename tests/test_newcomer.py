@@ -769,3 +769,28 @@ def test_the_readmes_durable_counter_survives_a_trap_a_kill_and_a_restart(start_
 def os_kill(pid: int, sig: int) -> None:
     import os
     os.kill(pid, sig)
+
+
+@pytest.mark.timeout(120)
+def test_the_curve_steps_of_operating_md_make_a_config_that_checks(tmp_path):
+    """docs/operating.md's keygen steps, run as written under a scratch root: clients/ exists
+    before a key goes in, and the config's relative [security] paths find the keys."""
+    from pathlib import Path
+    doc = REPO_ROOT / "docs" / "operating.md"
+    corral_bin = Path(sys.executable).parent / "corral"
+    steps = readme_block(doc, "## CURVE", "sh")
+    for line in steps.strip().splitlines():
+        line = line.split("  #")[0].replace("sudo ", "").replace("corral keygen", f"{corral_bin} keygen")
+        line = line.replace("/etc/", f"{tmp_path}/etc/").replace("~/", f"{tmp_path}/home/")
+        done = subprocess.run(["bash", "-ec", line], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (line, done.stderr)
+    toml = readme_block(doc, "## CURVE", "toml").replace("billing.wasm", "billing.wat")
+    (tmp_path / "etc" / "corral" / "billing.wat").write_bytes((GUESTS / "echo.wat").read_bytes())
+    config = tmp_path / "etc" / "corral" / "corral.toml"
+    config.write_text(toml.replace("ipc:///run/corral/front.sock", f"ipc://{tmp_path}/front.sock"))
+    import os
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("CACHE_DIRECTORY", None)
+    done = corral("check", "-c", config, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{config}: ok, 1 app: billing\n"
