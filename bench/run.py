@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""corral against its baselines, in one go, on this machine (DESIGN section 8; issue 5).
+"""corral against its baselines, in one go, on this machine (bench/README.md; issue 5).
 
     python bench/run.py                  everything (about 2 minutes on 2 cores)
     python bench/run.py --quick          everything, small (about 15 s): the CI smoke run

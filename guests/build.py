@@ -72,7 +72,12 @@ ZIG_FLAGS = [
 ]
 
 RUST_PACKAGES = "Debian packages rustc-web, cargo-web and rust-web-src (apt-get install -y rustc-web cargo-web rust-web-src)"
-ZIG_PACKAGE = "the PyPI package ziglang (pip install ziglang)"
+
+
+def install_zig() -> str:
+    """What to run for zig (in the test extra, so `./dev run` alone does not install it)."""
+    return (f"run `{sys.executable} -m pip install 'ziglang>=0.13'` (or `./dev test` once: it installs "
+            f"ziglang with the other test tools into .venv)")
 
 
 class ToolchainMissing(RuntimeError):
@@ -131,7 +136,7 @@ def wasm_linker(cache: Path) -> Path:
     else:
         found = shutil.which("wasm-ld") or shutil.which("wasm-ld-22")
         if found is None:
-            raise ToolchainMissing(f"no wasm linker: install {ZIG_PACKAGE} into {sys.executable}, or lld")
+            raise ToolchainMissing(f"no wasm linker: {install_zig()}; or install lld")
         command = f"'{found}'"
     script = f'#!/bin/sh\n[ "$1" = "-flavor" ] && shift 2\nexec {command} "$@"\n'
     wrapper = cache / "wasm-ld"
@@ -146,7 +151,7 @@ def wasm_linker(cache: Path) -> Path:
 
 def zig_cc() -> list[str]:
     if importlib.util.find_spec("ziglang") is None:
-        raise ToolchainMissing(f"no C compiler for wasm32: install {ZIG_PACKAGE} into {sys.executable}")
+        raise ToolchainMissing(f"no C compiler for wasm32: {install_zig()}")
     return [sys.executable, "-m", "ziglang", "cc"]
 
 

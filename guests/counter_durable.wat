@@ -1,7 +1,7 @@
 ;; counter_durable: the keyed counter of counter.wat, its count kept in durable state.
 ;;
 ;; Serve it with instances = "keyed": each key is its own scope, so its own
-;; count, stored under the state key "count" with kv_put (DESIGN 3b). The
+;; count, stored under the state key "count" with kv_put (docs/state.md). The
 ;; count survives what throws an instance away: a trap, kill -9 of its
 ;; worker, a daemon restart. The body says what to do:
 ;;   ""/"incr"  add one, answer the new count (ASCII decimal)

@@ -71,14 +71,16 @@ LIBCXX_SOURCES = ["stdexcept.cpp", "string.cpp", "exception.cpp"]
 
 # How a throwing guest is linked: a reactor (no _start, so no WASI imports
 # for argv and exit; corral_init runs the static constructors), with the
-# shadow-stack pointer and the tag exported for the host (DESIGN section 3).
+# shadow-stack pointer and the tag exported for the host (docs/guest-abi.md).
 LINK_FLAGS = [
     *TARGET, *EH_FLAGS, "-mexec-model=reactor",
     "-Wl,--no-entry", "-Wl,--strip-debug",
     "-Wl,--export=__stack_pointer", "-Wl,--export=__cpp_exception",
 ]
 
-ZIG_PACKAGE = "the PyPI package ziglang (pip install ziglang)"
+# zig is in the test extra: after `./dev run` alone it is not installed (guests/build.py says the same).
+INSTALL_ZIG = (f"run `{sys.executable} -m pip install 'ziglang>=0.13'` (or `./dev test` once: it installs "
+               f"ziglang with the other test tools into .venv)")
 
 
 class ToolchainMissing(RuntimeError):
@@ -98,7 +100,7 @@ class Runtime:
 
 def zig() -> list[str]:
     if importlib.util.find_spec("ziglang") is None:
-        raise ToolchainMissing(f"no C++ compiler for wasm32: install {ZIG_PACKAGE} into {sys.executable}")
+        raise ToolchainMissing(f"no C++ compiler for wasm32: {INSTALL_ZIG}")
     return [sys.executable, "-m", "ziglang"]
 
 

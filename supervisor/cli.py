@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from corral.wire.exits import EX_CONFIG, EX_SOFTWARE
+
 EXIT_FAILED_REPLY = 1   # a reply came, but not 200
 EXIT_NO_REPLY = 3       # no reply within --timeout, or the daemon is not there
-EX_CONFIG = 78
-EX_SOFTWARE = 70        # the installed wasmtime is not one corral was tested with
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,10 +88,25 @@ def main(argv: list[str] | None = None) -> int:
     from corral import state_admin
     state_admin.add_verbs(verbs, with_config)
 
-    args = parser.parse_args(argv)
+    args = parse(parser, {"call": call, "bench": bench}, argv)
     return {"run": run, "check": check, "call": call_verb, "status": status_verb, "bench": bench_verb,
             "keygen": keygen_verb, "scale": admin_verb, "restart": admin_verb, "reload": admin_verb,
             "state": state_verb}[args.verb](args)
+
+
+def parse(parser: argparse.ArgumentParser, intermixed: dict[str, argparse.ArgumentParser],
+          argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; `intermixed` verbs take options after their body too.
+
+    argparse fills a verb's positionals in one go, so `corral call counter --key alice
+    throw` would leave `throw` over: call and bench parse their own arguments intermixed
+    (the verb comes first: the top level has only --help and --version)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in intermixed:
+        args = intermixed[argv[0]].parse_intermixed_args(argv[1:])
+        args.verb = argv[0]
+        return args
+    return parser.parse_args(argv)
 
 
 def config_path(args: argparse.Namespace) -> Path:
@@ -102,10 +117,15 @@ def config_path(args: argparse.Namespace) -> Path:
 
 
 def load_config(args: argparse.Namespace):
+    """The config, or exit 78 naming its problems. A server key in $CREDENTIALS_DIRECTORY
+    that is not set here (an operator's shell, outside the unit) is no problem for these
+    verbs: none of them reads the server's secret key (`run` and `check` do)."""
     from corral import config
     try:
         return config.with_defaults(config.load(config_path(args)))
     except config.ConfigError as exc:
+        if exc.partial is not None and all(config.CREDENTIALS_UNSET in p for p in exc.problems):
+            return config.with_defaults(exc.partial)
         for problem in exc.problems:
             print(f"corral: {problem}", file=sys.stderr)
         raise SystemExit(EX_CONFIG) from None
@@ -119,24 +139,36 @@ def run(args: argparse.Namespace) -> int:
 def check(args: argparse.Namespace) -> int:
     from corral import config as config_module
     from corral import paths
-    from corral.daemon import Daemon, UntestedWasmtime
-    config = load_config(args)
+    from corral.daemon import Daemon
+    from corral.wire.exits import UntestedWasmtime
+    try:
+        config, problems = config_module.with_defaults(config_module.load(config_path(args))), []
+    except config_module.ConfigError as exc:
+        # The rest of the file is still checked: every problem is named in one run.
+        if exc.partial is None or not exc.partial.apps:
+            return said(exc.problems, EX_CONFIG)
+        config, problems = config_module.with_defaults(exc.partial), exc.problems
     daemon = Daemon(config.path)
     daemon.cache_dir = paths.cache_dir(config.supervisor.cache_dir)
     try:
         daemon.compile(config, mode="check")
     except UntestedWasmtime as exc:
-        print(f"corral: {exc}", file=sys.stderr)
-        return EX_SOFTWARE
+        return said([str(exc)], EX_SOFTWARE)
     except config_module.ConfigError as exc:
-        for problem in exc.problems:
-            print(f"corral: {problem}", file=sys.stderr)
-        return EX_CONFIG
+        problems += exc.problems
+    if problems:
+        return said(problems, EX_CONFIG)
     for warning in config_module.warnings(config):
         print(f"corral: warning: {warning}", file=sys.stderr)
     count = len(config.apps)
     print(f"{config.path}: ok, {count} app{'' if count == 1 else 's'}: {', '.join(sorted(config.apps))}")
     return 0
+
+
+def said(problems: list[str], code: int) -> int:
+    for problem in problems:
+        print(f"corral: {problem}", file=sys.stderr)
+    return code
 
 
 def client_endpoint(args: argparse.Namespace) -> str:
@@ -154,6 +186,43 @@ def require_listener(endpoint: str) -> None:
         raise SystemExit(EXIT_NO_REPLY)
 
 
+def knows_the_daemon(args: argparse.Namespace) -> bool:
+    """Whether the config describes the daemon called: it gave the endpoint, or was named with -c.
+    (With -e alone, the packaged config says nothing of the daemon at that endpoint.)"""
+    return args.endpoint is None or args.config is not None
+
+
+def require_sendable(args: argparse.Namespace, endpoint: str, body: bytes) -> None:
+    """Say at once what the daemon would never answer: a body its frontend drops with the
+    connection, or a keyless client on a CURVE frontend (ZAP cuts it off: no reply either)."""
+    if not knows_the_daemon(args):
+        return
+    config = load_config(args)
+    limit_kib = config.supervisor.max_message_kib
+    # The broker's frontend MAXMSGSIZE (corral.broker: twice the limit, plus 64 KiB for the
+    # other frames): libzmq drops a connection that sends a frame over it, without a reply.
+    if len(body) > 2 * limit_kib * 1024 + 65536:
+        print(f"corral: the body is {len(body) // 1024} KiB, over twice max_message_kib ({limit_kib} KiB) in "
+              f"{config.path}: the daemon would drop the connection without a reply (up to twice the "
+              f"limit it answers 413)", file=sys.stderr)
+        raise SystemExit(EXIT_FAILED_REPLY)
+    if config.security.curve and endpoint.startswith("tcp://") and args.key_file is None:
+        print(f"corral: {endpoint} speaks CURVE ([security] curve_secret_key in {config.path}): this frontend "
+              f"needs --key-file NAME.key_secret (a key pair from corral keygen whose public half is in "
+              f"{config.security.client_keys})", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def not_found_hint(args: argparse.Namespace, service: str) -> str:
+    """For a 404: the config's closest service name, or its services."""
+    if not knows_the_daemon(args):
+        return ""
+    import difflib
+    names = sorted(load_config(args).apps)
+    close = difflib.get_close_matches(service, names, n=1)
+    return f" (did you mean {close[0]}?)" if close else f" (the services of this config: {', '.join(names)})"
+
+
 def client_keys(args: argparse.Namespace):
     """The CURVE keys of --key-file and --server-key (or the config's server key), or None."""
     if args.key_file is None:
@@ -164,9 +233,12 @@ def client_keys(args: argparse.Namespace):
     from corral.client import CurveKeys
     server_key = args.server_key
     if server_key is None:
+        from corral.config import CREDENTIALS
         server_key = load_config(args).security.curve_secret_key
-        if server_key is None:
-            print("corral: --key-file needs --server-key: the config has no [security] curve_secret_key",
+        if server_key is None or str(server_key).startswith(CREDENTIALS):
+            why = "has no [security] curve_secret_key" if server_key is None else \
+                f"reads the server key from {CREDENTIALS}, which only the unit has"
+            print(f"corral: --key-file needs --server-key (the server's public NAME.key): the config {why}",
                   file=sys.stderr)
             raise SystemExit(2)
     try:
@@ -202,17 +274,19 @@ def keygen_verb(args: argparse.Namespace) -> int:
 def call_verb(args: argparse.Namespace) -> int:
     from corral.client import Client, NoReply
     body = sys.stdin.buffer.read() if args.body == "-" else args.body.encode()
-    require_listener(client_endpoint(args))
-    with Client(client_endpoint(args), keys=client_keys(args)) as client:
+    endpoint = client_endpoint(args)
+    require_sendable(args, endpoint, body)
+    require_listener(endpoint)
+    with Client(endpoint, keys=client_keys(args)) as client:
         try:
             reply = client.call(args.service, body, timeout=args.timeout, key=args.key,
                                 deadline_ms=args.deadline_ms, idempotent=args.idempotent or None)
         except NoReply:
-            print(f"corral: no reply from {client_endpoint(args)} within {args.timeout:g} s",
-                  file=sys.stderr)
+            print(f"corral: no reply from {endpoint} within {args.timeout:g} s", file=sys.stderr)
             return EXIT_NO_REPLY
     if reply.status != 200:
-        print(f"corral: {reply.status}: {reply.body.decode(errors='replace')}", file=sys.stderr)
+        hint = not_found_hint(args, args.service) if reply.status == 404 else ""
+        print(f"corral: {reply.status}: {reply.body.decode(errors='replace')}{hint}", file=sys.stderr)
         return EXIT_FAILED_REPLY
     sys.stdout.buffer.write(reply.body if args.raw else reply.body + b"\n")
     sys.stdout.flush()
@@ -300,6 +374,7 @@ def version() -> str:
 
 def bench_verb(args: argparse.Namespace) -> int:
     from corral.client import loadgen
+    require_sendable(args, client_endpoint(args), args.body.encode())
     require_listener(client_endpoint(args))
     result = loadgen.run(client_endpoint(args), args.service.encode(), args.body.encode(),
                          requests=args.requests, concurrency=args.concurrency, clients=args.clients,

@@ -1,4 +1,4 @@
-"""TOML config to typed, validated settings (DESIGN section 5).
+"""TOML config to typed, validated settings (docs/config.md).
 
 Every problem is collected, not just the first: `corral check` prints them
 all, each naming the file, the key and what is wrong.
@@ -24,14 +24,23 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "console")
 STATE_DURABILITIES = ("fsync", "os")
 RESERVED_SERVICE_PREFIX = "mmi."
+# A [security] path may start with it: systemd's credentials directory (LoadCredential=), where
+# a unit's dynamic user can read a secret key that only root may read on disk (docs/operating.md).
+CREDENTIALS = "$CREDENTIALS_DIRECTORY"
+CREDENTIALS_UNSET = "$CREDENTIALS_DIRECTORY is not set"
 
 
 class ConfigError(Exception):
-    """One or more problems in a config file; `problems` lists them all."""
+    """One or more problems in a config file; `problems` lists them all.
 
-    def __init__(self, problems: list[str]):
+    `partial`: the config made of every part that was read without a problem (the
+    apps among them), when there is one: `corral check` still compiles and tries
+    those modules, so that one run names every problem of the file."""
+
+    def __init__(self, problems: list[str], partial: "Config | None" = None):
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.partial = partial
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,7 @@ class SupervisorSettings:
     max_message_kib: int = 16384
     max_inflight_per_client: int = 1000   # accepted and not yet answered, queued or running; more: 429
     max_client_backlog_mib: int = 64      # replies one client has not read yet; over it: dropped, 429
-    # Beyond DESIGN: requests a worker may hold at once (credit-based flow).
+    # Requests a worker may hold at once (credit-based flow).
     pipeline: int = 16
     # Planned recycling (gunicorn's max_requests / max_requests_jitter); 0: off.
     max_requests: int = 0
@@ -62,7 +71,7 @@ class SupervisorSettings:
     max_address_space_mib: int = 0
     user: str = ""  # drop to this user/group when started as root
     group: str = ""
-    state_dir: str = ""  # durable state (DESIGN 3b); default: paths.state_dir()
+    state_dir: str = ""  # durable state (docs/state.md); default: paths.state_dir()
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,7 @@ class AppSettings:
     on_abort: str = "respawn"
     idempotent: bool = False
     max_keys: int = 1024   # keyed: instances per worker; the least recently used one beyond goes
-    state_durability: str = "fsync"   # durable state (DESIGN 3b): synchronous=FULL; "os": NORMAL
+    state_durability: str = "fsync"   # durable state (docs/state.md): synchronous=FULL; "os": NORMAL
     max_state_mib: int = 64           # key + value bytes of one scope's live entries
     max_state_value_kib: int = 128
     max_state_key_bytes: int = 2048
@@ -171,11 +180,9 @@ _SUPERVISOR_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "cache_dir": (_STR, _a_path),
     "max_open_files": (_INT, _between(64, 1 << 20)),
     "max_address_space_mib": (_INT, lambda v: None if v == 0 or v >= 512 else "must be 0 (no limit) or at least 512"),
-    "user": (_STR, None),
-    "group": (_STR, None),
-    "state_dir": (_STR, None),
     "user": (_STR, _a_path),   # a NUL in a name is refused as in a path
     "group": (_STR, _a_path),
+    "state_dir": (_STR, None),
 }
 _RESTART_KEYS = {
     "intensity": (_INT, _non_negative),
@@ -348,17 +355,24 @@ def parse(doc: dict[str, Any], file: Path) -> Config:
     if not apps and not problems:
         reader.problem("[apps]", "no apps configured: nothing to serve")
 
+    config = Config(path=file, supervisor=supervisor, restart=restart, logging=logging,
+                    metrics=metrics, apps=apps, security=security)
     if problems:
-        raise ConfigError(problems)
-    return Config(path=file, supervisor=supervisor, restart=restart, logging=logging,
-                  metrics=metrics, apps=apps, security=security)
+        raise ConfigError(problems, partial=config)
+    return config
 
 
 def _read_security(reader: _Reader, file: Path, table: dict) -> SecuritySettings:
     values = reader.read("security", table, _SECURITY_KEYS)
+    unset = False
     for name in ("curve_secret_key", "client_keys"):
         if name in values:
-            values[name] = (file.parent / values[name]).resolve()
+            values[name] = _security_path(file, values[name])
+            if str(values[name]).startswith(CREDENTIALS):
+                unset = True
+                reader.problem(f"[security] {name}", f"{values[name]}: {CREDENTIALS_UNSET}; systemd sets it in a "
+                               "unit with LoadCredential= (docs/operating.md). To check this file by hand, set it "
+                               "to the folder that holds the key: CREDENTIALS_DIRECTORY=/etc/corral/keys corral check")
     secret, clients = values.get("curve_secret_key"), values.get("client_keys")
     if (secret is None) != (clients is None):
         have, missing = ("curve_secret_key", "client_keys") if clients is None else ("client_keys", "curve_secret_key")
@@ -372,12 +386,23 @@ def _read_security(reader: _Reader, file: Path, table: dict) -> SecuritySettings
             reader.problem("[security] curve_secret_key", f"this libzmq ({zmq.zmq_version()}) has no CURVE "
                            "support (zmq.has('curve') is false): corral will not serve without it")
         try:
-            server_keys(secret)
+            if not unset:
+                server_keys(secret)
         except ValueError as exc:
             reader.problem("[security] curve_secret_key", f"{secret}: {exc}")
-        if not clients.is_dir():
+        if not clients.is_dir() and not unset:
             reader.problem("[security] client_keys", f"{clients} is not a directory")
     return SecuritySettings(**values)
+
+
+def _security_path(file: Path, value: str) -> Path:
+    """Relative to the config file; or in $CREDENTIALS_DIRECTORY (left as written when it is not set)."""
+    for spelling in (CREDENTIALS, "${CREDENTIALS_DIRECTORY}"):
+        if value.startswith(spelling + "/"):
+            where = os.environ.get("CREDENTIALS_DIRECTORY")
+            rest = value[len(spelling) + 1:]
+            return Path(where) / rest if where else Path(CREDENTIALS) / rest
+    return (file.parent / value).resolve()
 
 
 def _check_exposure(reader: _Reader, frontends: tuple[str, ...], security: SecuritySettings) -> None:

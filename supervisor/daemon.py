@@ -41,6 +41,7 @@ from corral.broker import Broker
 from corral.broker_ledger import Event
 from corral.config import AppSettings, Config, ConfigError
 from corral.control import Control
+from corral.frontend_watch import FrontendWatch
 from corral.metrics import MetricsServer
 from corral.notify import Notifier
 from corral.rollout import Rollout
@@ -51,11 +52,8 @@ from corral.pool import (STANDBY_BASE, Pool, WorkerProcess, WorkerState, describ
                              kill_stale_workers)
 from corral.workers import state
 from corral.workers.spec import AppSpec, CheckRequest, WorkerSpec, resolve
+from corral.wire.exits import EX_CONFIG, EX_NOPERM, EX_SOFTWARE, EX_UNAVAILABLE, UntestedWasmtime
 
-EX_CONFIG = 78      # sysexits.h: configuration error (systemd: RestartPreventExitStatus=78)
-EX_UNAVAILABLE = 69  # an endpoint cannot be bound
-EX_NOPERM = 77       # a runtime or cache directory belongs to someone else
-EX_SOFTWARE = 70     # the installed wasmtime is not one corral was tested with (UntestedWasmtime)
 RSS_CHECK_S = 1.0
 STATUS_EVERY_S = 2.0
 STOP_WORKERS_S = 2.0  # of graceful_timeout_s, kept for workers to leave after the drain
@@ -121,6 +119,7 @@ class Daemon:
             self.control = Control(self.context, config.supervisor.control, Arbiter(
                 status=self.status, slots=lambda: sorted(self.pool.slots), scale=self.scale,
                 restart=self.restart_slots, reload=self.reload))
+            self.frontend_watch = FrontendWatch(self.broker.frontend, self.log, config.supervisor.max_message_kib)
             if config.metrics.listen:
                 self.metrics = MetricsServer(config.metrics.listen, self.board, self.state_stats)
         except (zmq.ZMQError, OSError, ValueError) as exc:   # ValueError: a CURVE key unreadable since check
@@ -497,6 +496,7 @@ class Daemon:
         logs.configure(config.logging.level, config.logging.format)
         self.use_config(config, apps)
         self.broker.configure(config)
+        self.frontend_watch.use(config.supervisor.max_message_kib)
         self.scale(config.supervisor.workers, quiet=True)
         for slot in [s for s in self.pool.slots if s >= STANDBY_BASE and s not in self.standby_slots()]:
             worker = self.pool.slots.get(slot)
@@ -632,6 +632,7 @@ class Daemon:
             time.sleep(0.01)
         if self.metrics is not None:
             self.metrics.close()
+        self.frontend_watch.close()
         self.broker.close()
         self.control.close()
         self.context.term()
@@ -664,11 +665,6 @@ class Daemon:
     def state_stats(self, service: str) -> dict | None:
         """Commits, rollbacks and bytes of a service's durable state, as its database says."""
         return state.read_stats(state.database_path(self.state_dir(self.config), service)) or None
-
-
-class UntestedWasmtime(RuntimeError):
-    """The check child found the installed wasmtime-py lacking a name the worker's hot path
-    uses (corral.workers.abi.UntestedWasmtime): nothing can be served; the daemon exits 70."""
 
 
 def run_check(request: CheckRequest) -> list[dict]:

@@ -55,7 +55,7 @@ def cache_dir(configured: str = "") -> Path:
 
 
 def state_dir(configured: str = "", cache: Path | None = None) -> Path:
-    """Where services keep durable state (DESIGN 3b), not made here: systemd's StateDirectory
+    """Where services keep durable state (docs/state.md), not made here: systemd's StateDirectory
     when set, else a folder beside the module cache (never inside it: a cache may be wiped)."""
     if configured:
         return Path(configured)

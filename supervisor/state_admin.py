@@ -1,4 +1,4 @@
-"""`corral state export|import|backup`: the operator's tools for durable state (DESIGN 3b).
+"""`corral state export|import|backup`: the operator's tools for durable state (docs/state.md).
 
 They read the config only to find state_dir and the services; they open the
 SQLite files directly, so they work with the daemon running or not: an export
@@ -91,7 +91,7 @@ def import_lines(path: Path, durability: str) -> int:
     except (state.sqlite3.Error, OSError) as exc:
         print(f"corral: state file {path}: {exc}; nothing imported", file=sys.stderr)
         return EXIT_FAILED
-    print(f"{path}: {count} entries imported")
+    print(f"{path}: {count} {'entry' if count == 1 else 'entries'} imported")
     return 0
 
 
@@ -108,5 +108,5 @@ def backup(folder: Path, config, target: Path) -> int:
             print(f"corral: state file {path}: {exc}", file=sys.stderr)
             return EXIT_FAILED
         copied += 1
-    print(f"{target}: {copied} databases copied")
+    print(f"{target}: {copied} database{'' if copied == 1 else 's'} copied")
     return 0

@@ -66,8 +66,13 @@ def restart(arbiter: Arbiter, args: dict) -> dict:
     slots = args.get("slots")
     if slots is None:
         slots = every
-    if not isinstance(slots, list) or any(s not in every for s in slots):
-        return {"ok": False, "error": f"restart needs slots from {every}"}
+    if not isinstance(slots, list):
+        return {"ok": False, "error": f"restart takes a list of slots, not {slots!r}"}
+    wrong = [s for s in slots if s not in every]
+    if wrong:
+        there = f"the worker is in slot {every[0]}" if len(every) == 1 else \
+            f"the workers are in slots {', '.join(map(str, every))}"
+        return {"ok": False, "error": f"no worker in slot {', '.join(map(repr, wrong))}; {there}"}
     return arbiter.restart(slots)
 
 

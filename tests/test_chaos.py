@@ -26,7 +26,7 @@ CHAOS_SECONDS = 20
 HEALTHY_CLIENTS = 3
 IN_FLIGHT = 8
 
-# body -> expected status (the faults guest, DESIGN section 2's table)
+# body -> expected status (the faults guest, docs/guest-abi.md's outcomes table)
 FAULT_KINDS = {
     b"ok": 200, b"error": 422, b"panic": 500, b"throw": 500, b"unreachable": 502, b"oob": 502,
     b"div0": 502, b"recurse": 502, b"grow": 502, b"growsoft": 422, b"badptr": 502, b"badlen": 502,

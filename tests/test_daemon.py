@@ -260,7 +260,16 @@ def test_requests_are_balanced_over_the_workers(shared_daemon):
 
 @pytest.mark.timeout(90)
 def test_default_config_serves_the_example_guests(tmp_path):
-    """`corral run` with no -c serves the packaged config; `corral call echo hello` prints hello."""
+    """`corral run` with no -c serves the packaged config; `corral call echo hello` prints hello.
+
+    The packaged config listens on tcp://127.0.0.1:5555: with anything else there (a `./dev
+    run` in another terminal) this test says so and stops, rather than take its replies."""
+    import socket
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        if probe.connect_ex(("127.0.0.1", 5555)) == 0:
+            pytest.fail("another process listens on tcp://127.0.0.1:5555, where the packaged config serves "
+                        "(a `./dev run` in another terminal?): stop it and run this test again", pytrace=False)
     env = {**os.environ, "RUNTIME_DIRECTORY": str(tmp_path / "run"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     env.pop("NOTIFY_SOCKET", None)
     daemon = subprocess.Popen([sys.executable, "-m", "corral", "run"], env=env, cwd=tmp_path,
@@ -272,9 +281,11 @@ def test_default_config_serves_the_example_guests(tmp_path):
                                  capture_output=True, env=env, timeout=30)
             if run.returncode == 0 or time.monotonic() > end or daemon.poll() is not None:
                 break
+        assert daemon.poll() is None, f"corral run exited {daemon.returncode}:\n" + (tmp_path / "log").read_text()[-3000:]
         assert run.stdout == b"hello\n", (tmp_path / "log").read_text()[-3000:]
         run = subprocess.run([sys.executable, "-m", "corral", "status"], capture_output=True, env=env, timeout=30)
         assert run.returncode == 0 and b"counter" in run.stdout
+        assert run.stdout.startswith(b"corral pid %d," % daemon.pid), run.stdout   # this test's daemon answered
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0

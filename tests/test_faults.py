@@ -1,4 +1,4 @@
-"""The fault model (DESIGN section 2), row by row, against the real daemon.
+"""The fault model (docs/guest-abi.md, "Outcomes"), row by row, against the real daemon.
 
 Unwinds fail one request and keep the instance and its state; aborts poison
 the instance (it is never entered again) and, with on_abort = "respawn",

@@ -84,7 +84,7 @@ def test_every_guest_is_a_corral_guest_that_imports_only_durable_state(built, mo
                              "rust_panicky_unwind"]
     for name, module in modules.items():
         imports = sorted((i.module, i.name) for i in module.imports)
-        if "durable" in name:   # corral_guest::kv: the durable-state host functions (DESIGN 3b), nothing else
+        if "durable" in name:   # corral_guest::kv: the durable-state host functions (docs/state.md), nothing else
             assert imports == [("corral", "kv_get"), ("corral", "kv_put")], (name, imports)
         else:
             assert imports == [], (name, imports)

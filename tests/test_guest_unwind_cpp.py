@@ -1,8 +1,8 @@
 """C++ exceptions and C corral_panic: guests built from source with zig,
 unwinding out of the guest as Wasm exceptions.
 
-Two layers. `ContractHost` drives a guest in-process the way DESIGN section
-3 says the host must (save `__stack_pointer` before a call, restore it
+Two layers. `ContractHost` drives a guest in-process the way docs/guest-abi.md
+("Exceptions") says the host must (save `__stack_pointer` before a call, restore it
 after an escape, hand the exception's payload to
 `corral_exception_message`), so the guest side is checked on its own. The
 process-level tests send the same requests through the real daemon.
@@ -29,7 +29,7 @@ class Escaped(Exception):
 
 
 class ContractHost:
-    """One instance, called by DESIGN section 3's rules (wasmtime-py's slow API: clarity over speed)."""
+    """One instance, called by docs/guest-abi.md's rules (wasmtime-py's slow API: clarity over speed)."""
 
     def __init__(self, engine: wasmtime.Engine, module: wasmtime.Module, restore_stack: bool = True,
                  ask_message: bool = True):

@@ -238,8 +238,8 @@ def test_the_cli_takes_client_keys(curve_daemon):
     done = corral("call", "calc", "{}", "-c", path, "-e", curve_daemon.tcp, "--key-file", alice,
                   "--server-key", str(curve_daemon.keys / "server.key"), cwd=cwd)
     assert done.returncode == 1 and "403" in done.stderr, done.stderr
-    done = corral("call", "echo", "x", "-c", path, "-e", curve_daemon.tcp, "--timeout", "1", cwd=cwd)
-    assert done.returncode == 3, done.stderr   # no key: refused, no reply
+    done = corral("call", "echo", "x", "-e", curve_daemon.tcp, "--timeout", "1", cwd=cwd)
+    assert done.returncode == 3, done.stderr   # no key, and no config to tell: refused, no reply
     done = corral("bench", "echo", "-n", "200", "--concurrency", "8", "-c", path, "-e", curve_daemon.tcp,
                   "--key-file", alice, cwd=cwd)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -413,7 +413,7 @@ def test_both_drains_read_the_key_name_of_each_message(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_with_curve_every_connection_of_one_key_counts_as_one_client(start_daemon, tmp_path):
-    """DESIGN 5: with CURVE on, a client for max_inflight_per_client is also one key name.
+    """docs/config.md: with CURVE on, a client for max_inflight_per_client is also one key name.
     Two connections of alice share one budget (her third request is 429, on whichever
     connection); bob, on the same service at the same time, is not refused."""
     keys = make_keys(tmp_path / "keys", "alice", "bob")

@@ -1,4 +1,4 @@
-"""Durable state (DESIGN 3b): the write sets and commits of workers/state.py, and the real
+"""Durable state (docs/state.md): the write sets and commits of workers/state.py, and the real
 daemon serving guests that use kv_get/kv_put/kv_delete/kv_list over real SQLite files.
 
 guests/kv_ops.wat runs the operations a request body spells out (the builders
@@ -426,7 +426,8 @@ def test_a_retry_after_a_commit_is_answered_from_the_record(start_daemon, tmp_pa
     idempotent: 502, and the write was applied ("may have been applied")."""
     flag = tmp_path / "kill-after-commit"
     daemon = start_daemon({"kv": {"module": KV_OPS, "instances": "keyed"}},
-                          env={"CORRAL_TEST_KILL_AFTER_COMMIT": str(flag)})
+                          env={"CORRAL_TEST_KILL_AFTER_COMMIT": str(flag),
+                               "PYTHONPATH": str(Path(__file__).parent / "kill_after_commit")})
     client = daemon.client()
     assert i64(client.call("kv", incr(b"n"), key="c").body) == 1
     flag.touch()

@@ -117,7 +117,7 @@ def test_verify_complains_about_a_broken_unit(tmp_path):
 
 
 def test_unit_file_keeps_the_daemons_contract():
-    """The lines the daemon's behaviour depends on (DESIGN section 7)."""
+    """The lines the daemon's behaviour depends on (docs/operating.md)."""
     unit = unit_directives(UNIT.read_text())
     one = {key: values[-1] for key, values in unit.items()}
     assert one["Type"] in ("notify", "notify-reload")

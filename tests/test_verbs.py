@@ -84,8 +84,10 @@ def test_restart_takes_every_slot_by_default_and_only_slots_that_exist():
     daemon = Recorder()
     assert verbs.restart(daemon, {}) == {"ok": True, "restarting": [0, 1, 1000]}
     assert verbs.restart(daemon, {"slots": [1]}) == {"ok": True, "restarting": [1]}
-    for wrong in ([7], "1", [0, "1"]):
-        assert verbs.restart(daemon, {"slots": wrong}) == {"ok": False, "error": "restart needs slots from [0, 1, 1000]"}
+    for wrong, error in (([7], "no worker in slot 7; the workers are in slots 0, 1, 1000"),
+                         ("1", "restart takes a list of slots, not '1'"),
+                         ([0, "1"], "no worker in slot '1'; the workers are in slots 0, 1, 1000")):
+        assert verbs.restart(daemon, {"slots": wrong}) == {"ok": False, "error": error}
     assert daemon.calls == [("restart", [0, 1, 1000]), ("restart", [1])]
 
 

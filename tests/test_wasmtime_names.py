@@ -32,7 +32,7 @@ def test_a_missing_bindings_type_is_named_with_the_version():
     version = importlib.metadata.version("wasmtime")
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
-    assert last == (f"corral.workers.abi.UntestedWasmtime: wasmtime {version} has no "
+    assert last == (f"corral.wire.exits.UntestedWasmtime: wasmtime {version} has no "
                     "wasmtime._bindings.wasmtime_exnref_t, which corral's hot path "
                     "(corral/workers/abi.py) uses; corral is tested with wasmtime>=50,<51"), last
 

@@ -27,6 +27,7 @@ from ctypes import addressof, byref, c_bool, c_size_t, c_uint8, c_uint64, c_void
 
 import wasmtime
 
+from corral.wire.exits import TESTED_WASMTIME, UntestedWasmtime
 from corral.workers import outcome
 from corral.workers.outcome import Outcome
 from corral.wire.protocol import Status
@@ -40,24 +41,9 @@ _U64 = 0xFFFFFFFFFFFFFFFF
 # The names below are wasmtime-py's private ones (not re-exported, free to
 # change in any release): checked once, when a worker imports this module, so
 # that a wasmtime it was not tested with fails at start-up, naming what is gone.
-TESTED_WASMTIME = ">=50,<51"  # pyproject.toml's range
 _PRIVATE_TYPES = ("wasmtime_val_raw_t", "wasm_trap_t", "wasmtime_error_t", "wasmtime_exnref_t")
 _PRIVATE_METHODS = (("Store", "_context"), ("Trap", "_from_ptr"), ("Trap", "ptr"),
-                    ("WasmtimeError", "_from_ptr"))
-
-
-class UntestedWasmtime(ImportError):
-    """The installed wasmtime-py lacks a private name the hot path uses."""
-
-    def __init__(self, name: str):
-        import importlib.metadata   # only now: a worker that starts well never pays for it
-        try:
-            version = importlib.metadata.version("wasmtime")
-        except importlib.metadata.PackageNotFoundError:
-            version = "(version unknown)"
-        super().__init__(f"wasmtime {version} has no {name}, which corral's hot path "
-                         f"(corral/workers/abi.py) uses; corral is tested with wasmtime{TESTED_WASMTIME}")
-        self.name = name
+                    ("WasmtimeError", "_from_ptr"), ("Linker", "ptr"), ("FuncType", "ptr"))  # the last two: statecalls
 
 
 def check_private_names():
@@ -67,15 +53,15 @@ def check_private_names():
         bindings = importlib.import_module("wasmtime._bindings")
         ffi = importlib.import_module("wasmtime._ffi")
     except ImportError as exc:
-        raise UntestedWasmtime(f"module {exc.name}") from None
+        raise UntestedWasmtime.missing(f"module {exc.name}") from None
     if not hasattr(ffi, "dll"):
-        raise UntestedWasmtime("wasmtime._ffi.dll")
+        raise UntestedWasmtime.missing("wasmtime._ffi.dll")
     for name in _PRIVATE_TYPES:
         if not hasattr(bindings, name):
-            raise UntestedWasmtime(f"wasmtime._bindings.{name}")
+            raise UntestedWasmtime.missing(f"wasmtime._bindings.{name}")
     for cls, name in _PRIVATE_METHODS:
         if not hasattr(getattr(wasmtime, cls, None), name):
-            raise UntestedWasmtime(f"wasmtime.{cls}.{name}")
+            raise UntestedWasmtime.missing(f"wasmtime.{cls}.{name}")
     return bindings, ffi.dll
 
 
@@ -88,7 +74,7 @@ def _raw(name: str, restype, *argtypes):
     try:
         function = dll[name]
     except AttributeError:
-        raise UntestedWasmtime(f"C function {name} in wasmtime._ffi.dll") from None
+        raise UntestedWasmtime.missing(f"C function {name} in wasmtime._ffi.dll") from None
     function.restype = restype
     function.argtypes = argtypes
     return function

@@ -17,10 +17,8 @@ import json
 import sys
 from dataclasses import asdict
 
+from corral.wire.exits import EX_SOFTWARE, UntestedWasmtime
 from corral.workers.spec import AppSpec, CheckRequest
-
-
-EX_SOFTWARE = 70   # the installed wasmtime is not one corral was tested with
 
 
 def check(request: CheckRequest, drop_privileges) -> list[dict]:
@@ -74,10 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         oslimits.die_with_parent(args.parent)  # a change of credentials clears it
 
     try:
-        from corral.workers import abi  # noqa: F401  (checks wasmtime-py's private names as it loads)
-    except ImportError as exc:
-        if type(exc).__name__ != "UntestedWasmtime":
-            raise
+        # Both check wasmtime-py's private names as they load.
+        from corral.workers import abi, statecalls  # noqa: F401
+    except UntestedWasmtime as exc:
         # No module can be judged: the daemon exits 70, not 78.
         sys.stdout.write(json.dumps({"untested": str(exc)}) + "\n")
         sys.stdout.flush()

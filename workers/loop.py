@@ -13,20 +13,19 @@ behind a slow call (except once, the first time a fast guest turns slow).
 Counting calls rather than seconds lets a fast guest that was merely
 descheduled during one call (wall time, on a busy machine) batch again soon.
 
-Durable state (DESIGN 3b): the write set of a request that ends 200 or 422
+Durable state (docs/state.md): the write set of a request that ends 200 or 422
 is staged on its service's store; every flush first commits what is staged
 (one transaction per store: group commit), and only then sends the replies
 (the output gate). A commit that fails turns its requests' replies into 503.
 
 While a guest runs the worker cannot answer; the broker judges a busy
-worker by the longest call it may be running (DESIGN 4b). When idle, it
+worker by the longest call it may be running (docs/worker-protocol.md). When idle, it
 heartbeats every heartbeat_ms, whatever the broker sends meanwhile.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 import time
 from collections import deque
@@ -47,9 +46,6 @@ SLOW_CALL_S = 0.001    # a guest call this long (wall time) makes the worker cau
 CAUTIOUS_CALLS = 64    # ... for this many calls of that guest: replies go out before each
 MAX_BATCH = 64         # replies per message at most
 MAX_DRAIN = 256        # messages taken from the socket per wake-up at most
-# A file whose presence makes the worker SIGKILL itself after its next commit, before the
-# replies leave: the one moment a test cannot reach from outside (tests/test_state.py).
-KILL_AFTER_COMMIT = os.environ.get("CORRAL_TEST_KILL_AFTER_COMMIT", "")
 
 
 @dataclass(slots=True)
@@ -59,7 +55,7 @@ class Job:
     service: bytes
     key: bytes | None
     body: bytes
-    token: int = 0      # idempotent: recorded with its commit (DESIGN 3b)
+    token: int = 0      # idempotent: recorded with its commit (docs/state.md)
     flags: int = 0
 
 
@@ -81,7 +77,7 @@ class WorkerLoop:
         self.handled = 0
         self.leaving = False  # the broker said DISCONNECT: finish what we hold, then exit
         self.cautious: dict[bytes, int] = {}   # service -> calls left before batching again
-        self.gated: list[tuple[int, WriteSet]] = []  # (index in replies, write set) of staged requests
+        self.gated: list[tuple[slice, WriteSet]] = []  # (its record's pieces in replies, write set) of staged requests
         self.staged: dict[Store, None] = {}          # stores with write sets to commit before the flush
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
@@ -179,10 +175,11 @@ class WorkerLoop:
             if writes is not None and writes.writes:
                 writes.store.stage(writes, result.status, result.fault, result.body)
                 self.staged[writes.store] = None
-                self.gated.append((len(self.replies), writes))
-            elif writes is not None and writes.saw_staged:
-                self.gated.append((len(self.replies), writes))   # 503 too if what it read is not kept
-            self.replies += reply_record(job.ticket, result.status, result.fault, result.body)
+            record = reply_record(job.ticket, result.status, result.fault, result.body)
+            # saw_staged: it read what others staged, so it is 503 too if that is not kept.
+            if writes is not None and (writes.writes or writes.saw_staged):
+                self.gated.append((slice(len(self.replies), len(self.replies) + len(record)), writes))
+            self.replies += record
             self.pending += 1
             return None
         if writes is not None and writes.writes:
@@ -215,19 +212,16 @@ class WorkerLoop:
         for store in self.staged:
             try:
                 store.commit(waiting=self.heartbeat_if_due)
-                if KILL_AFTER_COMMIT and os.path.exists(KILL_AFTER_COMMIT):
-                    # Tests: die as if killed between a commit and its reply (once per file).
-                    os.unlink(KILL_AFTER_COMMIT)
-                    os.kill(os.getpid(), signal.SIGKILL)
             except sqlite3.Error as exc:
                 tickets = [w.ticket for _, w in self.gated if w.store is store]
                 failed.update(tickets)
                 self.log.error("state.commit_failed", file=str(store.path), error=str(exc), requests=len(tickets))
         if failed:
-            for index, writes in self.gated:
+            # Last first: a record replaced by one of another length leaves the earlier slices right.
+            for pieces, writes in reversed(self.gated):
                 if writes.ticket in failed:
-                    self.replies[index:index + 3] = reply_record(writes.ticket, Status.UNAVAILABLE, b"state",
-                                                                 b"state commit failed")
+                    self.replies[pieces] = reply_record(writes.ticket, Status.UNAVAILABLE, b"state",
+                                                        b"state commit failed")
         self.staged.clear()
         self.gated.clear()
 

@@ -93,7 +93,7 @@ def inspect(module: wasmtime.Module) -> ModuleInfo:
         if not isinstance(ty, wasmtime.FuncType) or \
                 (tuple(ty.params), tuple(ty.results)) != (wanted[0], (wanted[1],)):
             raise ModuleProblem(f"imports {STATE_MODULE}.{item.name} with the wrong type "
-                                f"(DESIGN 3b: ({', '.join(map(str, wanted[0]))}) -> {wanted[1]})")
+                                f"(docs/state.md: ({', '.join(map(str, wanted[0]))}) -> {wanted[1]})")
     exports = {e.name: e.type for e in module.exports}
     for name, (params, results) in _CORRAL_EXPORTS.items():
         ty = exports.get(name)

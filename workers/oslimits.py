@@ -1,4 +1,4 @@
-"""OS limits a worker puts on itself before it loads any guest (DESIGN section 7).
+"""OS limits a worker puts on itself before it loads any guest (docs/operating.md).
 
 Done in the worker, not in a preexec_fn of the daemon: the daemon runs
 threads, and code between fork and exec must not take locks.

@@ -1,6 +1,6 @@
 """The fault vocabulary: how a return, a trap or an exception becomes a status.
 
-DESIGN section 2, in one place:
+docs/guest-abi.md, "Outcomes", in one place:
   status byte 0 -> 200 ok, 1 -> 422 guest error, 2 -> 500 unwind (caught panic)
   a Wasm exception escaping the export       -> 500 unwind, instance kept; the detail
                                                 is corral_exception_message's text if the

@@ -21,7 +21,7 @@ class AppSpec:
     timeout_ms: int
     max_memory_mib: int
     on_abort: str     # "respawn" | "reinstantiate"
-    state_durability: str = "fsync"   # durable state (DESIGN 3b): "fsync" | "os"
+    state_durability: str = "fsync"   # durable state (docs/state.md): "fsync" | "os"
     max_state_mib: int = 64
     max_state_value_kib: int = 128
     max_state_key_bytes: int = 2048

@@ -1,4 +1,4 @@
-"""Durable state for guests (DESIGN 3b): one SQLite database per service, write sets, group commit.
+"""Durable state for guests (docs/state.md): one SQLite database per service, write sets, group commit.
 
 Runs in workers (the host functions and the commits) and in the arbiter and
 the CLI (checking, exporting, importing, backing up): it imports nothing but
@@ -39,7 +39,7 @@ LOCK_STEP_MS = 50
 PRUNE_EVERY_S = 1.0
 LIST_BATCH = 256
 
-# Return codes of the host functions (DESIGN 3b).
+# Return codes of the host functions (docs/state.md).
 ABSENT = -1
 BAD_KEY = -2
 TOO_LARGE = -3

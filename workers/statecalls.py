@@ -1,4 +1,4 @@
-"""The host functions of module `corral` (DESIGN 3b): kv_get, kv_put, kv_delete, kv_list.
+"""The host functions of module `corral` (docs/state.md): kv_get, kv_put, kv_delete, kv_list.
 
 They are defined once per app on its linker, as raw "unchecked" callbacks
 (the arguments arrive in a wasmtime_val_raw_t buffer, the result goes back
@@ -15,22 +15,16 @@ import ctypes
 from ctypes import CFUNCTYPE, c_char_p, c_size_t, c_void_p, memmove, string_at
 
 import wasmtime
-from wasmtime import _bindings as raw_types
-from wasmtime._ffi import dll
 
+# wasmtime-py's private names come checked from abi (its _raw too): a missing one is
+# UntestedWasmtime at start-up (exit 70), never an AttributeError later.
+from corral.workers.abi import _raw, raw_types
 from corral.workers import state
 from corral.workers.state import Store, WriteSet
 
 _U32 = 0xFFFFFFFF
 _Callback = CFUNCTYPE(c_size_t, c_void_p, c_void_p, c_void_p, c_size_t)
 _Finalizer = CFUNCTYPE(None, c_void_p)
-
-
-def _raw(name: str, restype, *argtypes):
-    function = dll[name]
-    function.restype = restype
-    function.argtypes = argtypes
-    return function
 
 
 _define = _raw("wasmtime_linker_define_func_unchecked", c_void_p, c_void_p, c_char_p, c_size_t, c_char_p,
@@ -110,7 +104,7 @@ class StateCalls:
         return (_memory_data(context, self.memory) or 0) if size else 0, args
 
     def _guarded(self, name: str, call):
-        """The C callback around one host function: a Violation traps (an abort, DESIGN 3b),
+        """The C callback around one host function: a Violation traps (an abort, docs/state.md),
         and so does any other exception, so that a bug here never takes the worker down."""
         def callback(env, caller, args_at, count) -> int:
             try:

@@ -1,4 +1,4 @@
-"""storage: durable state (DESIGN 3b), a counter that does one kv_get and one kv_put per
+"""storage: durable state (docs/state.md), a counter that does one kv_get and one kv_put per
 request, committed with fsync and with os durability, beside the same counter in memory."""
 
 from __future__ import annotations

@@ -233,7 +233,7 @@ static inline int64_t corral__handle(corral_handler handler, int32_t ptr, int32_
         fn();                                                    \
     }
 
-/* Durable state (DESIGN 3b): host functions of module "corral". A guest
+/* Durable state (docs/state.md): host functions of module "corral". A guest
  * that calls none of them imports none of them. Keys are 1 to
  * max_state_key_bytes arbitrary bytes; a keyed app's entries belong to the
  * instance's key, another app's to the service. A request's writes are its

@@ -1,4 +1,4 @@
-;; faults: a corral/1 test guest that fails in every way DESIGN section 2 names.
+;; faults: a corral/1 test guest that fails in every way docs/guest-abi.md, "Outcomes" names.
 ;;
 ;; The body picks the behaviour:
 ;;   count        add one to a counter in linear memory, answer it (state survives unwinds)

@@ -1,6 +1,6 @@
 """Frames and codecs: the two client dialects and the worker protocol.
 
-Client dialects, on the frontend ROUTER (DESIGN section 4); the first frame
+Client dialects, on the frontend ROUTER (README.md, "Calling corral"); the first frame
 after the client's routing id tells them apart:
 
   MDP/0.2 client (rfc.zeromq.org 18/MDP)
@@ -49,7 +49,7 @@ it replaces. Every message is one frame: a command byte and its payload
   keeps across re-dispatches (its ticket: unique within a daemon's run, and
   every recorded token is dropped when the daemon starts). A worker that
   commits the request's durable-state writes records the token with the
-  reply in the same transaction (DESIGN 3b). flags bit 0 (REDELIVERED): the
+  reply in the same transaction (docs/state.md). flags bit 0 (REDELIVERED): the
   request is re-dispatched after its worker died (and was reaped); the worker
   looks the token up and, if it was recorded, answers the recorded reply
   without running the guest.

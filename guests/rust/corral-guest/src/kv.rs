@@ -1,4 +1,4 @@
-//! Durable state (DESIGN 3b): the host functions of module `corral`, typed.
+//! Durable state (docs/state.md): the host functions of module `corral`, typed.
 //!
 //! ```ignore
 //! use corral_guest::kv;
