@@ -179,6 +179,7 @@ class WorkerLink:
     parked: bool = False   # a standby worker: serves nothing until unparked
     handled: int = 0
     faults: int = 0
+    confinement: dict = field(default_factory=dict)   # its READY's word: seccomp, landlock, uid
 
     @property
     def free(self) -> int:
@@ -688,6 +689,8 @@ class Broker:
                               [self.services[n.encode()] for n in info["services"]
                                if n.encode() in self.services], now, self.liveness * heartbeat_s,
                               parked=bool(info.get("standby")))
+            confinement = info.get("confinement")
+            link.confinement = confinement if isinstance(confinement, dict) else {}
         except (IndexError, ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
             self.log.error("worker.bad_ready", worker=identity.decode(errors="replace"), error=str(exc))
             return

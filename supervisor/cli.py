@@ -125,6 +125,8 @@ def check(args: argparse.Namespace) -> int:
     daemon.cache_dir = paths.cache_dir(config.supervisor.cache_dir)
     daemon.state_mode = "check"
     try:
+        from corral.pool import confinement_refused
+        confinement_refused(config, daemon.log)
         daemon.compile(config)
     except UntestedWasmtime as exc:
         print(f"corral: {exc}", file=sys.stderr)
@@ -137,6 +139,9 @@ def check(args: argparse.Namespace) -> int:
         print(f"corral: warning: {warning}", file=sys.stderr)
     count = len(config.apps)
     print(f"{config.path}: ok, {count} app{'' if count == 1 else 's'}: {', '.join(sorted(config.apps))}")
+    from corral.workers.confine import offered
+    print(f"confinement: {config.supervisor.confinement} (this kernel offers {offered().describe()}; "
+          f"docs/confinement.md)")
     return 0
 
 

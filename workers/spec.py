@@ -43,6 +43,7 @@ class WorkerSpec:
     user: str = ""
     group: str = ""
     state_dir: str = ""   # one SQLite database per service that uses durable state
+    confinement: str = "off"   # "require" | "best-effort" | "off" (docs/confinement.md)
     apps: list[AppSpec] = field(default_factory=list)
 
     def dump(self, path: Path) -> None:
@@ -62,6 +63,7 @@ class CheckRequest:
     max_address_space_mib: int = 0
     user: str = ""
     group: str = ""
+    confinement: str = "off"   # the check child confines itself as a worker does
     apps: list[AppSpec] = field(default_factory=list)  # their artifact: "" (the check finds it)
 
     def dumps(self) -> str:
