@@ -187,3 +187,20 @@ def test_corral_check_says_what_this_kernel_offers(tmp_path):
     from corral.workers.confine import landlock_abi
     assert f"confinement: require (this kernel offers seccomp filters, Landlock ABI {landlock_abi()}" \
         in done.stdout, done.stdout
+
+
+def test_the_check_child_is_confined_while_it_runs_a_first_instance(start_daemon, tmp_path):
+    """The check child compiles modules and makes their first instance: it is under the same
+    filter. A start function that spins keeps it alive long enough to look at it."""
+    import psutil
+    spin = tmp_path / "spin.wat"
+    spin.write_text("(module (func $spin (loop $l (br $l))) (start $spin))\n")
+    daemon = start_daemon({"spin": {"module": spin, "timeout_ms": 4000}}, wait=False)
+    daemon_process = psutil.Process(daemon.process.pid)
+    child = daemon.wait_for(lambda: [p for p in daemon_process.children()
+                                     if "corral.workers.check" in " ".join(p.cmdline())], what="the check child")[0]
+    time.sleep(0.5)   # past its start-up: compiling, then the first instance
+    fields = status_fields(child.pid)
+    assert (fields["Seccomp"], fields["NoNewPrivs"]) == ("2", "1")
+    assert daemon.process.wait(timeout=30) == 78   # the module's first instance never returns
+    assert "first instance" in " ".join(e["problem"] for e in daemon.events("config.invalid"))
