@@ -815,9 +815,13 @@ class Broker:
         self.release(link)
         self.outbox.pop(link, None)
         detail = f"worker {identity.decode()} (pid {link.pid}) {cause}".encode()
+        # Killed by its seccomp filter (docs/confinement.md): an abort of the request it was running.
+        running = min(link.inflight.values(), key=lambda r: r.sent, default=None) if "SIGSYS" in cause else None
         for request in sorted(link.inflight.values(), key=lambda r: r.ticket, reverse=True):
             if self.ledger.get(request.ticket) is not request:
                 continue
+            if request is running:
+                request.service.health.record_abort(request.body, time.monotonic(), request.probe)
             if request.idempotent:
                 request.redelivered = True
                 if reaped:
@@ -825,7 +829,7 @@ class Broker:
                 else:
                     self.unreaped.setdefault(identity, []).append(request)
             else:
-                if request.probe:
+                if request.probe and request is not running:
                     request.service.health.probe_lost()
                 self.log.warning("request.failed", request_id=request.request_id[:64].decode(errors="replace"),
                                  service=request.service.name.decode(), status=502, fault="crash",

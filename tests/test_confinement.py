@@ -204,3 +204,20 @@ def test_the_check_child_is_confined_while_it_runs_a_first_instance(start_daemon
     assert (fields["Seccomp"], fields["NoNewPrivs"]) == ("2", "1")
     assert daemon.process.wait(timeout=30) == 78   # the module's first instance never returns
     assert "first instance" in " ".join(e["problem"] for e in daemon.events("config.invalid"))
+
+
+def test_a_request_whose_worker_dies_of_seccomp_counts_as_its_abort(start_daemon, injector):
+    """Three escapes on the same request body quarantine it, as three traps would (circuit.py)."""
+    daemon = start_daemon(apps(), supervisor={"workers": 1}, restart={"intensity": 100})
+    client = daemon.client()
+    for _ in range(3):
+        daemon.wait_ready()
+        [pid] = daemon.worker_pids()
+        held = client.send("faults", b"loop")
+        time.sleep(0.5)
+        assert inject(injector, pid, SYS_SOCKET, socket.AF_INET, socket.SOCK_STREAM, 0) == ("killed", signal.SIGSYS)
+        assert client.gather([held], timeout=10)[held].status == 502
+        daemon.wait_for(lambda: pid not in daemon.worker_pids() and daemon.worker_pids(), what="a new worker")
+    reply = client.call("faults", b"loop", timeout=10)
+    assert (reply.status, reply.body) == (502, b"quarantined: this request aborted instances repeatedly")
+    assert daemon.call("echo", b"others pass").status == 200
