@@ -140,8 +140,9 @@ def check(args: argparse.Namespace) -> int:
     count = len(config.apps)
     print(f"{config.path}: ok, {count} app{'' if count == 1 else 's'}: {', '.join(sorted(config.apps))}")
     from corral.workers.confine import offered
-    print(f"confinement: {config.supervisor.confinement} (this kernel offers {offered().describe()}; "
-          f"docs/confinement.md)")
+    # On stderr, beside the warnings: stdout stays the one line that says the config is good.
+    print(f"corral: confinement: {config.supervisor.confinement} (this kernel offers {offered().describe()}; "
+          f"docs/confinement.md)", file=sys.stderr)
     return 0
 
 

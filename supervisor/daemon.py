@@ -155,7 +155,7 @@ class Daemon:
                         app.on_abort, app.state_durability, app.max_state_mib, app.max_state_value_kib,
                         app.max_state_key_bytes) for app in config.apps.values()]
         request = CheckRequest(str(self.cache_dir), sup.max_open_files, sup.max_address_space_mib,
-                               sup.user, sup.group, sup.confinement, apps)
+                               sup.user, sup.group, apps, confinement=sup.confinement)
         results = run_check(request)
         by_name = {app.name: app for app in apps}
         problems = [f"{config.path}: [apps.{r['name']}] module: {r['problem']}" for r in results if "problem" in r]

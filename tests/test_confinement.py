@@ -185,8 +185,8 @@ def test_corral_check_says_what_this_kernel_offers(tmp_path):
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     from corral.workers.confine import landlock_abi
-    assert f"confinement: require (this kernel offers seccomp filters, Landlock ABI {landlock_abi()}" \
-        in done.stdout, done.stdout
+    assert f"corral: confinement: require (this kernel offers seccomp filters, Landlock ABI {landlock_abi()}" \
+        in done.stderr, done.stderr
 
 
 def test_the_check_child_is_confined_while_it_runs_a_first_instance(start_daemon, tmp_path):

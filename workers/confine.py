@@ -119,9 +119,11 @@ def python_reads() -> list[str]:
     reads = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              os.path.dirname(os.path.realpath(sys.executable))]
     reads += [p for p in sys.path if p]
-    # corral's folders (in a checkout, supervisor/ and workers/ are apart): loaded already.
-    reads += [os.path.dirname(sys.modules[name].__file__) for name in ("corral", "corral.workers")
-              if name in sys.modules]
+    # The folders of every module loaded so far, links resolved: corral's own (in a checkout
+    # supervisor/ and workers/ are apart, or a package of symlinks: bench --compare), and
+    # whatever else was imported from outside sys.path; their siblings load lazily.
+    reads += sorted({os.path.dirname(os.path.realpath(module.__file__)) for module in list(sys.modules.values())
+                     if isinstance(getattr(module, "__file__", None), str)})
     # Shared libraries loaded late (libgcc_s when a thread exits, libseccomp, libsqlite3)
     # and the loader's cache; the time zone for log lines; the CPU list that
     # os.cpu_count and wasmtime read; its own /proc entry (stack bounds, memory maps).

@@ -43,8 +43,8 @@ class WorkerSpec:
     user: str = ""
     group: str = ""
     state_dir: str = ""   # one SQLite database per service that uses durable state
-    confinement: str = "off"   # "require" | "best-effort" | "off" (docs/confinement.md)
     apps: list[AppSpec] = field(default_factory=list)
+    confinement: str = "off"   # "require" | "best-effort" | "off" (docs/confinement.md)
 
     def dump(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -63,8 +63,8 @@ class CheckRequest:
     max_address_space_mib: int = 0
     user: str = ""
     group: str = ""
-    confinement: str = "off"   # the check child confines itself as a worker does
     apps: list[AppSpec] = field(default_factory=list)  # their artifact: "" (the check finds it)
+    confinement: str = "off"   # the check child confines itself as a worker does
 
     def dumps(self) -> str:
         return json.dumps(asdict(self))
