@@ -5,7 +5,7 @@
     python bench/run.py --quick          everything, small (about 15 s): the CI smoke run
     python bench/run.py --throughput     only some sections: --throughput --half-load
                                          --hops --host --instantiate --abort --storage --fairness
-                                         --unwind --security --frames (any combination)
+                                         --unwind --security --frames --confinement (any combination)
 
 Sections (see bench/README.md for what each number means):
 
@@ -41,6 +41,9 @@ Sections (see bench/README.md for what each number means):
                process against the same check in-process
   frames       corral.wire.frames (send_frames, drain: the C extension) against plain
                pyzmq's send_multipart/recv_multipart, per six-frame message over inproc
+  confinement  the same load against corral with confinement = "off" and "require"
+               (seccomp + Landlock, docs/confinement.md) in interleaved rounds: req/s,
+               p99 and the ratio; a worker's start time (spawn to READY) with and without
 
 The code: this file parses the flags and runs the chosen sections in order;
 bench/sections/<name>.py measures one section (bench/systems.py: the servers
@@ -74,16 +77,17 @@ if str(REPO) not in sys.path:
 import zmq  # noqa: E402
 
 from bench import report as tables  # noqa: E402
-from bench.sections import (abort, fairness, frames, hops, host, instantiate, security,  # noqa: E402
-                            storage, throughput, unwind)
+from bench.sections import (abort, confinement, fairness, frames, hops, host, instantiate,  # noqa: E402
+                            security, storage, throughput, unwind)
 from bench.systems import BenchError, Context  # noqa: E402
 
 SECTIONS = ("throughput", "half-load", "hops", "host", "instantiate", "abort", "storage", "fairness", "unwind",
-            "security", "frames")
+            "security", "frames", "confinement")
 # The order they run in: the daemons first, then the in-process ones (throughput's
 # module runs half-load too, which needs its max).
 RUN_ORDER = ((("throughput", "half-load"), throughput), (("hops",), hops), (("abort",), abort),
              (("storage",), storage), (("fairness",), fairness), (("security",), security),
+             (("confinement",), confinement),
              (("host",), host), (("instantiate",), instantiate), (("unwind",), unwind), (("frames",), frames))
 
 

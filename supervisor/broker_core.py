@@ -492,6 +492,8 @@ class BrokerCore:
                               [self.services[n.encode()] for n in info["services"]
                                if n.encode() in self.services], now, self.liveness * heartbeat_s,
                               parked=bool(info.get("standby")))
+            confinement = info.get("confinement")
+            link.confinement = confinement if isinstance(confinement, dict) else {}
         except (IndexError, ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
             self.log.error("worker.bad_ready", worker=identity.decode(errors="replace"), error=str(exc))
             return
@@ -625,14 +627,18 @@ class BrokerCore:
         self.outbox.pop(link, None)
         detail = f"worker {link.identity.decode()} (pid {link.pid}) {cause}".encode()
         held = []
+        # Killed by its seccomp filter (docs/confinement.md): an abort of the request it was running.
+        running = min(link.inflight.values(), key=lambda r: r.sent, default=None) if "SIGSYS" in cause else None
         for request in sorted(link.inflight.values(), key=lambda r: r.ticket, reverse=True):
             if self.ledger.get(request.ticket) is not request:
                 continue
+            if request is running:
+                request.service.health.record_abort(request.body, now, request.probe)
             if request.idempotent:
                 request.redelivered = True
                 held.append(request)
             else:
-                if request.probe:
+                if request.probe and request is not running:
                     request.service.health.probe_lost()
                 self.log.warning("request.failed", request_id=request.request_id[:64].decode(errors="replace"),
                                  service=request.service.name.decode(), status=502, fault="crash",

@@ -154,6 +154,7 @@ class WorkerLink:
     parked: bool = False   # a standby worker: serves nothing until unparked
     handled: int = 0
     faults: int = 0
+    confinement: dict = field(default_factory=dict)   # its READY's word: seccomp, landlock, uid
     host: str = ""         # "" on this host; issue 18's remote workers name theirs
     reaped: bool = False   # its process is known to be gone: it can commit nothing more
 

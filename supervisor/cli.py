@@ -151,6 +151,8 @@ def check(args: argparse.Namespace) -> int:
     daemon = Daemon(config.path)
     daemon.cache_dir = paths.cache_dir(config.supervisor.cache_dir)
     try:
+        from corral.pool import confinement_refused
+        confinement_refused(config, daemon.log)
         daemon.compile(config, mode="check")
     except UntestedWasmtime as exc:
         return said([str(exc)], EX_SOFTWARE)
@@ -162,6 +164,10 @@ def check(args: argparse.Namespace) -> int:
         print(f"corral: warning: {warning}", file=sys.stderr)
     count = len(config.apps)
     print(f"{config.path}: ok, {count} app{'' if count == 1 else 's'}: {', '.join(sorted(config.apps))}")
+    from corral.workers.confine import offered
+    # On stderr, beside the warnings: stdout stays the one line that says the config is good.
+    print(f"corral: confinement: {config.supervisor.confinement} (this kernel offers {offered().describe()}; "
+          f"docs/confinement.md)", file=sys.stderr)
     return 0
 
 

@@ -28,6 +28,7 @@ RESERVED_SERVICE_PREFIX = "mmi."
 # a unit's dynamic user can read a secret key that only root may read on disk (docs/operating.md).
 CREDENTIALS = "$CREDENTIALS_DIRECTORY"
 CREDENTIALS_UNSET = "$CREDENTIALS_DIRECTORY is not set"
+CONFINEMENT_MODES = ("require", "best-effort", "off")   # corral.workers.confine.MODES
 
 
 class ConfigError(Exception):
@@ -72,6 +73,9 @@ class SupervisorSettings:
     user: str = ""  # drop to this user/group when started as root
     group: str = ""
     state_dir: str = ""  # durable state (docs/state.md); default: paths.state_dir()
+    # Workers' seccomp and Landlock (docs/confinement.md): "require" | "best-effort" | "off";
+    # empty: "require" where the kernel offers both, else "best-effort" (with_defaults).
+    confinement: str = ""
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,7 @@ _SUPERVISOR_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "user": (_STR, _a_path),   # a NUL in a name is refused as in a path
     "group": (_STR, _a_path),
     "state_dir": (_STR, None),
+    "confinement": (_STR, _one_of(CONFINEMENT_MODES)),
 }
 _RESTART_KEYS = {
     "intensity": (_INT, _non_negative),
@@ -480,10 +485,13 @@ def _read_app(reader: _Reader, file: Path, name: str, table: Any) -> AppSettings
 
 def with_defaults(config: Config) -> Config:
     """Fill in the defaults that depend on the environment."""
-    if config.supervisor.control:
-        return config
-    return replace(config, supervisor=replace(config.supervisor,
-                                              control=paths.default_control_endpoint(config.path)))
+    sup = config.supervisor
+    if not sup.confinement:
+        from corral.workers.confine import default_mode
+        sup = replace(sup, confinement=default_mode())
+    if not sup.control:
+        sup = replace(sup, control=paths.default_control_endpoint(config.path))
+    return replace(config, supervisor=sup)
 
 
 def to_toml(doc: dict[str, Any]) -> str:

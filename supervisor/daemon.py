@@ -48,7 +48,7 @@ from corral.rollout import Rollout
 from corral.snapshot import Board, Facts, Snapshot, take as take_snapshot
 from corral.verbs import Arbiter
 from corral.wire.tuning import quiet_garbage_collector
-from corral.pool import (STANDBY_BASE, Pool, WorkerProcess, WorkerState, describe_exit,
+from corral.pool import (STANDBY_BASE, Pool, WorkerProcess, WorkerState, confinement_refused, describe_exit,
                              kill_stale_workers)
 from corral.workers import state
 from corral.workers.spec import AppSpec, CheckRequest, WorkerSpec, resolve
@@ -93,6 +93,7 @@ class Daemon:
             config = config_module.with_defaults(config_module.load(self.config_path))
             logs.configure(config.logging.level, config.logging.format)
             self.cache_dir = paths.cache_dir(config.supervisor.cache_dir)
+            confinement_refused(config, self.log)   # docs/confinement.md
             runtime = paths.runtime_dir()
             kill_stale_workers(runtime, self.log)   # before the state files: none may still commit
             spec_inputs = self.compile(config, mode="start")
@@ -159,7 +160,7 @@ class Daemon:
                         app.on_abort, app.state_durability, app.max_state_mib, app.max_state_value_kib,
                         app.max_state_key_bytes) for app in config.apps.values()]
         request = CheckRequest(str(self.cache_dir), sup.max_open_files, sup.max_address_space_mib,
-                               sup.user, sup.group, apps)
+                               sup.user, sup.group, apps, confinement=sup.confinement)
         results = run_check(request)
         by_name = {app.name: app for app in apps}
         problems = [f"{config.path}: [apps.{r['name']}] module: {r['problem']}" for r in results if "problem" in r]
@@ -219,7 +220,7 @@ class Daemon:
                           log_format=config.logging.format, cache_dir=str(self.cache_dir),
                           max_open_files=sup.max_open_files,
                           max_address_space_mib=sup.max_address_space_mib, user=sup.user, group=sup.group,
-                          state_dir=str(self.state_dir(config)), apps=apps)
+                          state_dir=str(self.state_dir(config)), confinement=sup.confinement, apps=apps)
         spec_path = self.run_dir / f"spec-{self.config_generation}.json"
         spec.dump(spec_path)
         self.pool.use_spec(spec_path, self.config_generation, sup.max_requests, sup.max_requests_jitter)
@@ -681,6 +682,8 @@ def run_check(request: CheckRequest) -> list[dict]:
         answer = json.loads(done.stdout)
         if "untested" in answer:
             raise UntestedWasmtime(answer["untested"])
+        if "refused" in answer:   # confinement = "require" and the child could not confine itself
+            raise ConfigError([f"[supervisor] confinement = \"require\": {answer['refused']}"])
         results = answer["apps"]
         if sorted(r["name"] for r in results) != sorted(app.name for app in request.apps):
             raise ValueError("not one result per app")

@@ -91,8 +91,25 @@ def describe_exit(returncode: int) -> str:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = "?"
+        if -returncode == signal.SIGSYS:   # the kernel's answer to a call off the allowlist
+            name += ": a system call its seccomp filter forbids"
         return f"killed by signal {-returncode} ({name})"
     return f"exited with code {returncode}"
+
+
+def confinement_refused(config, log) -> None:
+    """At start-up, before any worker: with `require`, a kernel that lacks a mechanism is a
+    config error naming it (exit 78); with `best-effort`, what is missing is logged once.
+    (Each worker checks again for itself: docs/confinement.md.)"""
+    from corral.config import ConfigError
+    from corral.workers.confine import offered
+    mode = config.supervisor.confinement
+    missing = offered().missing() if mode != "off" else []
+    if missing and mode == "require":
+        raise ConfigError([f"{config.path}: [supervisor] confinement = \"require\", but workers cannot "
+                           f"confine themselves here: {problem}" for problem in missing])
+    if missing:
+        log.warning("daemon.confinement_partial", mode=mode, missing=missing)
 
 
 class Pool:

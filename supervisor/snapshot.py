@@ -39,12 +39,24 @@ class WorkerView:
     rss_bytes: int | None = None
     cpu_percent: float | None = None
     uptime_s: float = 0.0
+    # What the worker said in READY (docs/confinement.md); None before it is ready.
+    seccomp: bool | None = None
+    landlock: int | None = None   # the Landlock ABI it applied; 0: none
+    uid: int | None = None
 
     def to_json(self) -> dict:
         return {"slot": self.slot, "identity": self.identity, "generation": self.generation, "pid": self.pid,
                 "state": self.state, "config_generation": self.config_generation, "requests": self.requests,
                 "in_flight": self.in_flight, "faults": self.faults, "rss_bytes": self.rss_bytes,
-                "cpu_percent": self.cpu_percent, "uptime_s": self.uptime_s}
+                "cpu_percent": self.cpu_percent, "uptime_s": self.uptime_s, "seccomp": self.seccomp,
+                "landlock": self.landlock, "uid": self.uid}
+
+    def confined(self) -> str:
+        """`corral status`'s column: "seccomp+landlock7", "landlock7", "none", "-" (not ready)."""
+        if self.seccomp is None:
+            return "-"
+        parts = (["seccomp"] if self.seccomp else []) + ([f"landlock{self.landlock}"] if self.landlock else [])
+        return "+".join(parts) or "none"
 
 
 @dataclass(frozen=True)
@@ -196,12 +208,12 @@ class Snapshot:
                + (", ".join(f"{k}: {v}" for k, v in self.statuses) or "none yet"),
                f"\nworkers ({len(self.workers)} of {self.workers_target} wanted):",
                f"  {'slot':>4} {'gen':>4} {'pid':>8} {'state':<9} {'requests':>9} {'faults':>6} {'rss MiB':>8}"
-               f" {'cpu %':>6}"]
+               f" {'cpu %':>6} {'uid':>5} confined"]
         for w in self.workers:
             rss = f"{w.rss_bytes / 1048576:.1f}" if w.rss_bytes else "-"
             cpu = f"{w.cpu_percent:.0f}" if w.cpu_percent is not None else "-"
             out.append(f"  {w.slot:>4} {w.generation:>4} {w.pid:>8} {w.state:<9} {w.requests:>9} "
-                       f"{w.faults:>6} {rss:>8} {cpu:>6}")
+                       f"{w.faults:>6} {rss:>8} {cpu:>6} {'-' if w.uid is None else w.uid:>5} {w.confined()}")
         out.append("\nservices:")
         out.append(f"  {'name':<20} {'instances':<12} {'circuit':<10} {'queued':>6} {'running':>7} "
                    f"{'dropped':>7}  statuses")
@@ -231,6 +243,11 @@ def _statuses(data: dict) -> tuple[tuple[int, int], ...]:
 
 def _counts(counter) -> tuple:
     return tuple(sorted((int(k) if not isinstance(k, str) else k, v) for k, v in dict(counter).items()))
+
+
+def _confinement(said: dict) -> tuple:
+    """(seccomp, landlock, uid) from a worker's READY, None where it said nothing."""
+    return bool(said["seccomp"]) if "seccomp" in said else None, said.get("landlock"), said.get("uid")
 
 
 @dataclass(frozen=True)
@@ -266,7 +283,8 @@ def take(broker, pool, facts: Facts, *, measure: bool = True, state_stats: State
         workers.append(WorkerView(worker.slot, worker.identity.decode(), worker.generation, worker.pid, state,
                                   worker.config_generation, link.handled if link else 0,
                                   len(link.inflight) if link else 0, link.faults if link else 0,
-                                  rss, cpu, round(now - worker.started, 3)))
+                                  rss, cpu, round(now - worker.started, 3),
+                                  *_confinement(link.confinement if link else {})))
     running: dict = {}
     for link in links.values():
         for request in link.inflight.values():

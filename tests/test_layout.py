@@ -65,7 +65,8 @@ def test_the_rule_catches_a_worker_importing_the_arbiter(tmp_path):
 # The spec: what the daemon writes for its children. The state store: SQLite
 # only, no wasmtime (checked below); the daemon checks state files at start-up
 # and the operator's `corral state` verbs read them.
-ARBITER_MAY_IMPORT_OF_WORKERS = {"corral.workers.spec", "corral.workers.state"}
+# And what the kernel offers for confinement (docs/confinement.md): ctypes and libseccomp only.
+ARBITER_MAY_IMPORT_OF_WORKERS = {"corral.workers.spec", "corral.workers.state", "corral.workers.confine"}
 
 
 def test_the_arbiter_imports_nothing_of_the_worker_but_its_spec():

@@ -19,7 +19,7 @@ from corral.pool import STANDBY_BASE, WorkerState
 from corral.snapshot import ClientView, Latency, ServiceView, Snapshot, StateView, WorkerView
 
 WORKER_KEYS = {"slot", "identity", "generation", "pid", "state", "config_generation", "requests", "in_flight",
-               "faults", "rss_bytes", "cpu_percent", "uptime_s"}
+               "faults", "rss_bytes", "cpu_percent", "uptime_s", "seccomp", "landlock", "uid"}
 SERVICE_KEYS = {"name", "instances", "circuit", "circuit_opened", "queued", "running", "dropped", "quarantined",
                 "statuses"}
 CLIENT_KEYS = {"client", "queued", "running", "unread_bytes", "dropped", "refused", "over_budget"}
@@ -103,7 +103,8 @@ def test_take_copies_the_daemon_into_a_snapshot():
     service = SimpleNamespace(app=SimpleNamespace(instances="reuse"), health=health, queue=[1, 2], keyed=False,
                               statuses=Counter({200: 3}), latency=histogram, dropped=0, affinity={}, evicted=0)
     request = SimpleNamespace(service=service)
-    link = SimpleNamespace(handled=3, inflight={b"t": request}, faults=1)
+    link = SimpleNamespace(handled=3, inflight={b"t": request}, faults=1,
+                           confinement={"seccomp": True, "landlock": 7, "uid": 0})
     worker = SimpleNamespace(slot=0, generation=1, identity=b"w0.1", pid=7, state=WorkerState.READY,
                              standby=False, config_generation=1, psutil=None, started=0.0)
     broker = SimpleNamespace(links={b"w0.1": link}, services={b"echo": service}, ledger={1: request, 2: None},
@@ -115,6 +116,7 @@ def test_take_copies_the_daemon_into_a_snapshot():
     now = snapshot.take(broker, pool, facts, state_stats=stats)
     assert now.state == "reloading" and now.in_flight == 2 and now.served == 3
     assert now.workers[0].in_flight == 1 and now.workers[0].faults == 1 and now.workers[0].state == "ready"
+    assert (now.workers[0].seccomp, now.workers[0].landlock, now.workers[0].uid) == (True, 7, 0)
     echo = now.services[0]
     assert echo.queued == 2 and echo.running == 1 and echo.state == StateView(1, 0, 5, 1)
     assert echo.latency.count == 1 and sum(echo.latency.counts) == 1

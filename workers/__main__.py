@@ -4,17 +4,20 @@ Started by the daemon's pool, never by hand: it connects to the broker's
 backend named in SPEC, announces itself READY and serves until told to
 leave, or retires after an abort.
 
-Order matters: the parent-death signal and resource limits come first; the
-compiled modules are loaded (from the daemon's own cache: trusted) and every
-import done while the worker may still be root; then privileges are dropped
-and no new ones allowed, and only then is guest code run (start functions,
-corral_init).
+Order matters: the parent-death signal and resource limits come first; every
+import is done; then the worker confines itself (docs/confinement.md: no new
+privileges, Landlock, seccomp) while it is still one thread, before ZeroMQ's
+context or the epoch ticker start and before any module is loaded. The
+compiled modules are then loaded (from the daemon's own cache: trusted) while
+the worker may still be root; then it drops to its user, and only then is
+guest code run (start functions, corral_init).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -43,8 +46,19 @@ def main(argv: list[str] | None = None) -> int:
         # Imported here, so that an untested wasmtime (abi.UntestedWasmtime) is logged.
         from corral.workers.host import Host
         from corral.workers.loop import WorkerLoop
+    except Exception as exc:
+        log.error("worker.start_failed", error=f"{type(exc).__name__}: {exc}")
+        return 3
+    from corral.workers import confine
+    ids = oslimits.target_ids(spec.user, spec.group)   # before confinement closes /etc
+    try:
+        confined = confine.confine(worker_plan(spec, ids), spec.confinement)
+    except confine.Refused as exc:   # confinement = "require" on a kernel without it
+        log.error("worker.confinement_refused", missing=str(exc))
+        return confine.EX_CONFIG
+    try:
         host = Host(spec, log)
-        oslimits.drop_privileges(spec.user, spec.group)
+        oslimits.become(ids)
         oslimits.die_with_parent(args.parent)  # a change of credentials clears it
         host.warm()
     except Exception as exc:  # the daemon validated the modules; this is the environment
@@ -52,13 +66,29 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     from corral.wire.tuning import quiet_garbage_collector
     quiet_garbage_collector()
-    code = WorkerLoop(spec, args.slot, args.generation, host, log, args.max_requests, args.standby).run()
+    code = WorkerLoop(spec, args.slot, args.generation, host, log, args.max_requests, args.standby,
+                      confined.as_dict()).run()
     # The socket is flushed and closed (its context terminated). Skip the
     # interpreter's teardown: finalizing every store and module is ~10 ms of
     # CPU, spent just when the other workers take over this one's load.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def worker_plan(spec, ids: tuple[int, int] | None):
+    """What a worker must still reach once confined (docs/confinement.md); `ids`: the
+    user it drops to once its modules are loaded."""
+    from corral.workers import confine
+    reads = confine.python_reads() + [app.module for app in spec.apps] + [app.artifact for app in spec.apps]
+    writes = [spec.cache_dir] + ([spec.state_dir] if spec.state_dir else [])
+    # tests/test_state.py's hook (loop.KILL_AFTER_COMMIT): the file it looks for and removes.
+    if os.environ.get("CORRAL_TEST_KILL_AFTER_COMMIT"):
+        writes.append(os.path.dirname(os.environ["CORRAL_TEST_KILL_AFTER_COMMIT"]))
+    families = (socket.AF_UNIX,) if spec.backend.startswith("ipc://") else \
+        (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
+    return confine.Plan(reads=tuple(reads), writes=tuple(writes), tcp_ports=tuple(confine.endpoint_ports(spec.backend)),
+                        families=families, become=ids)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@
 The arbiter never runs guest code, nor compiles it: it writes a CheckRequest
 on this process's stdin and reads one result per app from its stdout, either
 the compiled artifact in the cache or the problem (as `corral check` words
-it). This process takes a worker's OS limits and, after compiling (which
-writes the daemon's cache), drops to the worker's user before any guest code
-runs: start functions and `corral_init` of the first instance.
+it). This process takes a worker's OS limits and confines itself as a worker
+does (docs/confinement.md) before it compiles anything; after compiling
+(which writes the daemon's cache), it drops to the worker's user before any
+guest code runs: start functions and `corral_init` of the first instance.
 """
 
 from __future__ import annotations
@@ -67,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     request = CheckRequest.loads(sys.stdin.read())
     oslimits.limit_resources(request.max_open_files, request.max_address_space_mib)
 
+    ids = oslimits.target_ids(request.user, request.group)   # before confinement closes /etc
+
     def drop() -> None:
-        oslimits.drop_privileges(request.user, request.group)
+        oslimits.become(ids)
         oslimits.die_with_parent(args.parent)  # a change of credentials clears it
 
     try:
@@ -79,10 +82,26 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps({"untested": str(exc)}) + "\n")
         sys.stdout.flush()
         return EX_SOFTWARE
+    from corral.workers import confine
+    try:
+        confine.confine(check_plan(request, ids), request.confinement)
+    except confine.Refused as exc:
+        sys.stdout.write(json.dumps({"refused": str(exc)}) + "\n")
+        sys.stdout.flush()
+        return confine.EX_CONFIG
     results = check(request, drop)
     sys.stdout.write(json.dumps({"apps": results}) + "\n")
     sys.stdout.flush()
     return 0
+
+
+def check_plan(request: CheckRequest, ids: tuple[int, int] | None):
+    """What the check child must still reach once confined: its imports, the modules'
+    sources and the cache it writes; no socket at all (it talks through its pipes).
+    `ids`: the user it drops to after compiling."""
+    from corral.workers import confine
+    return confine.Plan(reads=tuple(confine.python_reads() + [app.module for app in request.apps]),
+                        writes=(request.cache_dir,), families=(), become=ids)
 
 
 if __name__ == "__main__":

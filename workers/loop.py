@@ -61,7 +61,7 @@ class Job:
 
 class WorkerLoop:
     def __init__(self, spec, slot: int, generation: int, host: Host, log,
-                 max_requests: int = 0, standby: bool = False):
+                 max_requests: int = 0, standby: bool = False, confinement: dict | None = None):
         self.spec = spec
         self.host = host
         self.log = log
@@ -69,6 +69,7 @@ class WorkerLoop:
         self.heartbeat_s = spec.heartbeat_ms / 1000
         self.max_requests = max_requests
         self.standby = standby  # the broker sends nothing until the daemon promotes it
+        self.confinement = confinement or {}   # told in READY: seccomp, landlock ABI, uid
         self.parent = os.getppid()
         self.jobs: deque[Job] = deque()
         self.replies: list[bytes] = [W_REPLY]
@@ -90,7 +91,8 @@ class WorkerLoop:
     def run(self) -> int:
         self.send(W_READY + encode_json({"pid": os.getpid(), "capacity": self.spec.capacity,
                                          "services": [g.decode() for g in self.host.guests],
-                                         "standby": self.standby, "heartbeat_ms": self.spec.heartbeat_ms}))
+                                         "standby": self.standby, "heartbeat_ms": self.spec.heartbeat_ms,
+                                         "confinement": self.confinement}))
         while True:
             if not self.jobs:
                 self.flush()

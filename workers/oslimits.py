@@ -46,8 +46,18 @@ def limit_resources(max_open_files: int, max_address_space_mib: int = 0) -> None
 def drop_privileges(user: str, group: str) -> None:
     """Become `user`/`group` when started as root (names or numeric ids), then
     forbid gaining privileges again (no setuid binaries, no file capabilities)."""
-    if os.getuid() == 0 and (user or group):
-        uid, gid = resolve(user, group)
+    become(target_ids(user, group))
+
+
+def target_ids(user: str, group: str) -> tuple[int, int] | None:
+    """The (uid, gid) to drop to, or None: looked up before confinement, which closes /etc."""
+    return resolve(user, group) if os.getuid() == 0 and (user or group) else None
+
+
+def become(ids: tuple[int, int] | None) -> None:
+    """Drop to already resolved ids (no lookup: a confined worker cannot read /etc/passwd)."""
+    if ids is not None:
+        uid, gid = ids
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)

@@ -44,6 +44,7 @@ class WorkerSpec:
     group: str = ""
     state_dir: str = ""   # one SQLite database per service that uses durable state
     apps: list[AppSpec] = field(default_factory=list)
+    confinement: str = "off"   # "require" | "best-effort" | "off" (docs/confinement.md)
 
     def dump(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -63,6 +64,7 @@ class CheckRequest:
     user: str = ""
     group: str = ""
     apps: list[AppSpec] = field(default_factory=list)  # their artifact: "" (the check finds it)
+    confinement: str = "off"   # the check child confines itself as a worker does
 
     def dumps(self) -> str:
         return json.dumps(asdict(self))

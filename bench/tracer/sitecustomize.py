@@ -44,9 +44,14 @@ if _DIR:
 
     _frames.send_frames, _frames.recv_payload, _frames.drain = send_frames, recv_payload, drain
 
+    # Opened now, written at exit: a worker confines itself in between (docs/confinement.md)
+    # and may not open files in this folder then.
+    _out = open(os.path.join(_DIR, f"{os.getpid()}.txt"), "w")
+
     def _dump() -> None:
-        with open(os.path.join(_DIR, f"{os.getpid()}.txt"), "w") as out:
-            out.writelines(f"{t} {direction} {kind}\n" for t, direction, kind in _events)
+        if not _out.closed:
+            with _out:
+                _out.writelines(f"{t} {direction} {kind}\n" for t, direction, kind in _events)
 
     _exit = os._exit
 
