@@ -9,6 +9,7 @@
 ;;           f counts and returns 1, t counts and traps, a counts and sets the alarm again
 ;;           100 ms later until the count is 3, r counts and returns 1 until retries is 2
 ;;   c       answer the count of successful alarm runs (kv "count")
+;;   t       answer the wall-clock time (ms) of the last successful run (kv "ran"), or 0
 ;;   l       answer this instance's log: "h" per request, "A<retries>" per alarm run
 ;;   x<ms>   alarm_set(ms), then trap (502): nothing of it is kept
 ;;   y<ms>   alarm_set(ms), then throw (500)
@@ -20,13 +21,15 @@
   (import "corral" "alarm_delete" (func $alarm_delete (result i32)))
   (import "corral" "kv_get" (func $kv_get (param i32 i32 i32 i32) (result i64)))
   (import "corral" "kv_put" (func $kv_put (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock_time_get (param i32 i64 i32) (result i32)))
   (memory (export "memory") 1)
   (tag $panic)
   (global $loglen (mut i32) (i32.const 0))
-  ;; 0..8: count.  8..13: "count".  16..20: "mode".  24: the mode byte.
+  ;; 0..8: count.  8..13: "count".  16..20: "mode".  24: the mode byte.  40..48: the clock.  48..51: "ran".
   ;; 32..64: answers.  1024..2048: the request.  4096..: the log.
   (data (i32.const 8) "count")
   (data (i32.const 16) "mode")
+  (data (i32.const 48) "ran")
 
   (func (export "corral_alloc") (param $len i32) (result i32)
     (if (i32.gt_u (local.get $len) (i32.const 1024)) (then (return (i32.const 0))))
@@ -96,6 +99,10 @@
               (call $kv_put (i32.const 16) (i32.const 4) (i32.const 24) (i32.const 1)))))))
     (if (i32.eq (local.get $c) (i32.const 99))  ;; c
       (then (return (call $answer (call $count)))))
+    (if (i32.eq (local.get $c) (i32.const 116))  ;; t
+      (then (i64.store (i32.const 40) (i64.const 0))
+            (drop (call $kv_get (i32.const 48) (i32.const 3) (i32.const 40) (i32.const 8)))
+            (return (call $answer (i64.load (i32.const 40))))))
     (if (i32.eq (local.get $c) (i32.const 108))  ;; l
       (then (i32.store8 (i32.const 4095) (i32.const 0))
             (return (i64.or (i64.shl (i64.const 4095) (i64.const 32))
@@ -116,6 +123,9 @@
     (call $log (i32.add (i32.const 48) (local.get $retries)))
     (i64.store (i32.const 0) (i64.add (call $count) (i64.const 1)))
     (drop (call $kv_put (i32.const 8) (i32.const 5) (i32.const 0) (i32.const 8)))
+    (drop (call $clock_time_get (i32.const 0) (i64.const 1000000) (i32.const 40)))
+    (i64.store (i32.const 40) (i64.div_u (i64.load (i32.const 40)) (i64.const 1000000)))
+    (drop (call $kv_put (i32.const 48) (i32.const 3) (i32.const 40) (i32.const 8)))
     (i32.store8 (i32.const 24) (i32.const 111))
     (drop (call $kv_get (i32.const 16) (i32.const 4) (i32.const 24) (i32.const 1)))
     (local.set $mode (i32.load8_u (i32.const 24)))

@@ -1,4 +1,8 @@
-"""The alarm schedule (docs/alarms.md): which alarms are due, their retries, and drops.
+"""Alarms in the arbiter (docs/alarms.md): the schedule, and the runs it hands the broker.
+
+`Alarms` is the schedule; `AlarmRunner` turns its due runs into requests of
+the broker core (requests with no client: their outcome comes back to
+AlarmRunner.settle) and the workers' reports (W_ALARMS) into updates.
 
 A plain object, in the arbiter: no sockets, no database, `now` passed in
 (wall-clock milliseconds, the alarms' own clock). The broker feeds it what
@@ -29,13 +33,18 @@ from __future__ import annotations
 import heapq
 import os
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+
+from corral.wire import protocol
+from corral.wire.protocol import Dialect, Status
 
 RETRIES = 6               # runs after the first, at most
 BACKOFF_MS = 1000         # before the first retry; doubling
 JITTER = 0.25
 MAX_RUNNING = 64          # runs of one service out at once
+RUN_DEADLINE_S = 30.0     # a run still queued this long is a failed run (504), as a client's request
 # Tests only: the first backoff, so that seven runs take seconds rather than a minute.
 TEST_BACKOFF_MS = int(os.environ.get("CORRAL_TEST_ALARM_BACKOFF_MS", "0") or 0)
 
@@ -209,3 +218,103 @@ class Alarms:
         counts = alarms.counts if alarms else Counter()
         return {"pending": self.pending(service), "fired": counts["fired"], "failed": counts["failed"],
                 "dropped": counts["dropped"]}
+
+
+class AlarmRunner:
+    """The broker's side of alarms: due runs become requests of the core (routed, timed,
+    judged and answered as a client's request of that scope), their outcomes go back to
+    the schedule, and the workers' reports of what they committed keep it current.
+
+    The core is duck-typed (services, draining, enqueue(..., owner=)); nothing here
+    touches a socket."""
+
+    flags = protocol.ALARM   # what the core marks this owner's requests with, for the worker
+
+    def __init__(self, log, schedule: Alarms | None = None, clock=time.time):
+        self.log = log
+        self.schedule = schedule or Alarms()
+        self.clock = clock
+        self.runs: dict[int, Run] = {}     # ticket -> the run it is
+        self.changed = False               # the schedule changed: the loop's timer may be due sooner
+
+    def wall_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def load(self, service: str, rows) -> None:
+        """A service's pending alarms, read from its database (start-up, reload)."""
+        self.schedule.load(service.encode(), rows)
+        self.changed = True
+
+    def keep_only(self, services) -> None:
+        """After a reload: forget the alarms of services that are gone."""
+        names = {name.encode() for name in services}
+        for name in [n for n in self.schedule.services if n not in names]:
+            self.schedule.forget(name)
+
+    def on_report(self, link, payload: bytes) -> None:
+        """W_ALARMS from a worker: what its last commit left of each scope's alarm. A service
+        the worker does not serve is a protocol violation (ValueError)."""
+        served = {service.name for service in link.services}
+        for service, scope, at_ms in protocol.iter_alarms(payload):
+            if service not in served:
+                raise ValueError(f"W_ALARMS for service {service[:64]!r}, which this worker does not serve")
+            self.schedule.update(service, scope, at_ms)
+        self.changed = True
+
+    def next_due(self) -> float | None:
+        """Seconds until the next run is due (0 if it is), None when nothing waits."""
+        due = self.schedule.next_due()
+        return None if due is None else max(0.0, (due - self.wall_ms()) / 1000)
+
+    def fire(self, core, now: float) -> int:
+        """Queue every run that is due; returns how many. Nothing new while draining."""
+        if core.draining:
+            return 0
+        wall = self.wall_ms()
+        fired = 0
+        for run in self.schedule.due(wall):
+            service = core.services.get(run.service)
+            body = protocol.alarm_body(-1 if run.drop else run.retries, run.at_ms)
+            refusal, probe = None, False
+            if service is None:
+                refusal = "its service is gone"
+            elif service.keyed and not run.scope:
+                refusal = "a keyed service's alarm needs a key"
+            elif not run.drop:
+                # The circuit and quarantine hold as for a client's request; a refusal is a
+                # failed run, retried after its backoff.
+                if service.health.quarantined(body, now):
+                    refusal = "quarantined"
+                else:
+                    probe, refused = service.health.admit(now)
+                    refusal = refused or None
+            if refusal is not None:
+                self.ended(run, False, f"not run: {refusal}", wall)
+                continue
+            request = core.enqueue(b"", Dialect.NATIVE, b"alarm", service, run.scope if service.keyed else None,
+                                   body, now + RUN_DEADLINE_S, False, now, probe, owner=self)
+            self.runs[request.ticket] = run
+            fired += 1
+        return fired
+
+    def settle(self, request, status: Status, body: bytes, now: float) -> None:
+        """The core's word on a run: 200 is done, anything else failed."""
+        run = self.runs.pop(request.ticket, None)
+        if run is not None:
+            self.ended(run, status is Status.OK, f"{int(status)} {body[:200].decode(errors='replace')}",
+                       self.wall_ms())
+
+    def ended(self, run: Run, ok: bool, detail: str, wall: int) -> None:
+        verdict = self.schedule.finished(run, ok, wall)
+        self.changed = True
+        fields = {"service": run.service.decode(errors="replace"), "scope": run.scope[:64].hex(),
+                  "at_ms": run.at_ms}
+        if verdict == "failed":
+            self.log.info("alarm.failed", retries=run.retries, detail=detail, **fields)
+        elif verdict == "dropped":
+            self.log.warning("alarm.dropped", retries=self.schedule.retries, **fields)
+        elif verdict == "retry":
+            self.log.info("alarm.drop_failed", detail=detail, **fields)
+
+    def counts(self, service: str) -> dict[str, int]:
+        return self.schedule.counts(service.encode())

@@ -174,3 +174,202 @@ def sqlite3_connect_v1(path: Path):
     schema = state._SCHEMA.split("CREATE TABLE IF NOT EXISTS alarms")[0]
     connection.executescript("BEGIN;" + schema + "PRAGMA user_version = 1; COMMIT;")
     return connection
+
+
+# --- the real daemon -----------------------------------------------------------------
+
+BACKOFF_ENV = {"CORRAL_TEST_ALARM_BACKOFF_MS": "100"}   # 0.1 s, 0.2 s, ... 3.2 s: seven runs in ~6 s
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def number(reply) -> int:
+    assert reply.status == 200, (reply.status, reply.body)
+    return int(reply.body)
+
+
+def alarm_apps(**overrides) -> dict:
+    keyed = {"module": ALARM, "instances": "keyed", "timeout_ms": 500}
+    keyed.update(overrides)
+    return {"alarms": keyed, "single": {"module": ALARM, "timeout_ms": 500}}
+
+
+def alarm_counts(daemon, service: str = "alarms") -> dict:
+    return next(s for s in daemon.status()["services"] if s["name"] == service)["alarms"]
+
+
+@pytest.mark.timeout(60)
+def test_set_get_delete_and_a_negative_time(start_daemon):
+    daemon = start_daemon(alarm_apps())
+    far = wall_ms() + 3_600_000
+    for service, key in (("alarms", {"key": "k"}), ("single", {})):
+        assert number(daemon.call(service, b"g", **key)) == -1
+        assert number(daemon.call(service, b"s%d" % far, **key)) == 0
+        assert number(daemon.call(service, b"g", **key)) == far
+        assert number(daemon.call(service, b"s-5", **key)) == -2
+        assert number(daemon.call(service, b"d", **key)) == 1
+        assert number(daemon.call(service, b"d", **key)) == 0
+        assert number(daemon.call(service, b"g", **key)) == -1
+    assert number(daemon.call("alarms", b"s%d" % far, key="other")) == 0
+    assert number(daemon.call("alarms", b"g", key="k")) == -1    # one alarm per scope
+    assert alarm_counts(daemon) == {"pending": 1, "fired": 0, "failed": 0, "dropped": 0}
+
+
+@pytest.mark.timeout(60)
+def test_an_alarm_fires_on_time_and_never_before(start_daemon):
+    daemon = start_daemon(alarm_apps())
+    ats = {}
+    for key, delay in (("a", 600), ("b", 900), ("c", 300)):
+        ats[key] = wall_ms() + delay
+        assert number(daemon.call("alarms", b"s%d" % ats[key], key=key)) == 0
+    ats["svc"] = wall_ms() + 500
+    assert number(daemon.call("single", b"s%d" % ats["svc"])) == 0
+    daemon.wait_for(lambda: all(number(daemon.call("alarms", b"c", key=k)) == 1 for k in "abc"), timeout=10,
+                    what="three keyed alarms fired")
+    daemon.wait_for(lambda: number(daemon.call("single", b"c")) == 1, timeout=10, what="the service's alarm")
+    lateness = {}
+    for key in ats:
+        ran = number(daemon.call("single", b"t") if key == "svc" else daemon.call("alarms", b"t", key=key))
+        assert ran >= ats[key], f"{key} ran {ats[key] - ran} ms early"
+        lateness[key] = ran - ats[key]
+        assert number(daemon.call("single", b"g") if key == "svc" else daemon.call("alarms", b"g", key=key)) == -1
+    # The contract is 100 ms on an idle daemon; the test machine is shared, so only gross lateness fails.
+    assert max(lateness.values()) < 1000, lateness
+    print("lateness (ms):", lateness)
+    assert alarm_counts(daemon) == {"pending": 0, "fired": 3, "failed": 0, "dropped": 0}
+
+
+@pytest.mark.timeout(60)
+def test_an_alarm_set_by_a_request_that_ends_500_502_504_is_not_kept(start_daemon):
+    daemon = start_daemon(alarm_apps(timeout_ms=300), restart={"intensity": 1000})
+    soon = wall_ms() + 300
+    assert daemon.call("alarms", b"x%d" % soon, key="trap").status == 502
+    assert daemon.call("alarms", b"y%d" % soon, key="throw").status == 500
+    assert daemon.call("alarms", b"z%d" % soon, key="spin").status == 504
+    time.sleep(0.8)
+    for key in ("trap", "throw", "spin"):
+        assert number(daemon.call("alarms", b"g", key=key)) == -1
+        assert number(daemon.call("alarms", b"c", key=key)) == 0
+    assert alarm_counts(daemon)["pending"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_a_failing_handler_is_retried_with_backoff_then_dropped(start_daemon):
+    daemon = start_daemon(alarm_apps(), env=BACKOFF_ENV)
+    assert number(daemon.call("alarms", b"mf", key="failing")) == 0
+    assert number(daemon.call("alarms", b"mr", key="recovers")) == 0
+    at = wall_ms() + 200
+    for key in ("failing", "recovers"):
+        assert number(daemon.call("alarms", b"s%d" % at, key=key)) == 0
+    daemon.wait_for(lambda: alarm_counts(daemon)["dropped"] == 1, timeout=30, what="the alarm dropped")
+    # retries 0..6: seven runs on the key's instance, none kept; then deleted for good
+    assert daemon.call("alarms", b"l", key="failing").body == b"hhh" + b"".join(b"A%d" % r for r in range(7)) + b"h"
+    assert number(daemon.call("alarms", b"g", key="failing")) == -1
+    assert number(daemon.call("alarms", b"c", key="failing")) == 0
+    # fails on retries 0 and 1, succeeds on 2: kept once
+    assert number(daemon.call("alarms", b"c", key="recovers")) == 1
+    assert number(daemon.call("alarms", b"g", key="recovers")) == -1
+    assert alarm_counts(daemon) == {"pending": 0, "fired": 1, "failed": 9, "dropped": 1}
+    failures = [e for e in daemon.events("alarm.failed") if e["scope"] == b"failing".hex()]
+    assert [e["retries"] for e in failures] == list(range(7))
+    dropped = daemon.events("alarm.dropped")
+    assert len(dropped) == 1 and dropped[0]["scope"] == b"failing".hex()
+
+
+@pytest.mark.timeout(90)
+def test_an_alarm_survives_a_worker_sigkill(start_daemon):
+    daemon = start_daemon(alarm_apps())
+    at = wall_ms() + 1500
+    for key in ("a", "b", "c", "d"):
+        assert number(daemon.call("alarms", b"s%d" % at, key=key)) == 0
+    assert number(daemon.call("single", b"s%d" % at)) == 0
+    old = set(daemon.worker_pids())
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    daemon.wait_for(lambda: len(set(daemon.worker_pids()) - old) == 2, what="new workers")
+    daemon.wait_for(lambda: all(number(daemon.call("alarms", b"c", key=k)) == 1 for k in "abcd")
+                    and number(daemon.call("single", b"c")) == 1, timeout=15, what="every alarm fired")
+    for key in "abcd":
+        assert number(daemon.call("alarms", b"t", key=key)) >= at
+
+
+@pytest.mark.timeout(120)
+def test_alarms_survive_a_daemon_sigkill_and_fire_after_the_restart_once_due(start_daemon):
+    daemon = start_daemon(alarm_apps())
+    overdue = wall_ms() + 800
+    later = wall_ms() + 6000
+    for key in ("k1", "k2", "k3"):
+        assert number(daemon.call("alarms", b"s%d" % overdue, key=key)) == 0
+    assert number(daemon.call("alarms", b"s%d" % later, key="later")) == 0
+    daemon.stop(signal.SIGKILL)
+    time.sleep(max(0.0, (overdue - wall_ms()) / 1000) + 0.5)
+    daemon.start()
+    ready = wall_ms()
+    daemon.wait_for(lambda: all(number(daemon.call("alarms", b"c", key=k)) == 1 for k in ("k1", "k2", "k3")),
+                    timeout=10, what="the overdue alarms")
+    for key in ("k1", "k2", "k3"):
+        ran = number(daemon.call("alarms", b"t", key=key))
+        assert ran - ready < 1000, f"{key}: ran {ran - ready} ms after READY"   # within 1 s of READY
+    assert number(daemon.call("alarms", b"c", key="later")) == 0
+    assert number(daemon.call("alarms", b"g", key="later")) == later
+    daemon.wait_for(lambda: number(daemon.call("alarms", b"c", key="later")) == 1, timeout=15,
+                    what="the later alarm")
+    assert number(daemon.call("alarms", b"t", key="later")) >= later
+
+
+@pytest.mark.timeout(60)
+def test_a_keyed_alarm_runs_on_its_keys_instance_in_order_with_its_requests(start_daemon):
+    daemon = start_daemon(alarm_apps())
+    client = daemon.client()
+    at = wall_ms() + 300
+    assert number(client.call("alarms", b"s%d" % at, key="mine")) == 0
+    assert number(client.call("alarms", b"n", key="other")) == 0
+    end = time.monotonic() + 1.2
+    while time.monotonic() < end:
+        assert client.call("alarms", b"n", key="mine").status == 200
+    log = client.call("alarms", b"l", key="mine").body
+    # One instance per key, so its log holds its requests and its alarm, in the order they ran.
+    before, alarm, after = log.partition(b"A0")
+    assert alarm and before.strip(b"h") == b"" and after.strip(b"h") == b"" and len(after) > 1, log
+    assert b"A" not in client.call("alarms", b"l", key="other").body
+
+
+def test_check_refuses_an_alarm_import_without_corral_alarm_naming_it(tmp_path):
+    cases = {
+        "missing": '(module (import "corral" "alarm_set" (func (param i64) (result i32))))',
+        "wrong": '(module (import "corral" "alarm_get" (func (result i64))) '
+                 '(func (export "corral_alarm") (param i64) (result i32) (i32.const 0)))',
+    }
+    for name, text in cases.items():
+        guest = tmp_path / f"{name}.wat"
+        guest.write_text(text)
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f'[supervisor]\ncache_dir = "{tmp_path / "cache"}"\nstate_dir = "{tmp_path / "state"}"\n'
+                          f'[apps.{name}]\nmodule = "{guest}"\n')
+        checked = subprocess.run([sys.executable, "-m", "corral", "check", "-c", str(config)],
+                                 capture_output=True, timeout=60)
+        assert checked.returncode == 78, (name, checked.stderr)
+        assert b"corral_alarm" in checked.stderr and b"(i32) -> i32" in checked.stderr, checked.stderr
+        assert f"[apps.{name}]".encode() in checked.stderr
+
+
+@pytest.mark.timeout(60)
+def test_export_and_import_carry_alarms(start_daemon):
+    daemon = start_daemon(alarm_apps())
+    far = wall_ms() + 3_600_000
+    assert number(daemon.call("alarms", b"s%d" % far, key="k")) == 0
+    assert number(daemon.call("alarms", b"mo", key="k")) == 0
+    config = str(daemon.config_path)
+    exported = subprocess.run([sys.executable, "-m", "corral", "state", "export", "alarms", "-c", config],
+                              capture_output=True, timeout=60)
+    assert exported.returncode == 0, exported.stderr
+    lines = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert {"scope": b64encode(b"k").decode(), "alarm": far} in lines
+    bad = b'{"scope": "aw==", "alarm": -3}\n'
+    for stdin, ok in ((exported.stdout, True), (bad, False)):
+        imported = subprocess.run([sys.executable, "-m", "corral", "state", "import", "single", "-c", config],
+                                  input=stdin, capture_output=True, timeout=60)
+        assert (imported.returncode == 0) == ok, imported.stderr
+    assert state.read_alarms(state.database_path(daemon.root / "state", "single")) == [(b"k", far)]

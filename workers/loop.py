@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import zmq
 
 from corral.wire.frames import drain, recv_payload, send_frames
-from corral.wire.protocol import (ALARM, ALARM_DROP, REDELIVERED, W_DISCONNECT, W_EVICT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST,
+from corral.wire.protocol import (ALARM, REDELIVERED, W_DISCONNECT, W_EVICT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST,
                                  RetireReason, Status, alarms_message, encode_json, iter_request_records,
                                  parse_alarm_body, parse_evict, reply_record, retiring_message,
                                  worker_identity)
@@ -168,7 +168,7 @@ class WorkerLoop:
             self.replies += reply_record(job.ticket, *recorded)
             self.pending += 1
             return None
-        if job.flags & (ALARM | ALARM_DROP):
+        if job.flags & ALARM:
             result, writes = self.run_alarm(job, guest, left_ms)
         elif guest is None:
             result = outcome.Outcome(Status.NOT_FOUND, b"this worker does not serve " + job.service)
@@ -202,7 +202,7 @@ class WorkerLoop:
         return self.fault(job, guest, result)
 
     def run_alarm(self, job: Job, guest: Guest | None, left_ms: int) -> tuple[outcome.Outcome, WriteSet | None]:
-        """A due alarm (ALARM) or one to give up (ALARM_DROP), docs/alarms.md: the outcome, and
+        """A due alarm, or one to give up (retries -1), docs/alarms.md: the outcome, and
         the write set that deletes the alarm of that at_ms if it is kept (only a 200 is).
 
         The alarm is looked up first: one replaced or deleted since the broker learned of it
@@ -221,7 +221,7 @@ class WorkerLoop:
             return outcome.Outcome(Status.OK, b"stale"), None
         writes = WriteSet(store, scope, 0, job.ticket)
         writes.fired = at_ms
-        if job.flags & ALARM_DROP:
+        if retries < 0:
             return outcome.Outcome(Status.OK, b"dropped"), writes
         if left_ms <= 0:
             return outcome.expired(), writes

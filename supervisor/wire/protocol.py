@@ -60,8 +60,8 @@ it replaces. Every message is one frame: a command byte and its payload
   flags bit 1 (ALARM): not a client's request but a due alarm of the key's (or the
   service's) scope; the body is (i32 retries, i64 at_ms): the worker calls
   corral_alarm(retries), and its success deletes the alarm of that at_ms unless the run
-  set another. flags bit 2 (ALARM_DROP): the alarm of that at_ms failed every retry:
-  delete it without running the guest (docs/alarms.md).
+  set another. retries -1: the alarm failed every retry: delete it without running the
+  guest. Either way an alarm no longer at that at_ms is not run (docs/alarms.md).
 
 A worker takes at most `capacity` requests at once (credit-based flow): the
 broker sends only to workers with free credit, in batches. After an abort
@@ -240,7 +240,6 @@ W_ALARMS = b"\x08"
 _REQUEST_RECORD = struct.Struct("!QIHHIQB")  # ticket, left_ms, len(service), len(key), len(body), token, flags
 REDELIVERED = 1
 ALARM = 2
-ALARM_DROP = 4
 _ALARM_BODY = struct.Struct("!iq")          # retries, at_ms
 _ALARM_RECORD = struct.Struct("!HHq")       # len(service), len(scope), at_ms (-1: none)
 _REPLY_RECORD = struct.Struct("!QHBI")      # ticket, status, len(fault), len(body)
