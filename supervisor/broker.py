@@ -42,7 +42,7 @@ from corral.paths import ipc_in_use, remove_ipc_file
 from corral.wire.frames import NOBLOCK, drain, drain_with_user, send_frames
 from corral import security
 from corral.wire.protocol import (MAX_KEY, MMI_PREFIX, MMI_SERVICE, NATIVE, STATUS_BY_CODE, STATUS_FRAMES,
-                                 W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_RETIRING,
+                                 W_ALARMS, W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_RETIRING,
                                  Dialect, Malformed, Status, evict_message, iter_replies, reply_frames,
                                  request_record)
 
@@ -76,7 +76,7 @@ class Request:
 
     __slots__ = ("ticket", "client", "dialect", "request_id", "service", "key", "body", "deadline",
                  "idempotent", "received", "state", "probe", "budget_s", "sent", "redelivered",
-                 "account")
+                 "account", "owner")
 
     def __init__(self, ticket: int, client: bytes, dialect: Dialect, request_id: bytes,
                  service: Service, key: bytes | None, body: bytes, deadline: float,
@@ -97,6 +97,7 @@ class Request:
         self.sent = 0.0      # when it was last sent to a worker
         self.redelivered = False  # re-dispatched after its worker died: it may have committed
         self.account: ClientAccount | None = None  # whose limits it counts against
+        self.owner = None   # a request the broker originates (an alarm run): its outcome goes here
 
 
 @dataclass(eq=False)
@@ -243,6 +244,7 @@ class Broker:
         self.unsent: set[ClientAccount] = set()          # accounts with replies in their outbox
         self.next_sweep = 0.0
         self.key_of: dict[bytes, bytes] = {}          # routing identity -> CURVE key name
+        self.alarms = None   # the daemon's AlarmRunner (docs/alarms.md): told of W_ALARMS
         self.configure(config)
 
     # --- configuration -------------------------------------------------------
@@ -414,25 +416,31 @@ class Broker:
 
     def enqueue(self, client: bytes, dialect: Dialect, request_id: bytes, service: Service,
                 key: bytes | None, body: bytes, deadline: float, idempotent: bool, now: float,
-                probe: bool) -> None:
-        """Open the request's ledger entry and queue it for a worker (or refuse it: 429)."""
-        name = self.client_key(client)
-        account = self.accounts.get(name)
-        if account is None:
-            account = self.accounts[name] = ClientAccount(name)
-        if account.over or account.inflight >= self.max_inflight_per_client:
-            self.refuse(account, client, dialect, request_id)
-            return
-        account.inflight += 1
+                probe: bool, owner=None) -> Request | None:
+        """Open the request's ledger entry and queue it for a worker (or refuse it: 429).
+        With an `owner` (an alarm run, docs/alarms.md) there is no client: nothing counts
+        against a client's limits, and owner.settle hears the outcome."""
+        account = None
+        if owner is None:
+            name = self.client_key(client)
+            account = self.accounts.get(name)
+            if account is None:
+                account = self.accounts[name] = ClientAccount(name)
+            if account.over or account.inflight >= self.max_inflight_per_client:
+                self.refuse(account, client, dialect, request_id)
+                return None
+            account.inflight += 1
         ticket = self.next_ticket
         self.next_ticket = ticket + 1
         request = Request(ticket, client, dialect, request_id, service, key, body, deadline,
                           idempotent, now, probe)
         request.account = account
+        request.owner = owner
         self.ledger[ticket] = request
         self.deadlines.push(deadline, ticket)
         service.queue.append(request)
         self.waiting.add(service)
+        return request
 
     def admit(self, request: protocol.ClientRequest,
               now: float) -> tuple[tuple[Status, bytes] | None, bool]:
@@ -565,6 +573,9 @@ class Broker:
         service = request.service
         service.latency.observe((now or time.monotonic()) - request.received)
         service.statuses[status] += 1
+        if request.owner is not None:
+            request.owner.settle(request, status, body, now or time.monotonic())
+            return
         account = request.account
         if account is not None:
             account.inflight -= 1
@@ -611,7 +622,8 @@ class Broker:
             batch = self.outbox[link] = [W_REQUEST]
         batch += request_record(request.ticket, left_ms, request.service.name, request.key, request.body,
                                 request.ticket if request.idempotent else 0,
-                                protocol.REDELIVERED if request.redelivered else 0)
+                                (protocol.REDELIVERED if request.redelivered else 0) |
+                                (request.owner.flags if request.owner is not None else 0))
 
     def send_outbox(self) -> None:
         outbox, self.outbox = self.outbox, {}
@@ -663,6 +675,8 @@ class Broker:
                     self.on_retiring(link, payload)
                 elif command == W_DISCONNECT and link is not None:
                     self.on_goodbye(link)
+                elif command == W_ALARMS and link is not None and self.alarms is not None:
+                    self.alarms.on_report(link, payload)
                 elif command != W_HEARTBEAT:
                     self.log.warning("worker.unexpected_message", worker=identity.decode(errors="replace"),
                                      command=command.hex())

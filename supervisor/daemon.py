@@ -36,6 +36,7 @@ import zmq
 
 from corral import config as config_module
 from corral import paths, snapshot
+from corral.alarms import AlarmRunner
 from corral.wire import frames, logs
 from corral.broker import Broker, Event
 from corral.config import Config, ConfigError
@@ -128,6 +129,8 @@ class Daemon:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             return EX_UNAVAILABLE
         self.hand_run_dir_to_worker_user(config)
+        self.alarms = self.broker.alarms = AlarmRunner(self.log)
+        self.load_alarms(config)
         for warning in config_module.warnings(config):
             self.log.warning("config.warning", problem=warning)
         self.use_config(config, spec_inputs)
@@ -190,6 +193,18 @@ class Daemon:
         except (state.StateProblem, OSError) as exc:
             return f"durable state: {exc}"
         return None
+
+    def load_alarms(self, config: Config) -> None:
+        """Every service's pending alarms, read once from its database (read-only): at
+        start-up and on a reload; from then on the workers report what they commit."""
+        folder = self.state_dir(config)
+        self.alarms.keep_only(config.apps)
+        for name in config.apps:
+            try:
+                self.alarms.load(name, state.read_alarms(state.database_path(folder, name)))
+            except state.sqlite3.Error as exc:
+                self.log.error("alarms.unreadable", service=name, error=str(exc))
+        self.next_timer = 0.0
 
     def hand_run_dir_to_worker_user(self, config: Config) -> None:
         """Workers that drop to `user` must still reach the backend socket."""
@@ -276,6 +291,9 @@ class Daemon:
             broker.dispatch()
             if broker.events:
                 self.handle_broker_events()
+            if self.alarms.changed:
+                self.alarms.changed = False
+                self.next_timer = 0.0   # an alarm may now be due sooner than the next timer
             now = time.monotonic()
             if now >= self.next_timer and self.timers(now):
                 return
@@ -385,6 +403,8 @@ class Daemon:
             fast = self.broker.waiting or self.broker.backlogged or self.broker.unsent
             self.next_tick = now + (0.01 if fast else self.broker.heartbeat_s / 2)
         self.pool.due(now)
+        if self.alarms.fire(self.broker, now):
+            self.broker.dispatch()
         if now >= self.next_rss:
             self.next_rss = now + RSS_CHECK_S
             self.check_rss()
@@ -397,8 +417,10 @@ class Daemon:
         if self.stopping and self.stop_progress(now):
             return True
         times = [self.next_tick, self.next_rss, self.next_status]
+        alarm_in = self.alarms.next_due()
         for when in (self.pool.next_due(), self.notifier.next_watchdog(),
-                     self.stop_deadline if self.stopping else None):
+                     self.stop_deadline if self.stopping else None,
+                     now + alarm_in if alarm_in is not None else None):
             if when is not None:
                 times.append(when)
         self.next_timer = min(times)
@@ -488,6 +510,7 @@ class Daemon:
         logs.configure(config.logging.level, config.logging.format)
         self.use_config(config, apps)
         self.broker.configure(config)
+        self.load_alarms(config)
         self.scale(config.supervisor.workers, quiet=True)
         for slot in [s for s in self.pool.slots if s >= STANDBY_BASE and s not in self.standby_slots()]:
             worker = self.pool.slots.get(slot)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from base64 import b64encode
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -265,7 +266,7 @@ def test_a_failing_handler_is_retried_with_backoff_then_dropped(start_daemon):
         assert number(daemon.call("alarms", b"s%d" % at, key=key)) == 0
     daemon.wait_for(lambda: alarm_counts(daemon)["dropped"] == 1, timeout=30, what="the alarm dropped")
     # retries 0..6: seven runs on the key's instance, none kept; then deleted for good
-    assert daemon.call("alarms", b"l", key="failing").body == b"hhh" + b"".join(b"A%d" % r for r in range(7)) + b"h"
+    assert daemon.call("alarms", b"l", key="failing").body == b"hh" + b"".join(b"A%d" % r for r in range(7)) + b"h"
     assert number(daemon.call("alarms", b"g", key="failing")) == -1
     assert number(daemon.call("alarms", b"c", key="failing")) == 0
     # fails on retries 0 and 1, succeeds on 2: kept once
@@ -274,6 +275,11 @@ def test_a_failing_handler_is_retried_with_backoff_then_dropped(start_daemon):
     assert alarm_counts(daemon) == {"pending": 0, "fired": 1, "failed": 9, "dropped": 1}
     failures = [e for e in daemon.events("alarm.failed") if e["scope"] == b"failing".hex()]
     assert [e["retries"] for e in failures] == list(range(7))
+    # each retry waits its backoff from the end of the failed run: 0.1 s doubling, within 25%
+    ends = [datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp() for e in failures]
+    for retry, (first, then) in enumerate(zip(ends, ends[1:]), 1):
+        assert then - first >= 0.75 * 0.1 * 2 ** (retry - 1), (retry, then - first)
+    assert ends[-1] - ends[0] < 2 * 6.3 + 5   # not the real 1 s backoff: 63 s
     dropped = daemon.events("alarm.dropped")
     assert len(dropped) == 1 and dropped[0]["scope"] == b"failing".hex()
 
