@@ -235,6 +235,9 @@ class AlarmRunner:
         self.schedule = schedule or Alarms()
         self.clock = clock
         self.runs: dict[int, Run] = {}     # ticket -> the run it is
+        # Scopes a dead worker held requests of: it may have committed an alarm change and died
+        # before reporting it; re-read from the database once it is reaped (identity -> scopes).
+        self.suspects: dict[bytes, set[tuple[bytes, bytes]]] = {}
         self.changed = False               # the schedule changed: the loop's timer may be due sooner
 
     def wall_ms(self) -> int:
@@ -260,6 +263,25 @@ class AlarmRunner:
                 raise ValueError(f"W_ALARMS for service {service[:64]!r}, which this worker does not serve")
             self.schedule.update(service, scope, at_ms)
         self.changed = True
+
+    def suspect(self, identity: bytes, requests) -> None:
+        """A worker is gone holding these requests (not yet answered by it)."""
+        scopes = {(r.service.name, r.key or b"") for r in requests}
+        if scopes:
+            self.suspects.setdefault(identity, set()).update(scopes)
+
+    def recheck(self, identity: bytes, read) -> None:
+        """The worker is reaped (it can commit nothing more): read(service, scope) -> at_ms or
+        None, for each scope it held, as its database says now."""
+        for service, scope in self.suspects.pop(identity, ()):
+            if service in self.schedule.services:
+                try:
+                    at_ms = read(service.decode(), scope)
+                except Exception as exc:   # an unreadable database: keep what is known
+                    self.log.error("alarms.unreadable", service=service.decode(errors="replace"), error=str(exc))
+                    continue
+                self.schedule.update(service, scope, at_ms)
+                self.changed = True
 
     def next_due(self) -> float | None:
         """Seconds until the next run is due (0 if it is), None when nothing waits."""

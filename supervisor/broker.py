@@ -825,6 +825,8 @@ class Broker:
                 service.links.remove(link)
         self.release(link)
         self.outbox.pop(link, None)
+        if self.alarms is not None:
+            self.alarms.suspect(identity, link.inflight.values())
         detail = f"worker {identity.decode()} (pid {link.pid}) {cause}".encode()
         for request in sorted(link.inflight.values(), key=lambda r: r.ticket, reverse=True):
             if self.ledger.get(request.ticket) is not request:

@@ -206,6 +206,10 @@ class Daemon:
                 self.log.error("alarms.unreadable", service=name, error=str(exc))
         self.next_timer = 0.0
 
+    def read_alarm(self, service: str, scope: bytes) -> int | None:
+        """One scope's alarm from its service's database (read-only); raise sqlite3.Error."""
+        return state.read_alarm(state.database_path(self.state_dir(self.config), service), scope)
+
     def hand_run_dir_to_worker_user(self, config: Config) -> None:
         """Workers that drop to `user` must still reach the backend socket."""
         sup = config.supervisor
@@ -332,6 +336,7 @@ class Daemon:
         for worker, returncode in self.pool.reap():
             self.broker.worker_gone(worker.identity, worker.cause or describe_exit(returncode), reaped=True,
                                     clean=returncode == 0)
+            self.alarms.recheck(worker.identity, self.read_alarm)
             self.vacate(worker)
 
     def vacate(self, worker: WorkerProcess) -> None:

@@ -379,3 +379,18 @@ def test_export_and_import_carry_alarms(start_daemon):
                                   input=stdin, capture_output=True, timeout=60)
         assert (imported.returncode == 0) == ok, imported.stderr
     assert state.read_alarms(state.database_path(daemon.root / "state", "single")) == [(b"k", far)]
+
+
+@pytest.mark.timeout(60)
+def test_an_alarm_committed_by_a_worker_killed_before_its_report_still_fires(start_daemon, tmp_path):
+    """The one moment the broker cannot hear of a commit: the worker dies between its commit
+    and its report. The broker re-reads the scopes the dead worker held once it is reaped."""
+    flag = tmp_path / "kill-after-commit"
+    daemon = start_daemon(alarm_apps(), env={"CORRAL_TEST_KILL_AFTER_COMMIT": str(flag)})
+    at = wall_ms() + 1000
+    flag.touch()
+    assert daemon.call("alarms", b"s%d" % at, key="k").status == 502   # committed, then killed
+    assert not flag.exists()
+    daemon.wait_for(lambda: number(daemon.call("alarms", b"c", key="k")) == 1, timeout=15,
+                    what="the alarm whose report was lost")
+    assert number(daemon.call("alarms", b"t", key="k")) >= at

@@ -550,6 +550,21 @@ def alarm_import(db: sqlite3.Connection, scope: bytes, at_ms: int) -> None:
     db.execute("INSERT OR REPLACE INTO alarms VALUES (?, ?)", (scope, at_ms))
 
 
+def read_alarm(path: Path, scope: bytes) -> int | None:
+    """One scope's alarm, read-only (the arbiter, after a worker died holding its requests)."""
+    if not path.is_file():
+        return None
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        return alarm_read(connection, scope)
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None
+        raise
+    finally:
+        connection.close()
+
+
 def read_alarms(path: Path) -> list[tuple[bytes, int]]:
     """Every pending alarm of a service's database, read-only (the arbiter's start-up and
     reload); empty when it has no database yet, or an older one without alarms."""
