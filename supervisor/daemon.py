@@ -38,7 +38,8 @@ from corral import config as config_module
 from corral import paths, snapshot
 from corral.alarms import AlarmRunner
 from corral.wire import frames, logs
-from corral.broker import Broker, Event
+from corral.broker import Broker
+from corral.broker_ledger import Event
 from corral.config import Config, ConfigError
 from corral.control import Control
 from corral.metrics import MetricsServer
@@ -129,7 +130,7 @@ class Daemon:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             return EX_UNAVAILABLE
         self.hand_run_dir_to_worker_user(config)
-        self.alarms = self.broker.alarms = AlarmRunner(self.log)
+        self.alarms = self.broker.core.alarms = AlarmRunner(self.log)
         self.load_alarms(config)
         for warning in config_module.warnings(config):
             self.log.warning("config.warning", problem=warning)
@@ -286,14 +287,14 @@ class Daemon:
                     elif item == wakeup:
                         self.drain_wakeup()
             busy_turns = busy_turns + 1 if found else 0
-            if broker.events:
+            if broker.core.events:
                 # Before a reap: a worker's RETIRING read this turn must still find it
                 # (it exits as soon as it is told to, often before SIGCHLD is handled).
                 self.handle_broker_events()
             if self.signals or self.reload_result is not None:
                 self.handle_signals()
             broker.dispatch()
-            if broker.events:
+            if broker.core.events:
                 self.handle_broker_events()
             if self.alarms.changed:
                 self.alarms.changed = False
@@ -331,7 +332,7 @@ class Daemon:
         # (if not, the broker waits for it: Broker.worker_gone).
         while self.broker.on_backend():
             pass
-        if self.broker.events:
+        if self.broker.core.events:
             self.handle_broker_events()
         for worker, returncode in self.pool.reap():
             self.broker.worker_gone(worker.identity, worker.cause or describe_exit(returncode), reaped=True,
@@ -349,12 +350,11 @@ class Daemon:
         self.pool.vacate(worker, respawn=wanted)
         if serving and wanted and self.rollout.may_promote(slot):
             promoted = self.pool.promote(slot)
-            link = self.broker.links.get(promoted.identity) if promoted else None
-            if link is not None:
-                self.broker.unpark(link)
+            if promoted is not None:
+                self.broker.unpark(promoted.identity)
 
     def handle_broker_events(self) -> None:
-        events, self.broker.events = self.broker.events, []
+        events = self.broker.take_events()
         self.next_timer = 0.0  # kills and respawns may have been scheduled
         for event, link, *detail in events:
             worker = self.pool.by_identity(link.identity)
@@ -371,7 +371,7 @@ class Daemon:
 
     def worker_ready(self, worker: WorkerProcess, link) -> None:
         if worker.state is WorkerState.STOPPING:
-            self.broker.retire(link)  # told to leave before it could hear it
+            self.broker.retire(worker.identity)  # told to leave before it could hear it
             return
         if worker.state is not WorkerState.STARTING:
             return
@@ -392,9 +392,7 @@ class Daemon:
 
     def release(self, worker: WorkerProcess, cause: str) -> None:
         """Ask a worker to finish what it holds and leave (killed if it lingers)."""
-        link = self.broker.links.get(worker.identity)
-        if link is not None and not link.retiring:
-            self.broker.retire(link)
+        self.broker.retire(worker.identity)
         self.pool.stop(worker, cause, self.config.supervisor.graceful_timeout_s)
 
     # --- timers ------------------------------------------------------------
@@ -403,12 +401,11 @@ class Daemon:
         """Run what is due, note when the next thing is; True when the daemon is done."""
         if now >= self.next_tick:
             self.broker.tick(now)
-            if self.broker.events:
+            if self.broker.core.events:
                 self.handle_broker_events()
-            fast = self.broker.waiting or self.broker.backlogged or self.broker.unsent
-            self.next_tick = now + (0.01 if fast else self.broker.heartbeat_s / 2)
+            self.next_tick = now + (0.01 if self.broker.busy else self.broker.heartbeat_s / 2)
         self.pool.due(now)
-        if self.alarms.fire(self.broker, now):
+        if self.alarms.fire(self.broker.core, now):
             self.broker.dispatch()
         if now >= self.next_rss:
             self.next_rss = now + RSS_CHECK_S
@@ -416,8 +413,7 @@ class Daemon:
         if now >= self.next_status:
             self.next_status = now + STATUS_EVERY_S
             self.notifier.status(self.status_line())
-            for service in self.broker.services.values():
-                service.health.forget_old(now)
+            self.broker.forget_old_faults(now)
         self.notifier.watchdog(now)
         if self.stopping and self.stop_progress(now):
             return True
@@ -618,15 +614,15 @@ class Daemon:
         self.control.reload_over({"ok": False, "error": "the daemon is stopping"})
         self.broker.drain()
         self.rollout.stop()
-        self.log.info("daemon.draining", signal=why, in_flight=len(self.broker.ledger))
+        self.log.info("daemon.draining", signal=why, in_flight=self.broker.open_requests)
 
     def stop_progress(self, now: float) -> bool:
         """Drain, then let the workers go; True once every worker is gone."""
         if not self.workers_released:
-            if self.broker.ledger and now < self.stop_deadline:
+            if self.broker.open_requests and now < self.stop_deadline:
                 return False
-            if self.broker.ledger:
-                self.log.warning("daemon.drain_timeout", abandoned=len(self.broker.ledger))
+            if self.broker.open_requests:
+                self.log.warning("daemon.drain_timeout", abandoned=self.broker.open_requests)
                 self.broker.abandon(b"the daemon stopped before this request was served")
             self.workers_released = True
             self.stop_deadline = now + STOP_WORKERS_S

@@ -233,7 +233,9 @@ class Dispatcher:
                 if link is None:
                     return None
                 queue.popleft()
-                if link.free > 0 and not link.backlog:
+                # (a gone worker's link keeps its keys while its fence says "not yet": their
+                # requests wait in its backlog, never sent; BrokerCore.cut)
+                if link.free > 0 and not link.backlog and not link.retiring:
                     return request, link
                 link.backlog.append(request)
                 self.backlogged.add(link)

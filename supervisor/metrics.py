@@ -8,33 +8,15 @@ are atomic), so the loop never waits for a scraper.
 from __future__ import annotations
 
 import threading
-from bisect import bisect_left
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
 from corral import snapshot
+from corral.histogram import LATENCY_BUCKETS
 from corral.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from corral.daemon import Daemon
-
-# Seconds from the broker receiving a request to its reply leaving.
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-class Histogram:
-    __slots__ = ("counts", "sum", "count")
-
-    def __init__(self):
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.sum += seconds
-        self.count += 1
-
 
 def render(daemon: "Daemon") -> str:
     return render_snapshot(snapshot.take(daemon, measure=False))

@@ -71,7 +71,7 @@ class StateView:
 
 @dataclass(frozen=True)
 class Latency:
-    counts: tuple[int, ...] = ()   # per bucket of metrics.LATENCY_BUCKETS, the last one +Inf
+    counts: tuple[int, ...] = ()   # per bucket of histogram.LATENCY_BUCKETS, the last one +Inf
     sum: float = 0.0
     count: int = 0
 
@@ -244,7 +244,7 @@ def take(daemon: "Daemon", *, measure: bool = True, stored: bool = True) -> Snap
     """The daemon as it is now. `measure` asks psutil for each worker's rss and cpu (cpu is
     since the last measure: only `corral status` asks); `stored` reads each service's durable
     state counters from its database."""
-    broker, pool = daemon.broker, daemon.pool
+    broker, pool = daemon.broker.core, daemon.pool
     now = time.monotonic()
     links = dict(broker.links)
     workers = []
@@ -273,7 +273,8 @@ def take(daemon: "Daemon", *, measure: bool = True, stored: bool = True) -> Snap
         totals.update(statuses)
         stats = daemon.state_stats(name.decode()) if stored else None
         latency = service.latency
-        alarms = daemon.alarms.counts(name.decode())
+        runner = getattr(daemon, "alarms", None)   # (plain test daemons have none)
+        alarms = runner.counts(name.decode()) if runner is not None else {}
         services.append(ServiceView(
             name.decode(), service.app.instances, service.health.circuit.value, service.health.opened,
             len(service.queue), running.get(id(service), 0), service.dropped,
@@ -281,7 +282,7 @@ def take(daemon: "Daemon", *, measure: bool = True, stored: bool = True) -> Snap
             len(service.affinity) if service.keyed else None, service.evicted if service.keyed else None,
             StateView.from_stats(stats) if stats else None,
             Latency(tuple(latency.counts), latency.sum, latency.count),
-            tuple(alarms.items()) if stats or any(alarms.values()) else None))
+            tuple(alarms.items()) if alarms and (stats or any(alarms.values())) else None))
     clients = tuple(ClientView(c["client"], c["queued"], c["running"], c["unread_bytes"], c["dropped"],
                                c["refused"], c["over_budget"]) for c in broker.clients())
     state = "stopping" if daemon.stopping else "reloading" if daemon.reloading else "running"

@@ -17,7 +17,9 @@ import zmq
 from harness import GUESTS
 from corral import config as config_module
 from corral.wire import logs
-from corral.broker import GOODBYE_WAIT_S, PACK, PACK_AGE_S, Broker
+from corral.broker import Broker
+from corral.broker_core import GOODBYE_WAIT_S
+from corral.dispatch import PACK, PACK_AGE_S
 from corral.config import to_toml
 from corral.wire.protocol import (W_DISCONNECT, W_EVICT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, Dialect,
                                  iter_requests, parse_evict, reply_record, retiring_message)
@@ -37,7 +39,7 @@ class HandWorker:
         self.socket.connect(backend)
         self.socket.send(W_READY + json.dumps({"pid": os.getpid(), "capacity": capacity,
                                                "services": [service], "standby": False}).encode())
-        self.pump(lambda: identity in broker.links)
+        self.pump(lambda: identity in broker.core.links)
         self.tickets: dict[bytes | None, int] = {}    # key -> ticket of its request on this worker
         self.received = 0                             # requests, all told
         self.unanswered: list[int] = []               # tickets, in arrival order
@@ -70,12 +72,12 @@ class HandWorker:
         ticket = self.tickets.pop(key)
         self.unanswered.remove(ticket)
         self.socket.send(W_REPLY + b"".join(reply_record(ticket, 200, b"", b"1")))
-        self.pump(lambda: ticket not in self.broker.ledger)
+        self.pump(lambda: ticket not in self.broker.core.ledger)
 
     def reply_all(self) -> None:
         tickets, self.unanswered = self.unanswered, []
         self.socket.send(W_REPLY + b"".join(b"".join(reply_record(t, 200, b"", b"1")) for t in tickets))
-        self.pump(lambda: not any(t in self.broker.ledger for t in tickets))
+        self.pump(lambda: not any(t in self.broker.core.ledger for t in tickets))
 
 
 def start_broker(tmp_path, apps: dict) -> tuple[zmq.Context, Broker, str]:
@@ -115,7 +117,7 @@ def submit(broker: Broker, service: bytes, count: int) -> None:
     """`count` requests, all handed out by one dispatch (so at one instant)."""
     now = time.monotonic()
     for i in range(count):
-        broker.enqueue(b"client", Dialect.NATIVE, b"%d" % i, broker.services[service], None, b"hi",
+        broker.core.enqueue(b"client", Dialect.NATIVE, b"%d" % i, broker.core.services[service], None, b"hi",
                        now + 30, False, now, False)
     broker.dispatch()
 
@@ -150,11 +152,11 @@ def test_a_worker_slow_on_its_oldest_request_is_passed_over(two_workers):
 
 def test_over_max_keys_the_least_recent_key_with_nothing_in_flight_goes(keyed_broker):
     broker, worker = keyed_broker
-    service = broker.services[b"counter"]
+    service = broker.core.services[b"counter"]
 
     def submit(key: bytes) -> None:
         now = time.monotonic()
-        broker.enqueue(b"client", Dialect.NATIVE, key, service, key, b"incr", now + 30, False, now, False)
+        broker.core.enqueue(b"client", Dialect.NATIVE, key, service, key, b"incr", now + 30, False, now, False)
         broker.dispatch()
         worker.take()
 
@@ -196,12 +198,12 @@ def test_a_worker_that_stops_reading_cannot_grow_the_broker(two_workers):
     pipe's high-water mark: past it the send fails, and nothing piles up in the broker."""
     broker, workers = two_workers
     submit(broker, b"echo", 100)     # 16 credit each: the rest stays queued
-    assert sum(len(link.inflight) for link in broker.links.values()) == 32
-    assert len(broker.services[b"echo"].queue) == 68
-    link = broker.links[b"w0.1"]     # its worker never reads from now on
+    assert sum(len(link.inflight) for link in broker.core.links.values()) == 32
+    assert len(broker.core.services[b"echo"].queue) == 68
+    link = broker.core.links[b"w0.1"]     # its worker never reads from now on
     refused_at = None
     for sent in range(1, 1_000_001):
-        if not broker.send_worker(link, W_HEARTBEAT):
+        if not broker.to_worker(link.identity, W_HEARTBEAT):
             refused_at = sent
             break
     # the broker's pipe (WORKER_HWM), the socket buffers, the worker's own pipe: then no more
@@ -227,11 +229,11 @@ def test_a_hand_back_read_after_its_worker_was_reaped_is_still_re_dispatched(two
     holder.socket.send(retiring_message("abort", unstarted))
     holder.socket.send(W_DISCONNECT)
     broker.worker_gone(holder.identity, "retired (abort)", reaped=True, clean=True)   # before reading
-    other_link = broker.links[other.identity]
-    holder.pump(lambda: holder.identity not in broker.links and all(t in other_link.inflight for t in unstarted))
+    other_link = broker.core.links[other.identity]
+    holder.pump(lambda: holder.identity not in broker.core.links and all(t in other_link.inflight for t in unstarted))
     other.take()
     assert sorted(other.unanswered) == sorted(unstarted)
-    assert aborted not in broker.ledger      # answered by its own reply
+    assert aborted not in broker.core.ledger      # answered by its own reply
 
 
 def test_a_worker_reaped_without_a_goodbye_has_what_it_held_answered_soon_after(two_workers):
@@ -241,6 +243,6 @@ def test_a_worker_reaped_without_a_goodbye_has_what_it_held_answered_soon_after(
     (ticket,) = holder.unanswered
     broker.worker_gone(holder.identity, "retired (abort)", reaped=True, clean=True)
     broker.tick(time.monotonic())
-    assert ticket in broker.ledger           # its goodbye may still be on the way
+    assert ticket in broker.core.ledger           # its goodbye may still be on the way
     broker.tick(time.monotonic() + GOODBYE_WAIT_S + 0.01)
-    assert ticket not in broker.ledger and holder.identity not in broker.links   # answered 502
+    assert ticket not in broker.core.ledger and holder.identity not in broker.core.links   # answered 502

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 from harness import FAULTS
 
-from corral.broker import Broker, Request, State
+from corral.broker_core import BrokerCore
+from corral.broker_ledger import Request, State
 from corral.deadlines import SLACK, Deadlines
 from corral.wire.protocol import NATIVE
 
@@ -39,11 +40,11 @@ def queued(ticket: int, deadline: float) -> Request:
 
 
 def broker_with(requests: list[Request]) -> SimpleNamespace:
-    """What Broker.expire_due reads: the ledger and the heap; expire() recorded."""
+    """What BrokerCore.expire_due reads: the ledger and the heap; expire() recorded."""
     expired: list[int] = []
     broker = SimpleNamespace(ledger=CountingLedger({r.ticket: r for r in requests}), deadlines=Deadlines(),
                              expired=expired)
-    broker.expire = lambda request: (expired.append(request.ticket), broker.ledger.pop(request.ticket))
+    broker.expire = lambda request, now: (expired.append(request.ticket), broker.ledger.pop(request.ticket))
     for request in requests:
         broker.deadlines.push(request.deadline, request.ticket)
     return broker
@@ -52,17 +53,17 @@ def broker_with(requests: list[Request]) -> SimpleNamespace:
 def test_a_large_queue_with_no_deadline_due_costs_no_scan():
     broker = broker_with([queued(ticket, 100.0 + ticket) for ticket in range(1, 100_001)])
     for now in (1.0, 50.0, 99.9):
-        Broker.expire_due(broker, now)
+        BrokerCore.expire_due(broker, now)
     assert broker.expired == [] and broker.ledger.lookups == 0
     assert len(broker.deadlines) == 100_000
 
 
 def test_the_due_ones_and_only_they_are_expired_earliest_first():
     broker = broker_with([queued(ticket, deadline) for ticket, deadline in ((1, 5.0), (2, 1.0), (3, 9.0), (4, 2.0))])
-    Broker.expire_due(broker, 5.0)
+    BrokerCore.expire_due(broker, 5.0)
     assert broker.expired == [2, 4, 1]
     assert broker.ledger.lookups == 3    # one per due entry, none for the rest
-    Broker.expire_due(broker, 10.0)
+    BrokerCore.expire_due(broker, 10.0)
     assert broker.expired == [2, 4, 1, 3]
 
 
@@ -72,7 +73,7 @@ def test_a_request_no_longer_queued_is_skipped_at_its_deadline():
     redelivered.redelivered = True   # only a worker can tell whether it committed
     broker = broker_with([sent, answered, redelivered, waiting])
     del broker.ledger[2]
-    Broker.expire_due(broker, 1.0)
+    BrokerCore.expire_due(broker, 1.0)
     assert broker.expired == [4]
     assert len(broker.deadlines) == 0
 
@@ -93,9 +94,9 @@ def test_compaction_through_the_broker_keeps_what_is_still_queued():
     for request in requests[1:]:
         request.state = State.DONE
         del broker.ledger[request.ticket]
-    Broker.expire_due(broker, 0.0)
+    BrokerCore.expire_due(broker, 0.0)
     assert len(broker.deadlines) == 1
-    Broker.expire_due(broker, 200.0)
+    BrokerCore.expire_due(broker, 200.0)
     assert broker.expired == [1]
 
 

@@ -153,8 +153,8 @@ def test_the_broker_answers_every_client_message_and_keeps_serving(client_rig, f
     broker = rig.broker
     rig.deliver(rig.client, frames, broker.on_frontend)
     broker.dispatch()
-    for request in list(broker.ledger.values()):   # accepted: queued for a worker; answer it here
-        broker.finish(request, Status.OK, FINISHED)
+    for request in list(broker.core.ledger.values()):   # accepted: queued for a worker; answer it here
+        broker.core.finish(request, Status.OK, FINISHED, time.monotonic())
     replies = drain_replies(rig.client, wait_ms=3000)   # the first comes at once, unless the machine is busy
     assert len(replies) == 1, replies                 # one answer per message, whatever it was
     reply = replies[0]
@@ -202,16 +202,16 @@ def test_the_broker_survives_every_worker_message(worker_rig, payloads):
         rig.deliver(rig.worker, [payload], broker.on_backend)
     broker.dispatch()
     broker.tick(time.monotonic())
-    broker.events.clear()
-    for identity in list(broker.links):
+    broker.core.events.clear()
+    for identity in list(broker.core.links):
         broker.worker_gone(identity, "fuzz: next example")
     drain_replies(rig.worker)
     for reply in drain_replies(rig.client, wait_ms=5):
         assert reply[0] == NATIVE and reply[2][:1] in b"2345", reply   # each request answered once, well formed
-    for request in list(broker.ledger.values()):   # still queued: its READY may come late over ipc
-        broker.finish(request, Status.OK, FINISHED)
+    for request in list(broker.core.ledger.values()):   # still queued: its READY may come late over ipc
+        broker.core.finish(request, Status.OK, FINISHED, time.monotonic())
     drain_replies(rig.client)
-    broker.events.clear()
+    broker.core.events.clear()
 
 
 # --- config -------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from collections import Counter
 from types import SimpleNamespace
 
 from corral import snapshot
-from corral.metrics import LATENCY_BUCKETS, Histogram, render_snapshot
+from corral.histogram import LATENCY_BUCKETS, Histogram
+from corral.metrics import render_snapshot
 from corral.pool import STANDBY_BASE, WorkerState
 from corral.snapshot import ClientView, Latency, ServiceView, Snapshot, StateView, WorkerView
 
@@ -109,7 +110,7 @@ def test_take_copies_the_daemon_into_a_snapshot():
                              dropped_replies=0, rejected=Counter({404: 2}), totals=lambda: Counter({200: 3, 404: 2}),
                              clients=lambda: [])
     pool = SimpleNamespace(processes={7: worker}, exits=Counter({"retired": 1}))
-    daemon = SimpleNamespace(broker=broker, pool=pool, started=0.0, config_path="/c.toml", config_generation=1,
+    daemon = SimpleNamespace(broker=SimpleNamespace(core=broker), pool=pool, started=0.0, config_path="/c.toml", config_generation=1,
                              stopping=False, reloading=True, config=SimpleNamespace(supervisor=SimpleNamespace(workers=1)),
                              state_stats=lambda name: {"commits": 1, "rollbacks": 0, "bytes": 5, "scopes": 1})
     now = snapshot.take(daemon)

@@ -597,7 +597,7 @@ def test_an_idempotent_request_is_re_dispatched_only_once_its_worker_is_reaped(t
     try:
         first = HandWorker(context, broker, backend, capacity=4, identity=b"w0.1", service="kv")
         now = time.monotonic()
-        broker.enqueue(b"client", Dialect.NATIVE, b"r1", broker.services[b"kv"], None, incr(b"n"),
+        broker.core.enqueue(b"client", Dialect.NATIVE, b"r1", broker.core.services[b"kv"], None, incr(b"n"),
                        now + 30, True, now, False)
         broker.dispatch()
         [(ticket, _, _, _, _, token, flags)] = iter_request_records(first.socket.recv())
@@ -606,7 +606,7 @@ def test_an_idempotent_request_is_re_dispatched_only_once_its_worker_is_reaped(t
         broker.worker_gone(b"w0.1", "heartbeat lost")
         broker.dispatch()
         assert not second.socket.poll(300), "re-dispatched while the old worker may still commit"
-        assert ticket in broker.ledger
+        assert ticket in broker.core.ledger
         broker.worker_gone(b"w0.1", "killed by signal 9", reaped=True)
         broker.dispatch()
         assert second.socket.poll(2000)
