@@ -43,7 +43,7 @@ from corral.wire.protocol import Dialect, Status
 RETRIES = 6               # runs after the first, at most
 BACKOFF_MS = 1000         # before the first retry; doubling
 JITTER = 0.25
-MAX_RUNNING = 64          # runs of one service out at once
+MAX_RUNNING = 16          # runs of one service out at once
 RUN_DEADLINE_S = 30.0     # a run still queued this long is a failed run (504), as a client's request
 # Tests only: the first backoff, so that seven runs take seconds rather than a minute.
 TEST_BACKOFF_MS = int(os.environ.get("CORRAL_TEST_ALARM_BACKOFF_MS", "0") or 0)
