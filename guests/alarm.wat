@@ -7,7 +7,8 @@
 ;;   d       alarm_delete(): answer 1 or 0
 ;;   m<c>    how corral_alarm behaves from now on (kv "mode"): o counts and returns 0 (default),
 ;;           f counts and returns 1, t counts and traps, a counts and sets the alarm again
-;;           100 ms later until the count is 3, r counts and returns 1 until retries is 2
+;;           100 ms later until the count is 3, r counts and returns 1 until retries is 2,
+;;           u counts and traps until retries is 1
 ;;   c       answer the count of successful alarm runs (kv "count")
 ;;   t       answer the wall-clock time (ms) of the last successful run (kv "ran"), or 0
 ;;   l       answer this instance's log: "h" per request, "A<retries>" per alarm run
@@ -133,6 +134,8 @@
     (if (i32.eq (local.get $mode) (i32.const 116)) (then (unreachable)))           ;; t
     (if (i32.eq (local.get $mode) (i32.const 114))                                 ;; r
       (then (if (i32.lt_u (local.get $retries) (i32.const 2)) (then (return (i32.const 1))))))
+    (if (i32.eq (local.get $mode) (i32.const 117))                                 ;; u
+      (then (if (i32.eqz (local.get $retries)) (then (unreachable)))))
     (if (i32.eq (local.get $mode) (i32.const 97))                                  ;; a
       (then (if (i64.lt_u (i64.load (i32.const 0)) (i64.const 3))
         (then (drop (call $alarm_set (i64.add (call $alarm_get) (i64.const 100))))))))
