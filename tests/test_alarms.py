@@ -8,9 +8,11 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from base64 import b64encode
 from datetime import datetime
 from pathlib import Path
@@ -203,7 +205,10 @@ def alarm_counts(daemon, service: str = "alarms") -> dict:
 
 @pytest.mark.timeout(60)
 def test_set_get_delete_and_a_negative_time(start_daemon):
-    daemon = start_daemon(alarm_apps())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = start_daemon(alarm_apps(), extra={"metrics": {"listen": f"127.0.0.1:{port}"}})
     far = wall_ms() + 3_600_000
     for service, key in (("alarms", {"key": "k"}), ("single", {})):
         assert number(daemon.call(service, b"g", **key)) == -1
@@ -216,6 +221,12 @@ def test_set_get_delete_and_a_negative_time(start_daemon):
     assert number(daemon.call("alarms", b"s%d" % far, key="other")) == 0
     assert number(daemon.call("alarms", b"g", key="k")) == -1    # one alarm per scope
     assert alarm_counts(daemon) == {"pending": 1, "fired": 0, "failed": 0, "dropped": 0}
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'corral_alarms_pending{service="alarms"} 1' in metrics
+    assert 'corral_alarms_total{service="alarms",outcome="fired"} 0' in metrics
+    table = subprocess.run([sys.executable, "-m", "corral", "status", "-c", str(daemon.config_path)],
+                           capture_output=True, text=True, timeout=30)
+    assert "alarms: 1 pending, 0 fired, 0 failed, 0 dropped" in table.stdout, table.stdout
 
 
 @pytest.mark.timeout(60)
