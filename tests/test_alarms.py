@@ -405,3 +405,23 @@ def test_an_alarm_committed_by_a_worker_killed_before_its_report_still_fires(sta
     daemon.wait_for(lambda: number(daemon.call("alarms", b"c", key="k")) == 1, timeout=15,
                     what="the alarm whose report was lost")
     assert number(daemon.call("alarms", b"t", key="k")) >= at
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("guest", ["wat", "rust_counter_durable", "rust_counter_durable_unwind"])
+def test_the_durable_counter_resets_after_a_period_of_silence(start_daemon, guest, request):
+    """The README's example: after "silence N", a key whose count was not added to for N ms
+    starts again from 0 (its alarm, set with the wall clock from WASI; both SDKs)."""
+    module = GUESTS / "counter_durable.wat" if guest == "wat" else request.getfixturevalue("built_guests")[guest]
+    daemon = start_daemon({"tally": {"module": module, "instances": "keyed"}})
+    assert daemon.call("tally", b"silence 700", key="alice").status == 200
+    for n in (1, 2, 3):
+        assert number(daemon.call("tally", b"incr", key="alice")) == n
+        time.sleep(0.3)                       # never 700 ms of silence: the alarm keeps moving
+    assert number(daemon.call("tally", b"incr", key="bob")) == 1   # no silence set: kept
+    assert number(daemon.call("tally", b"get", key="alice")) == 3
+    daemon.wait_for(lambda: number(daemon.call("tally", b"get", key="alice")) == 0, timeout=10,
+                    what="the count reset after the silence")
+    assert number(daemon.call("tally", b"incr", key="alice")) == 1
+    time.sleep(0.3)
+    assert number(daemon.call("tally", b"get", key="bob")) == 1
