@@ -37,6 +37,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from corral.broker_ledger import is_queued
 from corral.wire import protocol
 from corral.wire.protocol import Dialect, Status
 
@@ -235,6 +236,7 @@ class AlarmRunner:
         self.schedule = schedule or Alarms()
         self.clock = clock
         self.runs: dict[int, Run] = {}     # ticket -> the run it is
+        self.requests: dict[int, object] = {}   # ticket -> its request in the core, while open
         # Scopes a dead worker held requests of: it may have committed an alarm change and died
         # before reporting it; re-read from the database once it is reaped (identity -> scopes).
         self.suspects: dict[bytes, set[tuple[bytes, bytes]]] = {}
@@ -316,12 +318,14 @@ class AlarmRunner:
             request = core.enqueue(b"", Dialect.NATIVE, b"alarm", service, run.scope if service.keyed else None,
                                    body, now + RUN_DEADLINE_S, False, now, probe, owner=self)
             self.runs[request.ticket] = run
+            self.requests[request.ticket] = request
             fired += 1
         return fired
 
     def settle(self, request, status: Status, body: bytes, now: float) -> None:
         """The core's word on a run: 200 is done, anything else failed."""
         run = self.runs.pop(request.ticket, None)
+        self.requests.pop(request.ticket, None)
         if run is not None:
             self.ended(run, status is Status.OK, f"{int(status)} {body[:200].decode(errors='replace')}",
                        self.wall_ms())
@@ -340,3 +344,7 @@ class AlarmRunner:
 
     def counts(self, service: str) -> dict[str, int]:
         return self.schedule.counts(service.encode())
+
+    def queued(self, service) -> int:
+        """Runs of this service still in its queue (at most max_running): not the clients'."""
+        return sum(1 for r in self.requests.values() if r.service is service and is_queued(r))

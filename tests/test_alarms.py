@@ -123,6 +123,47 @@ def test_ten_thousand_pending_alarms_cost_a_heap_not_a_scan():
     assert time.perf_counter() - started < 60
 
 
+# --- the runner and the broker core, without sockets ---------------------------------
+
+class Clock:
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
+def test_runs_go_to_the_core_flagged_settle_back_and_never_count_against_max_queue(tmp_path):
+    from test_broker_core import NullLog, make_core, native, ready
+    from corral.alarms import AlarmRunner
+    from corral.wire.protocol import ALARM, W_ALARMS, W_REPLY, alarms_message, iter_request_records, reply_record
+    core, transport, _ = make_core(tmp_path, max_queue=2)
+    clock = Clock(100.0)
+    runner = core.alarms = AlarmRunner(NullLog(), clock=clock)
+    runner.load("echo", [(b"", 100_500)])
+    assert runner.next_due() == 0.5 and runner.fire(core, 0.0) == 0     # never before its time
+    clock.seconds = 100.5
+    assert runner.fire(core, 0.0) == 1
+    core.on_client(native(b"r1"), 0.0)
+    core.on_client(native(b"r2"), 0.0)
+    assert transport.replies == []          # the alarm run in the queue left room for two clients
+    core.on_client(native(b"r3"), 0.0)
+    assert transport.replies[-1][3] == b"503"
+    ready(core, b"w0.1", 0.0)
+    core.dispatch(0.0)
+    (sent,) = [payload for identity, payload in transport.sent if payload[:1] == b"\x02"]
+    records = list(iter_request_records(sent))
+    alarm = next(r for r in records if r[6] & ALARM)
+    assert (alarm[2], alarm[3], alarm[4]) == (b"echo", None, b"\x00\x00\x00\x00" + (100_500).to_bytes(8, "big"))
+    # The worker's commit report comes before its reply; a 200 is a fired run.
+    core.on_worker(b"w0.1", alarms_message([(b"echo", b"", None)]), 0.1)
+    core.on_worker(b"w0.1", W_REPLY + b"".join(reply_record(alarm[0], 200, b"", b"")), 0.1)
+    assert runner.counts("echo") == {"pending": 0, "fired": 1, "failed": 0, "dropped": 0}
+    # A report for a service the worker does not serve is a protocol violation.
+    core.on_worker(b"w0.1", W_ALARMS + alarms_message([(b"other", b"k", 5)])[1:], 0.2)
+    assert b"w0.1" not in core.links
+
+
 # --- the write set's alarm, without a daemon ----------------------------------------
 
 def test_an_alarm_is_part_of_the_write_set_and_its_commit(tmp_path):
