@@ -236,6 +236,20 @@ def storage(report: Report, opts, requests: int, results: dict[str, list[loadgen
     report.data["storage"] = {name: summary(result) for name, result in medians.items()}
 
 
+def alarms(report: Report, opts, count: int, last_s: float, quiet: loadgen.Result, busy: loadgen.Result,
+           counts: dict, runs: int) -> None:
+    report.out(f"== Alarms: {count} alarms due in the same second, {opts.workers} workers (docs/alarms.md)")
+    report.out(f"time from the due second until the last had fired: {last_s:.2f} s "
+               f"({count / last_s:.0f} alarm runs/s); status: {counts}")
+    report.out(f"echo load meanwhile: {runs} runs of 1000 requests back to back (the median p99 run shown)")
+    report.out(f"{'echo requests (closed loop, 4 in flight)':<44} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>7}")
+    for label, result in (("without alarms", quiet), ("while the alarms fire", busy)):
+        report.out(f"{label:<44} {result.throughput:>9.0f} {result.pct(50):>8.2f} {result.pct(99):>8.2f} "
+                   f"{result.pct(99) / quiet.pct(99):>6.2f}x")
+    report.data["alarms"] = {"count": count, "last_fired_s": round(last_s, 3), "quiet": summary(quiet),
+                             "busy": summary(busy)}
+
+
 def security(report: Report, opts, runs: dict[str, list[loadgen.Result]], plain: str, curve: str,
              frames_impl: str, drain_us: dict[str, float], check_ms: dict[str, float]) -> None:
     med = {label: median_result(rs) for label, rs in runs.items()}

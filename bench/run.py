@@ -5,7 +5,7 @@
     python bench/run.py --quick          everything, small (about 15 s): the CI smoke run
     python bench/run.py --throughput     only some sections: --throughput --half-load
                                          --hops --host --instantiate --abort --storage --fairness
-                                         --unwind --security --frames --confinement (any combination)
+                                         --unwind --security --frames --confinement --alarms (any combination)
 
 Sections (see bench/README.md for what each number means):
 
@@ -39,6 +39,8 @@ Sections (see bench/README.md for what each number means):
                without CURVE (interleaved rounds), the broker's drain with and without
                reading each message's User-Id, and the module check in its child
                process against the same check in-process
+  alarms       10,000 alarms due in the same second through the real daemon: the time
+               until the last fired, and an echo load's p99 meanwhile beside without alarms
   frames       corral.wire.frames (send_frames, drain: the C extension) against plain
                pyzmq's send_multipart/recv_multipart, per six-frame message over inproc
   confinement  the same load against corral with confinement = "off" and "require"
@@ -77,16 +79,16 @@ if str(REPO) not in sys.path:
 import zmq  # noqa: E402
 
 from bench import report as tables  # noqa: E402
-from bench.sections import (abort, confinement, fairness, frames, hops, host, instantiate,  # noqa: E402
-                            security, storage, throughput, unwind)
+from bench.sections import (abort, alarms, confinement, fairness, frames, hops, host,  # noqa: E402
+                            instantiate, security, storage, throughput, unwind)
 from bench.systems import BenchError, Context  # noqa: E402
 
 SECTIONS = ("throughput", "half-load", "hops", "host", "instantiate", "abort", "storage", "fairness", "unwind",
-            "security", "frames", "confinement")
+            "security", "frames", "confinement", "alarms")
 # The order they run in: the daemons first, then the in-process ones (throughput's
 # module runs half-load too, which needs its max).
 RUN_ORDER = ((("throughput", "half-load"), throughput), (("hops",), hops), (("abort",), abort),
-             (("storage",), storage), (("fairness",), fairness), (("security",), security),
+             (("storage",), storage), (("alarms",), alarms), (("fairness",), fairness), (("security",), security),
              (("confinement",), confinement),
              (("host",), host), (("instantiate",), instantiate), (("unwind",), unwind), (("frames",), frames))
 

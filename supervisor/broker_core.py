@@ -53,7 +53,7 @@ from corral.broker_ledger import (KEY_ACCOUNT, ClientAccount, Event, Fence, Loca
                                   State, WorkerLink, is_queued)
 from corral.wire import protocol
 from corral.wire.protocol import (MAX_KEY, MMI_PREFIX, MMI_SERVICE, NATIVE, STATUS_BY_CODE, STATUS_FRAMES,
-                                  W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_RETIRING, Dialect,
+                                  W_ALARMS, W_DISCONNECT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_RETIRING, Dialect,
                                   Malformed, Status, evict_message, iter_replies, reply_frames, request_record)
 
 DEFAULT_DEADLINE_S = 30.0
@@ -122,6 +122,7 @@ class BrokerCore:
         self.unsent: set[ClientAccount] = set()          # accounts with replies in their outbox
         self.next_sweep = 0.0
         self.key_of: dict[bytes, bytes] = {}          # routing identity -> CURVE key name
+        self.alarms = None   # the daemon's AlarmRunner (docs/alarms.md): hears W_ALARMS and dead workers
         self.configure(config, 0.0)
 
     # --- configuration -------------------------------------------------------
@@ -222,7 +223,7 @@ class BrokerCore:
         if self.draining:
             return None, (Status.UNAVAILABLE, b"the daemon is draining: no new requests"), False
         if service.open:   # not keyed, circuit closed, nothing quarantined: only the queue's bound
-            if len(service.queue) >= self.max_queue:
+            if len(service.queue) >= self.max_queue and self.queue_full(service):
                 return None, (Status.UNAVAILABLE, b"queue full (max_queue)"), False
             return service, None, False
         if service.keyed and not key:
@@ -231,12 +232,18 @@ class BrokerCore:
             return None, (Status.BAD_REQUEST, b"key longer than 65535 bytes"), False
         if service.health.quarantined(body, now):
             return None, (Status.ABORT, b"quarantined: this request aborted instances repeatedly"), False
-        if len(service.queue) >= self.max_queue:
+        if len(service.queue) >= self.max_queue and self.queue_full(service):
             return None, (Status.UNAVAILABLE, b"queue full (max_queue)"), False
         probe, refusal = service.health.admit(now)
         if refusal:
             return None, (Status.UNAVAILABLE, refusal.encode()), False
         return service, None, probe
+
+    def queue_full(self, service: Service) -> bool:
+        """At max_queue, the clients' requests alone? Alarm runs never count (docs/alarms.md);
+        asked only when the queue is at the bound."""
+        owned = self.alarms.queued(service) if self.alarms is not None else 0
+        return len(service.queue) - owned >= self.max_queue
 
     def mmi(self, name: bytes, body: bytes) -> tuple[Status, bytes]:
         if name != MMI_SERVICE:
@@ -411,7 +418,8 @@ class BrokerCore:
             batch = self.outbox[link] = [W_REQUEST]
         batch += request_record(request.ticket, left_ms, request.service.name, request.key, request.body,
                                 request.ticket if request.idempotent else 0,
-                                protocol.REDELIVERED if request.redelivered else 0)
+                                (protocol.REDELIVERED if request.redelivered else 0) |
+                                (getattr(request.owner, "flags", 0) if request.owner is not None else 0))
 
     def send_outbox(self, now: float) -> None:
         outbox, self.outbox = self.outbox, {}
@@ -465,6 +473,8 @@ class BrokerCore:
                 self.on_retiring(link, payload, now)
             elif command == W_DISCONNECT and link is not None:
                 self.on_goodbye(link, now)
+            elif command == W_ALARMS and link is not None and self.alarms is not None:
+                self.alarms.on_report(link, payload)
             elif command != W_HEARTBEAT:
                 self.log.warning("worker.unexpected_message", worker=identity.decode(errors="replace"),
                                  command=command.hex())
@@ -625,6 +635,8 @@ class BrokerCore:
         if self.fence.keys_free(link):
             self.release(link)
         self.outbox.pop(link, None)
+        if self.alarms is not None:   # it may have committed an alarm it never reported
+            self.alarms.suspect(link.identity, link.inflight.values())
         detail = f"worker {link.identity.decode()} (pid {link.pid}) {cause}".encode()
         held = []
         # Killed by its seccomp filter (docs/confinement.md): an abort of the request it was running.

@@ -32,6 +32,8 @@ class Owner(Protocol):
     """Who hears a request's outcome when no client asked for it (issue 19: the broker's own
     requests, e.g. alarms). BrokerCore.finish calls settle() instead of replying on a socket."""
 
+    flags: int   # optional: worker-protocol flags its requests carry (protocol.ALARM for alarm runs)
+
     def settle(self, request: "Request", status: Status, body: bytes, now: float) -> None: ...
 
 

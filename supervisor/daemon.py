@@ -36,6 +36,7 @@ import zmq
 
 from corral import config as config_module
 from corral import paths
+from corral.alarms import AlarmRunner
 from corral.wire import frames, logs
 from corral.broker import Broker
 from corral.broker_ledger import Event
@@ -130,6 +131,8 @@ class Daemon:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             return EX_UNAVAILABLE
         self.hand_run_dir_to_worker_user(config)
+        self.alarms = self.broker.core.alarms = AlarmRunner(self.log)
+        self.load_alarms(config)
         for warning in config_module.warnings(config):
             self.log.warning("config.warning", problem=warning)
         self.use_config(config, spec_inputs)
@@ -194,6 +197,22 @@ class Daemon:
         except (state.StateProblem, OSError) as exc:
             return f"durable state: {exc}"
         return None
+
+    def load_alarms(self, config: Config) -> None:
+        """Every service's pending alarms, read once from its database (read-only): at
+        start-up and on a reload; from then on the workers report what they commit."""
+        folder = self.state_dir(config)
+        self.alarms.keep_only(config.apps)
+        for name in config.apps:
+            try:
+                self.alarms.load(name, state.read_alarms(state.database_path(folder, name)))
+            except state.sqlite3.Error as exc:
+                self.log.error("alarms.unreadable", service=name, error=str(exc))
+        self.next_timer = 0.0
+
+    def read_alarm(self, service: str, scope: bytes) -> int | None:
+        """One scope's alarm from its service's database (read-only); raise sqlite3.Error."""
+        return state.read_alarm(state.database_path(self.state_dir(self.config), service), scope)
 
     def hand_run_dir_to_worker_user(self, config: Config) -> None:
         """Workers that drop to `user` must still reach the backend socket."""
@@ -284,6 +303,9 @@ class Daemon:
             signals = len(self.signals)   # this turn's; any later one is the next turn's
             busy_turns = busy_turns + 1 if found else 0
             broker.dispatch()
+            if self.alarms.changed:
+                self.alarms.changed = False
+                self.next_timer = 0.0   # an alarm may now be due sooner than the next timer
             now = time.monotonic()
             if now >= self.next_tick:
                 self.tick_broker(now)
@@ -322,6 +344,7 @@ class Daemon:
         for worker, returncode in self.pool.reap():
             self.broker.worker_gone(worker.identity, worker.cause or describe_exit(returncode), reaped=True,
                                     clean=returncode == 0)
+            self.alarms.recheck(worker.identity, self.read_alarm)
             self.vacate(worker)
 
     def vacate(self, worker: WorkerProcess) -> None:
@@ -392,6 +415,8 @@ class Daemon:
     def timers(self, now: float) -> bool:
         """Run what is due, note when the next thing is; True when the daemon is done."""
         self.pool.due(now)
+        if self.alarms.fire(self.broker.core, now):
+            self.broker.dispatch()
         if now >= self.next_rss:
             self.next_rss = now + RSS_CHECK_S
             self.check_rss()
@@ -403,8 +428,10 @@ class Daemon:
         if self.stopping and self.stop_progress(now):
             return True
         times = [self.next_tick, self.next_rss, self.next_status]
+        alarm_in = self.alarms.next_due()
         for when in (self.pool.next_due(), self.notifier.next_watchdog(),
-                     self.stop_deadline if self.stopping else None):
+                     self.stop_deadline if self.stopping else None,
+                     now + alarm_in if alarm_in is not None else None):
             if when is not None:
                 times.append(when)
         self.next_timer = min(times)
@@ -498,6 +525,7 @@ class Daemon:
         self.use_config(config, apps)
         self.broker.configure(config)
         self.frontend_watch.use(config.supervisor.max_message_kib)
+        self.load_alarms(config)
         self.scale(config.supervisor.workers, quiet=True)
         for slot in [s for s in self.pool.slots if s >= STANDBY_BASE and s not in self.standby_slots()]:
             worker = self.pool.slots.get(slot)

@@ -82,6 +82,16 @@ def render_snapshot(now: Snapshot) -> str:
             family(metric, kind, text)
             for service in stored:
                 out.append(f'{metric}{{service="{service.name}"}} {getattr(service.state, key)}')
+    alarmed = [service for service in services if service.alarms is not None]
+    if alarmed:
+        family("corral_alarms_pending", "gauge", "Alarms set and not yet fired or dropped (docs/alarms.md).")
+        for service in alarmed:
+            out.append(f'corral_alarms_pending{{service="{service.name}"}} {dict(service.alarms)["pending"]}')
+        family("corral_alarms_total", "counter", "Alarm runs that succeeded (fired) or failed, and alarms dropped.")
+        for service in alarmed:
+            counts = dict(service.alarms)
+            for outcome in ("fired", "failed", "dropped"):
+                out.append(f'corral_alarms_total{{service="{service.name}",outcome="{outcome}"}} {counts[outcome]}')
     family("corral_in_flight", "gauge", "Requests in the broker's ledger (queued or on a worker).")
     out.append(f"corral_in_flight {now.in_flight}")
     family("corral_worker_exits_total", "counter", "Worker processes that exited, by cause.")

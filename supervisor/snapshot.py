@@ -101,6 +101,7 @@ class ServiceView:
     evicted: int | None = None     # keyed services only
     state: StateView | None = None
     latency: Latency = field(default_factory=Latency)
+    alarms: tuple[tuple[str, int], ...] | None = None   # pending, fired, failed, dropped (docs/alarms.md)
 
     @property
     def keyed(self) -> bool:
@@ -116,7 +117,8 @@ class ServiceView:
                 "dropped": self.dropped, "quarantined": self.quarantined,
                 **({"keys": self.keys, "evicted": self.evicted} if self.keyed else {}),
                 "statuses": {str(k): v for k, v in self.statuses},
-                **({"state": self.state.to_json()} if self.state is not None else {})}
+                **({"state": self.state.to_json()} if self.state is not None else {}),
+                **({"alarms": dict(self.alarms)} if self.alarms is not None else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> "ServiceView":
@@ -125,7 +127,8 @@ class ServiceView:
                    data.get("queued", 0), data.get("running", 0), data.get("dropped", 0),
                    data.get("quarantined", 0), _statuses(data.get("statuses", {})),
                    data.get("keys"), data.get("evicted"),
-                   StateView.from_stats(state) if state else None)
+                   StateView.from_stats(state) if state else None,
+                   alarms=tuple(data["alarms"].items()) if data.get("alarms") else None)
 
 
 @dataclass(frozen=True)
@@ -226,6 +229,8 @@ class Snapshot:
                 st = s.state
                 out.append(f"  {'':<20} state: {st.commits} commits, {st.rollbacks} rollbacks, "
                            f"{st.bytes} bytes in {st.scopes} scopes")
+            if s.alarms is not None:
+                out.append(f"  {'':<20} alarms: " + ", ".join(f"{v} {k}" for k, v in s.alarms))
         if self.clients:
             out.append("\nclients (the busiest first):")
             out.append(f"  {'client':<24} {'queued':>7} {'running':>7} {'unread KiB':>10} {'dropped':>8} "
@@ -293,13 +298,16 @@ def take(broker, pool, facts: Facts, *, measure: bool = True, state_stats: State
     for name, service in broker.services.items():
         stats = state_stats(name.decode()) if state_stats is not None else None
         latency = service.latency
+        runner = getattr(daemon, "alarms", None)   # (plain test daemons have none)
+        alarms = runner.counts(name.decode()) if runner is not None else {}
         services.append(ServiceView(
             name.decode(), service.app.instances, service.health.circuit.value, service.health.opened,
             len(service.queue), running.get(id(service), 0), service.dropped,
             len(service.health.quarantined_until), _counts(service.statuses),
             len(service.affinity) if service.keyed else None, service.evicted if service.keyed else None,
             StateView.from_stats(stats) if stats else None,
-            Latency(tuple(latency.counts), latency.sum, latency.count)))
+            Latency(tuple(latency.counts), latency.sum, latency.count),
+            tuple(alarms.items()) if alarms and (stats or any(alarms.values())) else None))
     clients = tuple(ClientView(c["client"], c["queued"], c["running"], c["unread_bytes"], c["dropped"],
                                c["refused"], c["over_budget"]) for c in broker.clients())
     return Snapshot(os.getpid(), round(now - facts.started, 3), facts.config, facts.config_generation,

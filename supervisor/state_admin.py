@@ -57,7 +57,11 @@ def export(path: Path, scope: bytes | None) -> int:
         return 0  # a service that never wrote anything has nothing to export
     out = sys.stdout
     try:
-        for row_scope, key, value in state.export_rows(path, scope):
+        for row in state.export_rows(path, scope):
+            if len(row) == 2:   # an alarm (docs/alarms.md)
+                out.write(json.dumps({"scope": b64encode(row[0]).decode(), "alarm": row[1]}) + "\n")
+                continue
+            row_scope, key, value = row
             out.write(json.dumps({"scope": b64encode(row_scope).decode(), "key": b64encode(key).decode(),
                                   "value": b64encode(value).decode()}) + "\n")
     except state.sqlite3.Error as exc:
@@ -67,17 +71,28 @@ def export(path: Path, scope: bytes | None) -> int:
     return 0
 
 
-def parse_line(number: int, line: str) -> tuple[bytes, bytes, bytes]:
+def parse_line(number: int, line: str) -> tuple[bytes, bytes, bytes] | tuple[bytes, int]:
     try:
         entry = json.loads(line)
+        if isinstance(entry, dict) and set(entry) == {"scope", "alarm"}:
+            return parse_alarm(entry)
         if not isinstance(entry, dict) or set(entry) != {"scope", "key", "value"}:
-            raise ValueError('each line is {"scope": b64, "key": b64, "value": b64}')
+            raise ValueError('each line is {"scope": b64, "key": b64, "value": b64} '
+                             'or {"scope": b64, "alarm": at_ms}')
         scope, key, value = (b64decode(entry[name], validate=True) for name in ("scope", "key", "value"))
     except (ValueError, TypeError, Base64Error) as exc:
         raise ValueError(f"line {number}: {exc}") from None
     if not key:
         raise ValueError(f"line {number}: empty key")
     return scope, key, value
+
+
+def parse_alarm(entry: dict) -> tuple[bytes, int]:
+    """A scope's alarm line; raise ValueError."""
+    at_ms = entry["alarm"]
+    if type(at_ms) is not int or not 0 <= at_ms < 1 << 63:
+        raise ValueError("alarm must be a time in milliseconds since the Unix epoch (0 or more)")
+    return b64decode(entry["scope"], validate=True), at_ms
 
 
 def import_lines(path: Path, durability: str) -> int:

@@ -3,7 +3,10 @@
 At the end every healthy request got 200 with its own body, every faulty
 request got its own status, every worker that aborted under on_abort =
 "respawn" was replaced, the daemon's pid never changed and nothing is left
-behind when it stops.
+behind when it stops. Alarms run through it all (docs/alarms.md): keyed
+scopes set alarms whose handler adds one to a durable count (some trap or
+fail on their first run), and each scope's count ends equal to the alarms
+its client set, none dropped.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ CXX_UNWINDS = {
     ("c_panics", "panic chaos {n}"): (500, "chaos {n} (count "),
 }
 WORKER_PID = re.compile(rb"\(pid (\d+)\)")   # in a 502 for a request its dead worker held
+# key -> how its alarm handler behaves (guests/alarm.wat's modes): o succeeds, r fails
+# twice then succeeds, u traps once (an abort) then succeeds
+ALARM_MODES = {"ok1": b"o", "ok2": b"o", "fails": b"r", "traps": b"u"}
 ABORTS = {b"unreachable", b"oob", b"div0", b"recurse", b"grow", b"badptr", b"badlen", b"empty",
           b"badstatus", b"loop"}
 
@@ -54,8 +60,10 @@ def test_chaos(start_daemon, built_guests, unwind_guests):
          "c_panics": {"module": unwind_guests["c_panics"]},
          "faults": {"module": FAULTS, "max_memory_mib": 16, "timeout_ms": 300},   # on_abort = respawn
          "faults_inproc": {"module": FAULTS, "max_memory_mib": 16, "timeout_ms": 300,
-                           "on_abort": "reinstantiate"}},
+                           "on_abort": "reinstantiate"},
+         "alarms": {"module": GUESTS / "alarm.wat", "instances": "keyed", "timeout_ms": 300}},
         supervisor={"workers": 3, "heartbeat_ms": 200},
+        env={"CORRAL_TEST_ALARM_BACKOFF_MS": "200"},   # retries after 0.2 s, 0.4 s, ...
         # Generous budget, short period: this test is about isolation, not the circuit breaker.
         restart={"intensity": 100000, "period_s": 1})
     daemon_pid = daemon.status()["pid"]
@@ -150,6 +158,40 @@ def test_chaos(start_daemon, built_guests, unwind_guests):
             n += 1
             time.sleep(0.05)
 
+    alarms_set = {key: 0 for key in ALARM_MODES}
+
+    def alarming(key: str) -> None:
+        """Set an alarm ~1 s ahead, wait until it has fired, again. A set answered 502 (its
+        worker killed) may or may not be kept: it is set again at once (one alarm per scope,
+        so that replaces it) long before either could be due."""
+        client = daemon.client()
+
+        def call(body: bytes) -> bytes:
+            for _ in range(50):
+                reply = client.call("alarms", body, key=key, timeout=30)
+                if reply.status == 200:
+                    return reply.body
+                if reply.status != 502:
+                    problems.append(f"alarms {key} {body!r}: {reply.status} {reply.body[:100]!r}")
+                    return b"0"
+            problems.append(f"alarms {key} {body!r}: 502 fifty times")
+            return b"0"
+
+        try:
+            call(b"m" + ALARM_MODES[key])
+            while not stop.is_set():
+                before = int(call(b"c"))
+                call(b"s%d" % (int(time.time() * 1000) + 1000))
+                alarms_set[key] += 1
+                end = time.monotonic() + 60
+                while int(call(b"g")) != -1 and time.monotonic() < end:
+                    time.sleep(0.05)
+                if int(call(b"c")) != before + 1:
+                    problems.append(f"alarms {key}: count {int(call(b'c'))} after {before} and one alarm")
+                    return
+        except NoReply as exc:
+            problems.append(f"alarms {key}: {exc}")
+
     def killer() -> None:
         while not stop.wait(0.8):
             pids = [w["pid"] for w in daemon.status()["workers"] if w["state"] == "ready"]
@@ -162,6 +204,7 @@ def test_chaos(start_daemon, built_guests, unwind_guests):
     threads += [threading.Thread(target=faulty, args=(s,)) for s in ("faults", "faults_inproc")]
     threads.append(threading.Thread(target=unwinding))
     threads.append(threading.Thread(target=c_and_cpp_unwinding))
+    threads += [threading.Thread(target=alarming, args=(key,)) for key in ALARM_MODES]
     threads.append(threading.Thread(target=killer))
     for thread in threads:
         thread.start()
@@ -179,6 +222,13 @@ def test_chaos(start_daemon, built_guests, unwind_guests):
     assert sum(1 for body, status, _ in unwind_replies if body == b"panic" and status == 500) > 20   # exercised, even on a busy machine
     kinds_seen = {body for _, body, _, _ in fault_replies}
     assert kinds_seen == set(FAULT_KINDS), kinds_seen
+    # Alarms: each key's durable count is the number of alarms its client set; none dropped.
+    for key, count in alarms_set.items():
+        assert count >= 3, alarms_set
+        assert daemon.call("alarms", b"c", key=key, timeout=30).body == b"%d" % count, (key, count)
+    alarm_counts = next(s for s in daemon.status()["services"] if s["name"] == "alarms")["alarms"]
+    assert alarm_counts["dropped"] == 0 and alarm_counts["pending"] == 0, alarm_counts
+    assert alarm_counts["failed"] >= 2 * alarms_set["fails"] + alarms_set["traps"], alarm_counts   # first runs
     wrong = [(s, b, st, d[:80]) for s, b, st, d in fault_replies if st != FAULT_KINDS[b]]
     assert not wrong, wrong[:10]
     assert len(cxx_replies) > 3 * len(CXX_UNWINDS), len(cxx_replies)

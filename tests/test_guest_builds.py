@@ -84,8 +84,9 @@ def test_every_guest_is_a_corral_guest_that_imports_only_durable_state(built, mo
                              "rust_panicky_unwind"]
     for name, module in modules.items():
         imports = sorted((i.module, i.name) for i in module.imports)
-        if "durable" in name:   # corral_guest::kv: the durable-state host functions (docs/state.md), nothing else
-            assert imports == [("corral", "kv_get"), ("corral", "kv_put")], (name, imports)
+        if "durable" in name:   # corral_guest::kv and ::alarm (docs/alarms.md), the clock its alarm needs
+            assert imports == [("corral", "alarm_set"), ("corral", "kv_delete"), ("corral", "kv_get"),
+                               ("corral", "kv_put"), ("wasi_snapshot_preview1", "clock_time_get")], (name, imports)
         else:
             assert imports == [], (name, imports)
         exports = {export.name: export.type for export in module.exports}

@@ -250,13 +250,30 @@ class Entry:
 class CorralEntry(Entry):
     """An instance of a corral/1 guest."""
 
-    __slots__ = ("alloc", "handle", "init")
+    __slots__ = ("alloc", "handle", "init", "alarm")
 
-    def __init__(self, store: wasmtime.Store, instance: wasmtime.Instance, has_init: bool):
+    def __init__(self, store: wasmtime.Store, instance: wasmtime.Instance, has_init: bool,
+                 has_alarm: bool = False):
         super().__init__(store, instance)
         self.alloc = self.function("corral_alloc")
         self.handle = self.function("corral_handle")
         self.init = self.function("corral_init") if has_init else 0
+        self.alarm = self.function("corral_alarm") if has_alarm else 0
+
+    def run_alarm(self, retries: int, timeout_ms: int) -> Outcome:
+        """corral_alarm(retries) (docs/alarms.md): 0 is done (200); anything else failed (422),
+        and the worker keeps none of the run's writes."""
+        if not self.alarm:
+            return Outcome(Status.NOT_FOUND, b"the guest exports no corral_alarm")
+        self.set_deadline(timeout_ms)
+        self.args[0].i32 = retries
+        fault = self.enter(self.alarm, 1, timeout_ms)
+        if fault:
+            return fault
+        returned = self.args[0].i32
+        if returned:
+            return Outcome(Status.GUEST_ERROR, b"corral_alarm returned %d" % returned)
+        return Outcome(Status.OK, b"")
 
     def handle_request(self, body: bytes, timeout_ms: int) -> Outcome:
         self.set_deadline(timeout_ms)

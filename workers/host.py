@@ -97,7 +97,7 @@ class Guest:
             return outcome.instantiation_failed(str(exc))
         if not self.info.corral_abi:
             return PlainEntry(store, instance)
-        entry = CorralEntry(store, instance, self.info.has_init)
+        entry = CorralEntry(store, instance, self.info.has_init, self.info.has_alarm)
         if entry.init:
             entry.set_deadline(timeout_ms)
             if self.state is not None:
@@ -112,8 +112,9 @@ class Guest:
         return entry
 
     def run(self, key: bytes | None, body: bytes, timeout_ms: int,
-            writes: state.WriteSet | None = None) -> Outcome:
-        """`writes`: the request's write set, for a guest that uses durable state."""
+            writes: state.WriteSet | None = None, alarm_retries: int = -1) -> Outcome:
+        """`writes`: the request's write set, for a guest that uses durable state.
+        `alarm_retries` >= 0: an alarm run (docs/alarms.md): corral_alarm(retries), no body."""
         entry = self.instances.get(key)
         if entry is None:
             made = self.instantiate(timeout_ms)
@@ -125,7 +126,10 @@ class Guest:
         calls = self.state
         if calls is not None:
             calls.begin(entry.memory, writes)
-        if self.info.corral_abi:
+        if alarm_retries >= 0:
+            result = (entry.run_alarm(alarm_retries, timeout_ms) if self.info.corral_abi else
+                      Outcome(Status.NOT_FOUND, b"a plain module has no corral_alarm"))
+        elif self.info.corral_abi:
             result = entry.handle_request(body, timeout_ms)
         else:
             result = entry.call(body, timeout_ms)

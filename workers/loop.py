@@ -17,6 +17,9 @@ Durable state (docs/state.md): the write set of a request that ends 200 or 422
 is staged on its service's store; every flush first commits what is staged
 (one transaction per store: group commit), and only then sends the replies
 (the output gate). A commit that fails turns its requests' replies into 503.
+The alarms a commit changed are told to the broker (W_ALARMS) just before
+those replies, so the broker's schedule never runs ahead of the database
+(docs/alarms.md).
 
 While a guest runs the worker cannot answer; the broker judges a busy
 worker by the longest call it may be running (docs/worker-protocol.md). When idle, it
@@ -34,9 +37,10 @@ from dataclasses import dataclass
 import zmq
 
 from corral.wire.frames import drain, recv_payload, send_frames
-from corral.wire.protocol import (REDELIVERED, W_DISCONNECT, W_EVICT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST,
-                                 RetireReason, Status, encode_json, iter_request_records, parse_evict,
-                                 reply_record, retiring_message, worker_identity)
+from corral.wire.protocol import (ALARM, REDELIVERED, W_DISCONNECT, W_EVICT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST,
+                                 RetireReason, Status, alarms_message, encode_json, iter_request_records,
+                                 parse_alarm_body, parse_evict, reply_record, retiring_message,
+                                 worker_identity)
 from corral.workers import outcome
 from corral.workers.host import Guest, Host
 from corral.workers.state import Store, WriteSet
@@ -80,6 +84,8 @@ class WorkerLoop:
         self.cautious: dict[bytes, int] = {}   # service -> calls left before batching again
         self.gated: list[tuple[slice, WriteSet]] = []  # (its record's pieces in replies, write set) of staged requests
         self.staged: dict[Store, None] = {}          # stores with write sets to commit before the flush
+        self.alarm_reports: list[tuple[bytes, bytes, int | None]] = []   # (service, scope, at_ms) to tell
+        self.store_names = {store: name for name, store in host.stores.items()}
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.ROUTING_ID, self.identity)
@@ -160,7 +166,9 @@ class WorkerLoop:
             self.replies += reply_record(job.ticket, *recorded)
             self.pending += 1
             return None
-        if guest is None:
+        if job.flags & ALARM:
+            result, writes = self.run_alarm(job, guest, left_ms)
+        elif guest is None:
             result = outcome.Outcome(Status.NOT_FOUND, b"this worker does not serve " + job.service)
         elif left_ms <= 0:
             result = outcome.expired()
@@ -173,24 +181,50 @@ class WorkerLoop:
             if time.monotonic() - started > SLOW_CALL_S:
                 self.cautious[job.service] = CAUTIOUS_CALLS
         self.handled += 1
-        if result.status is Status.OK or result.status is Status.GUEST_ERROR:
-            if writes is not None and writes.writes:
+        if result.status is Status.OK or result.status is Status.GUEST_ERROR and not job.flags & ALARM:
+            if writes is not None and writes.changed:
                 writes.store.stage(writes, result.status, result.fault, result.body)
                 self.staged[writes.store] = None
             record = reply_record(job.ticket, result.status, result.fault, result.body)
             # saw_staged: it read what others staged, so it is 503 too if that is not kept.
-            if writes is not None and (writes.writes or writes.saw_staged):
+            if writes is not None and (writes.changed or writes.saw_staged):
                 self.gated.append((slice(len(self.replies), len(self.replies) + len(record)), writes))
             self.replies += record
             self.pending += 1
             return None
-        if writes is not None and writes.writes:
+        if writes is not None and writes.changed:
             writes.store.discard(writes)
             self.staged[writes.store] = None   # its count is saved with the flush below
         self.replies += reply_record(job.ticket, result.status, result.fault, result.body)
         self.pending += 1
         self.flush()  # a fault is news: send it now
         return self.fault(job, guest, result)
+
+    def run_alarm(self, job: Job, guest: Guest | None, left_ms: int) -> tuple[outcome.Outcome, WriteSet | None]:
+        """A due alarm, or one to give up (retries -1), docs/alarms.md: the outcome, and
+        the write set that deletes the alarm of that at_ms if it is kept (only a 200 is).
+
+        The alarm is looked up first: one replaced or deleted since the broker learned of it
+        (a report lost with a killed worker) is not run; the broker is told what is there."""
+        store = guest.state.store if guest is not None and guest.state is not None else None
+        if store is None:
+            return outcome.Outcome(Status.NOT_FOUND, b"this worker keeps no state for " + job.service), None
+        retries, at_ms = parse_alarm_body(job.body)
+        scope = job.key or b""
+        try:
+            current = store.visible_alarm(scope)
+        except sqlite3.Error as exc:
+            return outcome.Outcome(Status.UNAVAILABLE, f"storage unavailable: {exc}".encode(), b"state"), None
+        if current != at_ms:
+            self.alarm_reports.append((job.service, scope, current))
+            return outcome.Outcome(Status.OK, b"stale"), None
+        writes = WriteSet(store, scope, 0, job.ticket)
+        writes.fired = at_ms
+        if retries < 0:
+            return outcome.Outcome(Status.OK, b"dropped"), writes
+        if left_ms <= 0:
+            return outcome.expired(), writes
+        return guest.run(job.key, b"", min(left_ms, guest.app.timeout_ms), writes, alarm_retries=retries), writes
 
     def fault(self, job: Job, guest: Guest | None, result: outcome.Outcome) -> RetireReason | None:
         # Not logged here: the broker logs the fault once (request.failed), with the
@@ -202,6 +236,9 @@ class WorkerLoop:
     def flush(self) -> None:
         if self.staged:
             self.commit()
+        if self.alarm_reports:
+            self.send(alarms_message(self.alarm_reports))
+            self.alarm_reports = []
         if self.pending:
             self.send(b"".join(self.replies))
             self.replies = [W_REPLY]
@@ -214,6 +251,9 @@ class WorkerLoop:
         for store in self.staged:
             try:
                 store.commit(waiting=self.heartbeat_if_due)
+                if store.alarm_changes:
+                    name = self.store_names[store]
+                    self.alarm_reports += [(name, scope, at) for scope, at in store.alarm_changes]
             except sqlite3.Error as exc:
                 tickets = [w.ticket for _, w in self.gated if w.store is store]
                 failed.update(tickets)

@@ -63,7 +63,8 @@ class ModuleInfo:
     has_init: bool
     uses_wasi: bool
     min_memory_bytes: int
-    uses_state: bool = False   # imports the kv_* host functions of module `corral`
+    uses_state: bool = False   # imports the kv_* (or alarm_*) host functions of module `corral`
+    has_alarm: bool = False    # exports corral_alarm (docs/alarms.md)
 
 
 _CORRAL_EXPORTS = {
@@ -72,6 +73,20 @@ _CORRAL_EXPORTS = {
     "corral_init": ((), ()),
     "corral_exception_message": ((wasmtime.ValType.i32(),), (wasmtime.ValType.i64(),)),
 }
+_ALARM_EXPORT = ((wasmtime.ValType.i32(),), (wasmtime.ValType.i32(),))
+
+
+def alarm_problem(imports: list[tuple[str, str]], exports: dict) -> str | None:
+    """A guest that sets alarms needs the handler they wake (docs/alarms.md)."""
+    ty = exports.get("corral_alarm")
+    if ty is not None and (not isinstance(ty, wasmtime.FuncType) or
+                           (tuple(ty.params), tuple(ty.results)) != _ALARM_EXPORT):
+        return "export corral_alarm must be a function (i32) -> i32 (retries -> 0 done, else failed)"
+    used = [name for module, name in imports if module == STATE_MODULE and name.startswith("alarm_")]
+    if used and ty is None:
+        return (f"imports {STATE_MODULE}.{used[0]} but does not export corral_alarm (i32) -> i32, "
+                f"the handler its alarms call")
+    return None
 
 
 def inspect(module: wasmtime.Module) -> ModuleInfo:
@@ -81,7 +96,7 @@ def inspect(module: wasmtime.Module) -> ModuleInfo:
     foreign = [f"{m}.{n}" for m, n in imports if m not in (WASI_MODULE, STATE_MODULE)]
     if foreign:
         raise ModuleProblem(f"imports {', '.join(foreign)}, which corral does not provide "
-                            f"(only {WASI_MODULE} and {STATE_MODULE}.kv_get/kv_put/kv_delete/kv_list)")
+                            f"(only {WASI_MODULE} and {STATE_MODULE}.kv_*/alarm_*)")
     for item in module.imports:
         if item.module != STATE_MODULE:
             continue
@@ -95,6 +110,9 @@ def inspect(module: wasmtime.Module) -> ModuleInfo:
             raise ModuleProblem(f"imports {STATE_MODULE}.{item.name} with the wrong type "
                                 f"(docs/state.md: ({', '.join(map(str, wanted[0]))}) -> {wanted[1]})")
     exports = {e.name: e.type for e in module.exports}
+    problem = alarm_problem(imports, exports)
+    if problem:
+        raise ModuleProblem(problem)
     for name, (params, results) in _CORRAL_EXPORTS.items():
         ty = exports.get(name)
         if ty is None:
@@ -117,7 +135,8 @@ def inspect(module: wasmtime.Module) -> ModuleInfo:
         raise ModuleProblem("exports corral_handle but not corral_alloc and memory (corral/1 ABI)")
     return ModuleInfo(corral_abi=corral_abi, has_init="corral_init" in exports,
                       uses_wasi=any(m == WASI_MODULE for m, _ in imports), min_memory_bytes=min_memory,
-                      uses_state=any(m == STATE_MODULE for m, _ in imports))
+                      uses_state=any(m == STATE_MODULE for m, _ in imports),
+                      has_alarm="corral_alarm" in exports)
 
 
 def cache_path(cache_dir: Path, source: bytes, bounded: bool = False) -> Path:

@@ -13,7 +13,7 @@ requests the worker runs after them, so a keyed scope served by one worker
 stays serializable although its commits are batched. A write set dropped
 (500, 502, 504, a dead worker) leaves nothing.
 
-Schema (user_version 1):
+Schema (user_version 2; version 1 had no alarms table and is brought up to 2 when opened):
   kv(scope, key, value)         the live entries; scope b"" is a non-keyed service's
   scopes(scope, bytes)          key + value bytes of each scope's live entries (the quota)
   tokens(token, at, status, fault, body)
@@ -21,6 +21,11 @@ Schema (user_version 1):
                                 broker's token, so a re-dispatched one is answered
                                 without running again (pruned after restart.period_s)
   stats(name, value)            commits and rollbacks (requests), for status and metrics
+  alarms(scope, at_ms)          each scope's one alarm (docs/alarms.md), wall-clock ms
+
+Alarms are part of a write set like its kv writes. The SQL that touches the
+alarms table is in a few functions of its own (ALARM SQL below), so that
+another backend can mirror them one for one.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
 LOCK_STEP_MS = 50
 PRUNE_EVERY_S = 1.0
@@ -55,6 +60,7 @@ CREATE TABLE IF NOT EXISTS tokens (token INTEGER PRIMARY KEY, at REAL NOT NULL, 
                                    fault BLOB NOT NULL, body BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS tokens_at ON tokens (at);
 CREATE TABLE IF NOT EXISTS stats (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alarms (scope BLOB PRIMARY KEY, at_ms INTEGER NOT NULL) WITHOUT ROWID;
 """
 _LEN = struct.Struct("<I")
 
@@ -171,6 +177,10 @@ class Store:
         self.staged: list[WriteSet] = []
         self.overlay: dict[tuple[bytes, bytes], bytes | None] = {}  # staged writes, newest last
         self.overlay_delta: dict[bytes, int] = {}
+        self.alarm_overlay: dict[bytes, int | None] = {}   # staged alarms: scope -> at_ms, None deleted
+        # After each commit: (scope, at_ms or None) of every scope whose alarm the group touched,
+        # as the database holds it then; the worker tells the broker (docs/alarms.md).
+        self.alarm_changes: list[tuple[bytes, int | None]] = []
         self.rollbacks = 0     # not yet counted in the database
         self.next_prune = 0.0
         # Opened at first use, not here: a worker opens it after dropping privileges.
@@ -237,6 +247,15 @@ class Store:
                 return
             last = rows[-1][0]
 
+    def visible_alarm(self, scope: bytes) -> int | None:
+        """The scope's alarm, staged or committed; raise sqlite3.Error."""
+        found = self.alarm_overlay.get(scope, _MISSING)
+        if found is not _MISSING:
+            return found
+        if self.db is None and not self.open():
+            raise sqlite3.OperationalError("storage unavailable")
+        return alarm_read(self.db, scope)
+
     def recorded_reply(self, token: int) -> tuple[int, bytes, bytes] | None:
         """The reply a committed request with this token got, if any."""
         if self.db is None and not self.open():
@@ -257,6 +276,16 @@ class Store:
         for key, value in writes.writes.items():
             self.overlay[(scope, key)] = value
         self.overlay_delta[scope] = self.overlay_delta.get(scope, 0) + writes.delta
+        if writes.alarm is not _MISSING:
+            self.alarm_overlay[scope] = writes.alarm
+        elif writes.fired >= 0:
+            # A successful alarm run that set no alarm: its alarm goes, unless another request
+            # has replaced it meanwhile (the SQL checks again at the commit).
+            try:
+                if self.visible_alarm(scope) == writes.fired:
+                    self.alarm_overlay[scope] = None
+            except sqlite3.Error:
+                pass
 
     def discard(self, writes: "WriteSet") -> None:
         """A request that ended 500/502/504: nothing of it is kept."""
@@ -268,7 +297,8 @@ class Store:
         (nothing of them is kept then, and they are unstaged all the same). `waiting()` is
         called while another writer holds the lock."""
         staged, overlay = self.staged, self.overlay
-        self.staged, self.overlay, self.overlay_delta = [], {}, {}
+        self.staged, self.overlay, self.overlay_delta, self.alarm_overlay = [], {}, {}, {}
+        self.alarm_changes = []
         if not staged and not self.rollbacks:
             return staged
         if self.db is None and not self.open():
@@ -297,6 +327,7 @@ class Store:
             for scope, delta in deltas.items():
                 db.execute("INSERT INTO scopes VALUES (?, ?) ON CONFLICT(scope) "
                            "DO UPDATE SET bytes = bytes + excluded.bytes", (scope, delta))
+            changes = alarm_apply(db, staged)
             tokens = [(w.token, now, *w.reply) for w in staged if w.token]
             if tokens:
                 db.executemany("INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?, ?)", tokens)
@@ -311,6 +342,7 @@ class Store:
                            "DO UPDATE SET value = value + excluded.value", (self.rollbacks,))
             db.execute("COMMIT")
             self.rollbacks = 0
+            self.alarm_changes = changes
         except BaseException:
             try:
                 if db.in_transaction:
@@ -343,7 +375,8 @@ class WriteSet:
     """One request's reads and writes in one scope: the committed data (and what is staged)
     under its own writes and deletes."""
 
-    __slots__ = ("store", "scope", "token", "writes", "delta", "base_bytes", "reply", "ticket", "saw_staged")
+    __slots__ = ("store", "scope", "token", "writes", "delta", "base_bytes", "reply", "ticket", "saw_staged",
+                 "alarm", "fired")
 
     def __init__(self, store: Store, scope: bytes, token: int = 0, ticket: int = 0):
         self.store = store
@@ -356,6 +389,15 @@ class WriteSet:
         self.reply: tuple[int, bytes, bytes] = (0, b"", b"")
         # It read writes that are staged, not yet committed: its reply shares their fate.
         self.saw_staged = False
+        self.alarm: int | None | object = _MISSING   # alarm_set's at_ms, None after alarm_delete
+        # An alarm run's: the at_ms it fired for, deleted at its commit unless it set another;
+        # -1 for any other request.
+        self.fired = -1
+
+    @property
+    def changed(self) -> bool:
+        """Has it anything to commit?"""
+        return bool(self.writes) or self.alarm is not _MISSING or self.fired >= 0
 
     def bad_key(self, key: bytes) -> bool:
         return not key or len(key) > self.store.limits.max_key_bytes
@@ -414,6 +456,35 @@ class WriteSet:
         self.delta -= old
         return 1 if old else 0
 
+    # --- the scope's alarm (docs/alarms.md) ----------------------------------
+
+    def alarm_get(self) -> int:
+        """The scope's alarm time (ms), ABSENT, or UNAVAILABLE."""
+        found = self.alarm
+        if found is _MISSING:
+            if self.scope in self.store.alarm_overlay:
+                self.saw_staged = True
+            try:
+                found = self.store.visible_alarm(self.scope)
+            except sqlite3.Error:
+                return UNAVAILABLE
+        return ABSENT if found is None else found
+
+    def alarm_set(self, at_ms: int) -> int:
+        """0, or BAD_KEY for a negative time (the guest's -2)."""
+        if at_ms < 0:
+            return BAD_KEY
+        self.alarm = at_ms
+        return 0
+
+    def alarm_delete(self) -> int:
+        """1 deleted, 0 there was none, UNAVAILABLE."""
+        found = self.alarm_get()
+        if found == UNAVAILABLE:
+            return UNAVAILABLE
+        self.alarm = None
+        return 0 if found == ABSENT else 1
+
     def list(self, prefix: bytes, after: bytes, cap: int) -> bytes | int:
         """As many whole keys (u32 LE length, bytes) as fit in cap, ascending: the bytes, or
         NO_ROOM when the first key alone does not fit, or UNAVAILABLE. b"" when none is left."""
@@ -442,10 +513,80 @@ class WriteSet:
         return bytes(out)
 
 
+# --- ALARM SQL: every statement on the alarms table (docs/alarms.md) -----------
+
+def alarm_read(db: sqlite3.Connection, scope: bytes) -> int | None:
+    row = db.execute("SELECT at_ms FROM alarms WHERE scope = ?", (scope,)).fetchone()
+    return row[0] if row else None
+
+
+def alarm_apply(db: sqlite3.Connection, staged: list["WriteSet"]) -> list[tuple[bytes, int | None]]:
+    """Inside a commit's transaction: the alarm writes of the staged write sets, in order;
+    returns (scope, at_ms or None) of each scope touched, as it is once they are applied."""
+    touched: dict[bytes, None] = {}
+    for writes in staged:
+        scope = writes.scope
+        if writes.alarm is not _MISSING:
+            if writes.alarm is None:
+                db.execute("DELETE FROM alarms WHERE scope = ?", (scope,))
+            else:
+                db.execute("INSERT OR REPLACE INTO alarms VALUES (?, ?)", (scope, writes.alarm))
+        elif writes.fired >= 0:
+            db.execute("DELETE FROM alarms WHERE scope = ? AND at_ms = ?", (scope, writes.fired))
+        else:
+            continue
+        touched[scope] = None
+    return [(scope, alarm_read(db, scope)) for scope in touched]
+
+
+def alarm_rows(db: sqlite3.Connection, scope: bytes | None = None):
+    """(scope, at_ms) of every alarm (or the one scope's), the earliest first."""
+    if scope is None:
+        return db.execute("SELECT scope, at_ms FROM alarms ORDER BY at_ms, scope")
+    return db.execute("SELECT scope, at_ms FROM alarms WHERE scope = ?", (scope,))
+
+
+def alarm_import(db: sqlite3.Connection, scope: bytes, at_ms: int) -> None:
+    db.execute("INSERT OR REPLACE INTO alarms VALUES (?, ?)", (scope, at_ms))
+
+
+def read_alarm(path: Path, scope: bytes) -> int | None:
+    """One scope's alarm, read-only (the arbiter, after a worker died holding its requests)."""
+    if not path.is_file():
+        return None
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        return alarm_read(connection, scope)
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None
+        raise
+    finally:
+        connection.close()
+
+
+def read_alarms(path: Path) -> list[tuple[bytes, int]]:
+    """Every pending alarm of a service's database, read-only (the arbiter's start-up and
+    reload); empty when it has no database yet, or an older one without alarms."""
+    if not path.is_file():
+        return []
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        try:
+            return [(bytes(scope), at_ms) for scope, at_ms in alarm_rows(connection)]
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
+    finally:
+        connection.close()
+
+
 # --- operators' tools: export, import, backup ---------------------------------
 
 def export_rows(path: Path, scope: bytes | None = None):
-    """(scope, key, value) of every live entry, in one consistent read."""
+    """(scope, key, value) of every live entry, then (scope, at_ms) of every alarm, in one
+    consistent read."""
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
         connection.execute("BEGIN")
@@ -455,21 +596,29 @@ def export_rows(path: Path, scope: bytes | None = None):
             rows = connection.execute("SELECT scope, key, value FROM kv WHERE scope = ? ORDER BY key", (scope,))
         for row in rows:
             yield bytes(row[0]), bytes(row[1]), bytes(row[2])
+        if connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'alarms'").fetchone():
+            for row in alarm_rows(connection, scope):
+                yield bytes(row[0]), row[1]
         connection.execute("COMMIT")
     finally:
         connection.close()
 
 
 def import_rows(path: Path, rows, durability: str = "fsync") -> int:
-    """Write (scope, key, value) entries in one transaction, replacing what is there; the quota
-    bookkeeping follows. Returns how many were written."""
+    """Write (scope, key, value) entries and (scope, at_ms) alarms in one transaction, replacing
+    what is there; the quota bookkeeping follows. Returns how many were written."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     connection = connect(path, durability)
     count = 0
     try:
         connection.execute("BEGIN IMMEDIATE")
         deltas: dict[bytes, int] = {}
-        for scope, key, value in rows:
+        for entry in rows:
+            if len(entry) == 2:
+                alarm_import(connection, *entry)
+                count += 1
+                continue
+            scope, key, value = entry
             row = connection.execute("SELECT length(value) FROM kv WHERE scope = ? AND key = ?",
                                      (scope, key)).fetchone()
             old = len(key) + row[0] if row else 0

@@ -1,4 +1,5 @@
-"""The host functions of module `corral` (docs/state.md): kv_get, kv_put, kv_delete, kv_list.
+"""The host functions of module `corral`: kv_get, kv_put, kv_delete, kv_list (docs/state.md)
+and alarm_set, alarm_get, alarm_delete (docs/alarms.md).
 
 They are defined once per app on its linker, as raw "unchecked" callbacks
 (the arguments arrive in a wasmtime_val_raw_t buffer, the result goes back
@@ -43,7 +44,11 @@ SIGNATURES = {
     "kv_put": ((_I32,) * 4, _I32),
     "kv_delete": ((_I32,) * 2, _I32),
     "kv_list": ((_I32,) * 6, _I64),
+    "alarm_set": ((_I64,), _I32),
+    "alarm_get": ((), _I64),
+    "alarm_delete": ((), _I32),
 }
+ALARM_IMPORTS = ("alarm_set", "alarm_get", "alarm_delete")
 MODULE = "corral"
 
 
@@ -57,7 +62,7 @@ def _buffer(base: int, args, at: int) -> bytes:
 
 
 class StateCalls:
-    """The four host functions of one app, and what they act on while a request runs."""
+    """The host functions of one app, and what they act on while a request runs."""
 
     def __init__(self, store: Store | None):
         self.store = store
@@ -170,4 +175,22 @@ class StateCalls:
             return 0
         memmove(base + (args[4].i32 & _U32), found, len(found))
         args[0].i64 = len(found)
+        return 0
+
+    def _alarm_set(self, caller, args_at) -> int:
+        args = _Args.from_address(args_at)
+        writes = self.writes
+        args[0].i32 = state.UNAVAILABLE if writes is None else writes.alarm_set(args[0].i64)
+        return 0
+
+    def _alarm_get(self, caller, args_at) -> int:
+        args = _Args.from_address(args_at)
+        writes = self.writes
+        args[0].i64 = state.UNAVAILABLE if writes is None else writes.alarm_get()
+        return 0
+
+    def _alarm_delete(self, caller, args_at) -> int:
+        args = _Args.from_address(args_at)
+        writes = self.writes
+        args[0].i32 = state.UNAVAILABLE if writes is None else writes.alarm_delete()
         return 0

@@ -264,4 +264,29 @@ __attribute__((import_module("corral"), import_name("kv_list")))
 int64_t corral_kv_list(const void *prefix, uint32_t prefix_len, const void *after, uint32_t after_len,
                        void *buf, uint32_t cap);
 
+/* Alarms (docs/alarms.md): one per scope, part of the request's writes like
+ * the kv ones. When it is due, corral calls the guest's corral_alarm(retries)
+ * as a request of that scope: export it with CORRAL_ALARM(fn), where
+ * int32_t fn(int32_t retries) returns 0 when done (the alarm is deleted unless
+ * it set another) and anything else when it failed (nothing it wrote is kept;
+ * retried after 1 s, 2 s, ... 32 s, then dropped). At least once: make it
+ * idempotent. A guest that imports alarm_* must export corral_alarm. */
+#define CORRAL_ALARM_NONE (-1)        /* corral_alarm_get: the scope has no alarm */
+#define CORRAL_ALARM_BAD_TIME (-2)    /* corral_alarm_set: a negative time */
+/* Wake the scope at at_ms (Unix epoch milliseconds; one already past is due at
+ * once), replacing its alarm: 0, CORRAL_ALARM_BAD_TIME or CORRAL_KV_UNAVAILABLE. */
+__attribute__((import_module("corral"), import_name("alarm_set")))
+int32_t corral_alarm_set(int64_t at_ms);
+/* The scope's alarm time, or CORRAL_ALARM_NONE (or CORRAL_KV_UNAVAILABLE). */
+__attribute__((import_module("corral"), import_name("alarm_get")))
+int64_t corral_alarm_get(void);
+/* 1 deleted, 0 there was none. */
+__attribute__((import_module("corral"), import_name("alarm_delete")))
+int32_t corral_alarm_delete(void);
+
+#define CORRAL_ALARM(fn)                                                          \
+    __attribute__((export_name("corral_alarm"))) int32_t corral_alarm(int32_t retries) { \
+        return fn(retries);                                                       \
+    }
+
 #endif /* CORRAL_H */

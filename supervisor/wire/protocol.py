@@ -26,6 +26,9 @@ it replaces. Every message is one frame: a command byte and its payload
     REPLY      W_REPLY (u64 ticket, u16 status, u8 len, u32 len, fault, body)*
     HEARTBEAT  W_HEARTBEAT
     RETIRING   W_RETIRING u8 len, reason, u64 ticket*    (tickets handed back)
+    ALARMS     W_ALARMS (u16 len, u16 len, i64 at_ms, service, scope)*   the alarms its
+                          last commit changed, as committed (at_ms -1: none left); sent
+                          before the replies of that commit (docs/alarms.md)
     DISCONNECT W_DISCONNECT    goodbye: the last message of a worker that exits
                           by itself (the broker answers for what it held only
                           once this is read, or soon after the exit if never)
@@ -53,6 +56,12 @@ it replaces. Every message is one frame: a command byte and its payload
   request is re-dispatched after its worker died (and was reaped); the worker
   looks the token up and, if it was recorded, answers the recorded reply
   without running the guest.
+
+  flags bit 1 (ALARM): not a client's request but a due alarm of the key's (or the
+  service's) scope; the body is (i32 retries, i64 at_ms): the worker calls
+  corral_alarm(retries), and its success deletes the alarm of that at_ms unless the run
+  set another. retries -1: the alarm failed every retry: delete it without running the
+  guest. Either way an alarm no longer at that at_ms is not run (docs/alarms.md).
 
 A worker takes at most `capacity` requests at once (credit-based flow): the
 broker sends only to workers with free credit, in batches. After an abort
@@ -226,9 +235,13 @@ W_HEARTBEAT = b"\x04"
 W_DISCONNECT = b"\x05"
 W_RETIRING = b"\x06"
 W_EVICT = b"\x07"
+W_ALARMS = b"\x08"
 
 _REQUEST_RECORD = struct.Struct("!QIHHIQB")  # ticket, left_ms, len(service), len(key), len(body), token, flags
 REDELIVERED = 1
+ALARM = 2
+_ALARM_BODY = struct.Struct("!iq")          # retries, at_ms
+_ALARM_RECORD = struct.Struct("!HHq")       # len(service), len(scope), at_ms (-1: none)
 _REPLY_RECORD = struct.Struct("!QHBI")      # ticket, status, len(fault), len(body)
 _TICKETS = struct.Struct("!Q")
 _EVICT = struct.Struct("!H")                # len(service), then service and key
@@ -288,6 +301,38 @@ def iter_replies(payload: bytes):
         at += fault_len
         yield ticket, status, fault, payload[at:at + body_len]
         at += body_len
+
+
+def alarm_body(retries: int, at_ms: int) -> bytes:
+    return _ALARM_BODY.pack(retries, at_ms)
+
+
+def parse_alarm_body(body: bytes) -> tuple[int, int]:
+    """(retries, at_ms) of an ALARM request's body."""
+    return _ALARM_BODY.unpack(body)
+
+
+def alarms_message(changes) -> bytes:
+    """W_ALARMS for (service, scope, at_ms or None) changes."""
+    pieces = [W_ALARMS]
+    for service, scope, at_ms in changes:
+        pieces += (_ALARM_RECORD.pack(len(service), len(scope), -1 if at_ms is None else at_ms), service, scope)
+    return b"".join(pieces)
+
+
+def iter_alarms(payload: bytes):
+    """(service, scope, at_ms or None) for each record of a W_ALARMS payload."""
+    unpack, size, at, end = _ALARM_RECORD.unpack_from, _ALARM_RECORD.size, 1, len(payload)
+    while at < end:
+        service_len, scope_len, at_ms = unpack(payload, at)
+        at += size
+        service = payload[at:at + service_len]
+        at += service_len
+        scope = payload[at:at + scope_len]
+        if len(scope) != scope_len:
+            raise ValueError("truncated W_ALARMS record")
+        at += scope_len
+        yield service, scope, None if at_ms < 0 else at_ms
 
 
 def retiring_message(reason: str, tickets: list[int]) -> bytes:

@@ -47,7 +47,7 @@ pub enum Error {
 }
 
 impl Error {
-    fn from_code(code: i64) -> Error {
+    pub(crate) fn from_code(code: i64) -> Error {
         match code {
             -2 => Error::BadKey,
             -3 => Error::TooLarge,

@@ -54,6 +54,7 @@
 
 use std::cell::RefCell;
 
+pub mod alarm;
 pub mod kv;
 
 pub const STATUS_OK: u8 = 0;
