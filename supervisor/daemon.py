@@ -676,7 +676,7 @@ class Daemon:
                       "stopping" if self.stopping else "reloading" if self.reloading else "running",
                       self.config.supervisor.workers)
         return take_snapshot(self.broker.core, self.pool, facts, measure=measure,
-                            state_stats=self.state_stats if stored else None)
+                             state_stats=self.state_stats if stored else None, alarm_counts=self.alarms.counts)
 
     def status_line(self) -> str:
         return self.snapshot().status_line()

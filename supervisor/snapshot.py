@@ -266,12 +266,15 @@ class Facts:
 
 
 StateStats = Callable[[str], "dict | None"]   # service name -> its durable state's counters
+AlarmCounts = Callable[[str], "dict[str, int]"]   # service name -> its alarms' counts (docs/alarms.md)
 
 
-def take(broker, pool, facts: Facts, *, measure: bool = True, state_stats: StateStats | None = None) -> Snapshot:
+def take(broker, pool, facts: Facts, *, measure: bool = True, state_stats: StateStats | None = None,
+         alarm_counts: AlarmCounts | None = None) -> Snapshot:
     """The daemon as it is now, from the broker's core and the pool (in the loop's thread).
     `measure` asks psutil for each worker's rss and cpu (cpu is since the last measure:
-    only `corral status` asks); `state_stats` reads each service's durable state counters."""
+    only `corral status` asks); `state_stats` reads each service's durable state counters;
+    `alarm_counts` gives each service's alarms pending, fired, failed and dropped."""
     now = time.monotonic()
     links = broker.links
     workers = []
@@ -298,8 +301,7 @@ def take(broker, pool, facts: Facts, *, measure: bool = True, state_stats: State
     for name, service in broker.services.items():
         stats = state_stats(name.decode()) if state_stats is not None else None
         latency = service.latency
-        runner = getattr(daemon, "alarms", None)   # (plain test daemons have none)
-        alarms = runner.counts(name.decode()) if runner is not None else {}
+        alarms = alarm_counts(name.decode()) if alarm_counts is not None else {}
         services.append(ServiceView(
             name.decode(), service.app.instances, service.health.circuit.value, service.health.opened,
             len(service.queue), running.get(id(service), 0), service.dropped,
