@@ -31,7 +31,6 @@ still the same alarm), and it is counted and logged by the broker.
 from __future__ import annotations
 
 import heapq
-import os
 import random
 import time
 from collections import Counter
@@ -46,8 +45,6 @@ BACKOFF_MS = 1000         # before the first retry; doubling
 JITTER = 0.25
 MAX_RUNNING = 16          # runs of one service out at once
 RUN_DEADLINE_S = 30.0     # a run still queued this long is a failed run (504), as a client's request
-# Tests only: the first backoff, so that seven runs take seconds rather than a minute.
-TEST_BACKOFF_MS = int(os.environ.get("CORRAL_TEST_ALARM_BACKOFF_MS", "0") or 0)
 
 
 @dataclass(slots=True)
@@ -79,10 +76,10 @@ class ServiceAlarms:
 
 
 class Alarms:
-    def __init__(self, retries: int = RETRIES, backoff_ms: int = BACKOFF_MS, jitter: float = JITTER,
+    def __init__(self, retries: int = RETRIES, backoff_ms: int | None = None, jitter: float = JITTER,
                  max_running: int = MAX_RUNNING, rng: random.Random | None = None):
         self.retries = retries
-        self.backoff_ms = TEST_BACKOFF_MS or backoff_ms
+        self.backoff_ms = BACKOFF_MS if backoff_ms is None else backoff_ms   # (read now: tests/hooks may set it)
         self.jitter = jitter
         self.max_running = max_running
         self.rng = rng or random.Random()

@@ -222,7 +222,8 @@ def sqlite3_connect_v1(path: Path):
 
 # --- the real daemon -----------------------------------------------------------------
 
-BACKOFF_ENV = {"CORRAL_TEST_ALARM_BACKOFF_MS": "100"}   # 0.1 s, 0.2 s, ... 3.2 s: seven runs in ~6 s
+BACKOFF_ENV = {"CORRAL_TEST_ALARM_BACKOFF_MS": "100",   # tests/hooks
+               "PYTHONPATH": str(Path(__file__).parent / "hooks")}   # 0.1 s, 0.2 s, ... 3.2 s: seven runs in ~6 s
 
 
 def wall_ms() -> int:
@@ -438,7 +439,8 @@ def test_an_alarm_committed_by_a_worker_killed_before_its_report_still_fires(sta
     """The one moment the broker cannot hear of a commit: the worker dies between its commit
     and its report. The broker re-reads the scopes the dead worker held once it is reaped."""
     flag = tmp_path / "kill-after-commit"
-    daemon = start_daemon(alarm_apps(), env={"CORRAL_TEST_KILL_AFTER_COMMIT": str(flag)})
+    daemon = start_daemon(alarm_apps(), env={"CORRAL_TEST_KILL_AFTER_COMMIT": str(flag),
+                                             "PYTHONPATH": str(Path(__file__).parent / "hooks")})
     at = wall_ms() + 1000
     flag.touch()
     assert daemon.call("alarms", b"s%d" % at, key="k").status == 502   # committed, then killed

@@ -17,6 +17,7 @@ import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -63,7 +64,7 @@ def test_chaos(start_daemon, built_guests, unwind_guests):
                            "on_abort": "reinstantiate"},
          "alarms": {"module": GUESTS / "alarm.wat", "instances": "keyed", "timeout_ms": 300}},
         supervisor={"workers": 3, "heartbeat_ms": 200},
-        env={"CORRAL_TEST_ALARM_BACKOFF_MS": "200"},   # retries after 0.2 s, 0.4 s, ...
+        env={"CORRAL_TEST_ALARM_BACKOFF_MS": "200", "PYTHONPATH": str(Path(__file__).parent / "hooks")},   # retries after 0.2 s, 0.4 s, ...
         # Generous budget, short period: this test is about isolation, not the circuit breaker.
         restart={"intensity": 100000, "period_s": 1})
     daemon_pid = daemon.status()["pid"]

@@ -427,7 +427,7 @@ def test_a_retry_after_a_commit_is_answered_from_the_record(start_daemon, tmp_pa
     flag = tmp_path / "kill-after-commit"
     daemon = start_daemon({"kv": {"module": KV_OPS, "instances": "keyed"}},
                           env={"CORRAL_TEST_KILL_AFTER_COMMIT": str(flag),
-                               "PYTHONPATH": str(Path(__file__).parent / "kill_after_commit")})
+                               "PYTHONPATH": str(Path(__file__).parent / "hooks")})
     client = daemon.client()
     assert i64(client.call("kv", incr(b"n"), key="c").body) == 1
     flag.touch()

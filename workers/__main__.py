@@ -21,6 +21,8 @@ import socket
 import sys
 from pathlib import Path
 
+from corral.wire.exits import EX_CONFIG   # a worker refused by `require`: a config problem, as the daemon's own
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m corral.workers")
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         confined = confine.confine(worker_plan(spec, ids), spec.confinement)
     except confine.Refused as exc:   # confinement = "require" on a kernel without it
         log.error("worker.confinement_refused", missing=str(exc))
-        return confine.EX_CONFIG
+        return EX_CONFIG
     try:
         host = Host(spec, log)
         oslimits.become(ids)
@@ -82,9 +84,6 @@ def worker_plan(spec, ids: tuple[int, int] | None):
     from corral.workers import confine
     reads = confine.python_reads() + [app.module for app in spec.apps] + [app.artifact for app in spec.apps]
     writes = [spec.cache_dir] + ([spec.state_dir] if spec.state_dir else [])
-    # tests/test_state.py's hook (loop.KILL_AFTER_COMMIT): the file it looks for and removes.
-    if os.environ.get("CORRAL_TEST_KILL_AFTER_COMMIT"):
-        writes.append(os.path.dirname(os.environ["CORRAL_TEST_KILL_AFTER_COMMIT"]))
     families = (socket.AF_UNIX,) if spec.backend.startswith("ipc://") else \
         (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
     return confine.Plan(reads=tuple(reads), writes=tuple(writes), tcp_ports=tuple(confine.endpoint_ports(spec.backend)),

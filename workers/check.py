@@ -18,7 +18,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from corral.wire.exits import EX_SOFTWARE, UntestedWasmtime
+from corral.wire.exits import EX_CONFIG, EX_SOFTWARE, UntestedWasmtime
 from corral.workers.spec import AppSpec, CheckRequest
 
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except confine.Refused as exc:
         sys.stdout.write(json.dumps({"refused": str(exc)}) + "\n")
         sys.stdout.flush()
-        return confine.EX_CONFIG
+        return EX_CONFIG
     results = check(request, drop)
     sys.stdout.write(json.dumps({"apps": results}) + "\n")
     sys.stdout.flush()

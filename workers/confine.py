@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MODES = ("require", "best-effort", "off")
-EX_CONFIG = 78   # sysexits: a worker refused by `require` is a config problem, as the daemon's own
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
