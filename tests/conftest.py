@@ -111,3 +111,21 @@ def worker_engine():
     ticker.start()
     yield engine
     ticker.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server for the whole run (tests/pgserver.py), removed at the end."""
+    from pgserver import PgServer
+    server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def pg_dsn(pg_server):
+    """A fresh database of its own for one test, on the session's server: its libpq DSN."""
+    return pg_server.dsn(pg_server.create_database())
