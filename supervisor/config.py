@@ -7,6 +7,7 @@ all, each naming the file, the key and what is wrong.
 from __future__ import annotations
 
 import grp
+import importlib.util
 import json
 import os
 import pwd
@@ -23,6 +24,7 @@ ABORT_POLICIES = ("respawn", "reinstantiate")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "console")
 STATE_DURABILITIES = ("fsync", "os")
+STATE_BACKENDS = ("sqlite", "postgresql")
 RESERVED_SERVICE_PREFIX = "mmi."
 
 
@@ -96,6 +98,13 @@ class SecuritySettings:
 
 
 @dataclass(frozen=True)
+class StateSettings:
+    """Where durable state lives (docs/state.md, docs/cluster.md)."""
+    backend: str = "sqlite"   # one database file per service under state_dir
+    dsn: str = ""             # postgresql: a libpq connection string; passwords from PGPASSFILE
+
+
+@dataclass(frozen=True)
 class AppSettings:
     name: str
     module: Path
@@ -121,6 +130,7 @@ class Config:
     metrics: MetricsSettings
     apps: dict[str, AppSettings] = field(default_factory=dict)
     security: SecuritySettings = SecuritySettings()
+    state: StateSettings = StateSettings()
 
 
 # Per key: (accepted types, check returning a problem or None).
@@ -188,6 +198,10 @@ _LOGGING_KEYS = {
     "format": (_STR, _one_of(LOG_FORMATS)),
 }
 _METRICS_KEYS = {"listen": (_STR, None)}
+_STATE_KEYS = {
+    "backend": (_STR, _one_of(STATE_BACKENDS)),
+    "dsn": (_STR, None),
+}
 _SECURITY_KEYS = {
     "curve_secret_key": (_STR, _a_path),
     "client_keys": (_STR, _a_path),
@@ -295,7 +309,7 @@ def load(path: str | os.PathLike[str]) -> Config:
 def parse(doc: dict[str, Any], file: Path) -> Config:
     problems: list[str] = []
     reader = _Reader(file, problems)
-    known_tables = ("supervisor", "restart", "logging", "metrics", "security", "apps")
+    known_tables = ("supervisor", "restart", "logging", "metrics", "security", "state", "apps")
     for name in doc:
         if name not in known_tables:
             reader.problem(f"[{name}]", f"unknown section (known: {', '.join(known_tables)})")
@@ -336,6 +350,7 @@ def parse(doc: dict[str, Any], file: Path) -> Config:
         reader.problem("[metrics] listen", f"{metrics.listen!r} is not HOST:PORT (or PORT: on loopback)")
     security = _read_security(reader, file, reader.table(doc, "security"))
     _check_exposure(reader, supervisor.frontend, security)
+    state = _read_state(reader, reader.table(doc, "state"))
 
     apps: dict[str, AppSettings] = {}
     for name, table in reader.table(doc, "apps").items():
@@ -351,7 +366,29 @@ def parse(doc: dict[str, Any], file: Path) -> Config:
     if problems:
         raise ConfigError(problems)
     return Config(path=file, supervisor=supervisor, restart=restart, logging=logging,
-                  metrics=metrics, apps=apps, security=security)
+                  metrics=metrics, apps=apps, security=security, state=state)
+
+
+# A password in a DSN: key/value form (password=..., any spacing) or URI form (://user:secret@).
+_DSN_PASSWORD = re.compile(r"(?:^|\s)password\s*=|^postgres(?:ql)?://[^/@]*:[^/@]*@", re.IGNORECASE)
+
+
+def _read_state(reader: _Reader, table: dict) -> StateSettings:
+    values = reader.read("state", table, _STATE_KEYS)
+    settings = StateSettings(**values)
+    if settings.backend == "postgresql" and not settings.dsn.strip():
+        reader.problem("[state] dsn", 'missing: backend = "postgresql" needs a libpq connection string, '
+                       'e.g. "host=db.internal dbname=corral user=corral"')
+    elif settings.backend == "sqlite" and "dsn" in values:
+        reader.problem("[state] dsn", 'only with backend = "postgresql" (sqlite keeps its files in '
+                       '[supervisor] state_dir)')
+    if settings.backend == "postgresql" and importlib.util.find_spec("psycopg") is None:
+        reader.problem("[state] backend", '"postgresql" needs its driver, psycopg 3: '
+                       "pip install 'corral[postgresql]'")
+    if _DSN_PASSWORD.search(settings.dsn):
+        reader.problem("[state] dsn", "must not hold a password (config files are read by many): put it "
+                       "in a PGPASSFILE (libpq's password file) for the user corral runs as")
+    return settings
 
 
 def _read_security(reader: _Reader, file: Path, table: dict) -> SecuritySettings:

@@ -85,6 +85,7 @@ class Daemon:
         # How compile() treats state files (DESIGN 3b): "start" makes them and forgets every
         # recorded token, "serve" (a reload) makes them, "check" (`corral check`) makes nothing.
         self.state_mode = "serve"
+        self.run_id = os.urandom(8).hex()   # names this run's tokens and fences in a shared store
 
     # --- start -------------------------------------------------------------
 
@@ -176,6 +177,9 @@ class Daemon:
 
         SQLite only (corral.workers.state imports no wasmtime): no guest code runs here."""
         config = self.config_being_compiled
+        if config.state.backend == "postgresql":   # one shared database (docs/cluster.md)
+            from corral.workers import state_pg
+            return state_pg.prepare(config.state.dsn) if self.state_mode != "check" else None
         folder = self.state_dir(config)
         path = state.database_path(folder, app.name)
         try:
@@ -216,7 +220,8 @@ class Daemon:
                           log_format=config.logging.format, cache_dir=str(self.cache_dir),
                           max_open_files=sup.max_open_files,
                           max_address_space_mib=sup.max_address_space_mib, user=sup.user, group=sup.group,
-                          state_dir=str(self.state_dir(config)), apps=apps)
+                          state_dir=str(self.state_dir(config)), state_backend=config.state.backend,
+                          state_dsn=config.state.dsn, run_id=self.run_id, apps=apps)
         spec_path = self.run_dir / f"spec-{self.config_generation}.json"
         spec.dump(spec_path)
         self.pool.use_spec(spec_path, self.config_generation, sup.max_requests, sup.max_requests_jitter)
@@ -634,6 +639,9 @@ class Daemon:
 
     def state_stats(self, service: str) -> dict | None:
         """Commits, rollbacks and bytes of a service's durable state, as its database says."""
+        if self.config.state.backend == "postgresql":
+            from corral.workers import state_pg
+            return state_pg.read_stats(self.config.state.dsn, service) or None
         return state.read_stats(state.database_path(self.state_dir(self.config), service)) or None
 
 

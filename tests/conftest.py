@@ -129,3 +129,13 @@ def pg_server():
 def pg_dsn(pg_server):
     """A fresh database of its own for one test, on the session's server: its libpq DSN."""
     return pg_server.dsn(pg_server.create_database())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_backend(request, tmp_path):
+    """Each durable-state backend in turn (tests/state_backends.py); PostgreSQL on the
+    session's server, in a database of the test's own."""
+    from state_backends import Postgresql, Sqlite
+    if request.param == "sqlite":
+        return Sqlite(tmp_path)
+    return Postgresql(request.getfixturevalue("pg_server"))

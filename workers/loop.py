@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -38,9 +37,9 @@ from corral.wire.frames import drain, recv_payload, send_frames
 from corral.wire.protocol import (REDELIVERED, W_DISCONNECT, W_EVICT, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST,
                                  RetireReason, Status, encode_json, iter_request_records, parse_evict,
                                  reply_record, retiring_message, worker_identity)
-from corral.workers import outcome
+from corral.workers import outcome, state
 from corral.workers.host import Guest, Host
-from corral.workers.state import Store, WriteSet
+from corral.workers.state import StagedStore, WriteSet, fence_name
 
 LINGER_MS = 2000       # long enough for the last replies to leave; the broker is local
 SLOW_CALL_S = 0.001    # a guest call this long (wall time) makes the worker cautious
@@ -70,6 +69,8 @@ class WorkerLoop:
         self.host = host
         self.log = log
         self.identity = worker_identity(slot, generation)
+        for store in host.stores.values():
+            store.worker = fence_name(spec.run_id, self.identity)
         self.heartbeat_s = spec.heartbeat_ms / 1000
         self.max_requests = max_requests
         self.standby = standby  # the broker sends nothing until the daemon promotes it
@@ -82,7 +83,7 @@ class WorkerLoop:
         self.leaving = False  # the broker said DISCONNECT: finish what we hold, then exit
         self.cautious: dict[bytes, int] = {}   # service -> calls left before batching again
         self.gated: list[tuple[int, WriteSet]] = []  # (index in replies, write set) of staged requests
-        self.staged: dict[Store, None] = {}          # stores with write sets to commit before the flush
+        self.staged: dict[StagedStore, None] = {}    # stores with write sets to commit before the flush
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.ROUTING_ID, self.identity)
@@ -211,7 +212,7 @@ class WorkerLoop:
     def commit(self) -> None:
         """The output gate: commit the staged write sets of each store in one transaction;
         the replies of those that could not commit become 503."""
-        failed: set[int] = set()
+        failed: dict[int, bytes] = {}   # ticket -> why its reply is 503
         for store in self.staged:
             try:
                 store.commit(waiting=self.heartbeat_if_due)
@@ -219,15 +220,18 @@ class WorkerLoop:
                     # Tests: die as if killed between a commit and its reply (once per file).
                     os.unlink(KILL_AFTER_COMMIT)
                     os.kill(os.getpid(), signal.SIGKILL)
-            except sqlite3.Error as exc:
+            except state.ERRORS as exc:
                 tickets = [w.ticket for _, w in self.gated if w.store is store]
-                failed.update(tickets)
-                self.log.error("state.commit_failed", file=str(store.path), error=str(exc), requests=len(tickets))
+                # A fenced worker's commits all fail: the broker has given its work to another.
+                why = b"fenced" if isinstance(exc, state.Fenced) else \
+                    b"state unavailable" if isinstance(exc, state.Unreachable) else b"state commit failed"
+                failed.update(dict.fromkeys(tickets, why))
+                self.log.error("state.commit_failed", file=str(store), error=str(exc), requests=len(tickets))
         if failed:
             for index, writes in self.gated:
-                if writes.ticket in failed:
-                    self.replies[index:index + 3] = reply_record(writes.ticket, Status.UNAVAILABLE, b"state",
-                                                                 b"state commit failed")
+                why = failed.get(writes.ticket)
+                if why is not None:
+                    self.replies[index:index + 3] = reply_record(writes.ticket, Status.UNAVAILABLE, b"state", why)
         self.staged.clear()
         self.gated.clear()
 
