@@ -105,6 +105,13 @@ class StateSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """The broker's endpoint for remote worker hosts (docs/cluster.md): tcp, CURVE always."""
+    listen: str
+    host_keys: Path       # directory of allowed hosts' public keys, NAME.key
+
+
+@dataclass(frozen=True)
 class AppSettings:
     name: str
     module: Path
@@ -131,6 +138,7 @@ class Config:
     apps: dict[str, AppSettings] = field(default_factory=dict)
     security: SecuritySettings = SecuritySettings()
     state: StateSettings = StateSettings()
+    cluster: ClusterSettings | None = None
 
 
 # Per key: (accepted types, check returning a problem or None).
@@ -198,6 +206,10 @@ _LOGGING_KEYS = {
     "format": (_STR, _one_of(LOG_FORMATS)),
 }
 _METRICS_KEYS = {"listen": (_STR, None)}
+_CLUSTER_KEYS = {
+    "listen": (_STR, None),
+    "host_keys": (_STR, _a_path),
+}
 _STATE_KEYS = {
     "backend": (_STR, _one_of(STATE_BACKENDS)),
     "dsn": (_STR, None),
@@ -309,7 +321,7 @@ def load(path: str | os.PathLike[str]) -> Config:
 def parse(doc: dict[str, Any], file: Path) -> Config:
     problems: list[str] = []
     reader = _Reader(file, problems)
-    known_tables = ("supervisor", "restart", "logging", "metrics", "security", "state", "apps")
+    known_tables = ("supervisor", "restart", "logging", "metrics", "security", "state", "cluster", "apps")
     for name in doc:
         if name not in known_tables:
             reader.problem(f"[{name}]", f"unknown section (known: {', '.join(known_tables)})")
@@ -351,6 +363,7 @@ def parse(doc: dict[str, Any], file: Path) -> Config:
     security = _read_security(reader, file, reader.table(doc, "security"))
     _check_exposure(reader, supervisor.frontend, security)
     state = _read_state(reader, reader.table(doc, "state"))
+    cluster = _read_cluster(reader, file, doc["cluster"], security) if "cluster" in doc else None
 
     apps: dict[str, AppSettings] = {}
     for name, table in reader.table(doc, "apps").items():
@@ -366,11 +379,35 @@ def parse(doc: dict[str, Any], file: Path) -> Config:
     if problems:
         raise ConfigError(problems)
     return Config(path=file, supervisor=supervisor, restart=restart, logging=logging,
-                  metrics=metrics, apps=apps, security=security, state=state)
+                  metrics=metrics, apps=apps, security=security, state=state,
+                  cluster=cluster)
 
 
 # A password in a DSN: key/value form (password=..., any spacing) or URI form (://user:secret@).
 _DSN_PASSWORD = re.compile(r"(?:^|\s)password\s*=|^postgres(?:ql)?://[^/@]*:[^/@]*@", re.IGNORECASE)
+
+
+def _read_cluster(reader: _Reader, file: Path, table: Any, security: SecuritySettings) -> ClusterSettings | None:
+    if not isinstance(table, dict):
+        reader.problem("[cluster]", "must be a table")
+        return None
+    values = reader.read("cluster", table, _CLUSTER_KEYS)
+    for key in ("listen", "host_keys"):
+        if key not in values and key not in table:
+            reader.problem(f"[cluster] {key}", "missing")
+    if "listen" not in values or "host_keys" not in values:
+        return None
+    listen = values["listen"]
+    if not _TCP_ENDPOINT.match(listen) or endpoint_problem(listen):
+        reader.problem("[cluster] listen", f"{listen!r} is not a tcp://HOST:PORT endpoint (hosts are other "
+                       "machines; there is no ipc cluster endpoint)")
+    if not security.curve:
+        reader.problem("[cluster] listen", "needs [security] curve_secret_key: the cluster endpoint is CURVE "
+                       "always (the broker's key pair; hosts authenticate with theirs)")
+    host_keys = (file.parent / values["host_keys"]).resolve()
+    if not host_keys.is_dir():
+        reader.problem("[cluster] host_keys", f"{host_keys} is not a directory (of hosts' NAME.key files)")
+    return ClusterSettings(listen, host_keys)
 
 
 def _read_state(reader: _Reader, table: dict) -> StateSettings:
@@ -443,6 +480,9 @@ def warnings(config: Config) -> list[str]:
             for name in sorted(set(app.allow or ()) - known):
                 found.append(f"{config.path}: [apps.{app.name}] allow: no key {name!r} in "
                              f"{config.security.client_keys} (no client can use that name yet)")
+    if config.cluster is not None:
+        found.append(f"{config.path}: [cluster]: this corral does not serve remote hosts yet: the broker side "
+                     f"is being built (docs/cluster.md); the section is checked and otherwise ignored")
     if config.security.insecure_tcp:
         for endpoint in config.supervisor.frontend:
             if frontend_exposure(endpoint) == "network" and not config.security.curve:

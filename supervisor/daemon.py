@@ -177,6 +177,10 @@ class Daemon:
 
         SQLite only (corral.workers.state imports no wasmtime): no guest code runs here."""
         config = self.config_being_compiled
+        if config.cluster is not None and config.state.backend == "sqlite":
+            return ("durable state: with [cluster], remote hosts serve this app too, and a sqlite file on "
+                    "the broker's disk is reachable from no other host: set [state] backend = \"postgresql\" "
+                    "(docs/cluster.md)")
         if config.state.backend == "postgresql":   # one shared database (docs/cluster.md)
             from corral.workers import state_pg
             return state_pg.prepare(config.state.dsn) if self.state_mode != "check" else None
