@@ -74,16 +74,16 @@ if str(REPO) not in sys.path:
 import zmq  # noqa: E402
 
 from bench import report as tables  # noqa: E402
-from bench.sections import (abort, fairness, frames, hops, host, instantiate, security,  # noqa: E402
-                            storage, throughput, unwind)
+from bench.sections import (abort, cluster, fairness, frames, hops, host, instantiate,  # noqa: E402
+                            security, storage, throughput, unwind)
 from bench.systems import BenchError, Context  # noqa: E402
 
 SECTIONS = ("throughput", "half-load", "hops", "host", "instantiate", "abort", "storage", "fairness", "unwind",
-            "security", "frames")
+            "security", "frames", "cluster")
 # The order they run in: the daemons first, then the in-process ones (throughput's
 # module runs half-load too, which needs its max).
 RUN_ORDER = ((("throughput", "half-load"), throughput), (("hops",), hops), (("abort",), abort),
-             (("storage",), storage), (("fairness",), fairness), (("security",), security),
+             (("storage",), storage), (("cluster",), cluster), (("fairness",), fairness), (("security",), security),
              (("host",), host), (("instantiate",), instantiate), (("unwind",), unwind), (("frames",), frames))
 
 

@@ -37,8 +37,9 @@ def bin_dir() -> Path:
 class PgServer:
     """One server: initdb, start, stop, start again (the data stays), destroy."""
 
-    def __init__(self, listen: str = "", port: int = 0):
-        """`listen`: TCP addresses to listen on besides the unix socket ("" for none)."""
+    def __init__(self, listen: str = "", port: int = 0, durable: bool = False):
+        """`listen`: TCP addresses to listen on besides the unix socket ("" for none);
+        `durable`: fsync as a production server does (the bench), not off (the tests)."""
         self.bin = bin_dir()
         self.root = Path(tempfile.mkdtemp(prefix="corral-pg-"))
         account = pwd.getpwnam(USER)
@@ -54,7 +55,7 @@ class PgServer:
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write(f"\nlisten_addresses = '{listen}'\nport = {self.port}\n"
                        f"unix_socket_directories = '{self.socket_dir}'\n"
-                       "fsync = off\nfull_page_writes = off\n"   # a test server: speed over power-loss safety
+                       + ("" if durable else "fsync = off\nfull_page_writes = off\n") +  # tests: speed
                        "max_connections = 200\nshared_buffers = 16MB\n")
         if listen:
             with open(self.data / "pg_hba.conf", "a") as hba:

@@ -139,8 +139,8 @@ from corral.workers import state, state_pg
 dsn, worker = sys.argv[1], sys.argv[2]
 store = state_pg.PgStore(dsn, "svc", "os", state.Limits(), 30, run="r", worker=worker)
 original = store.check_fence
-def check_then_maybe_stop(db):
-    original(db)
+def check_then_maybe_stop(db, cursor=None):
+    original(db, cursor)
     if pause[0]:
         print("paused", flush=True)
         os.kill(os.getpid(), signal.SIGSTOP)

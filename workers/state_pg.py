@@ -292,14 +292,16 @@ class PgStore(StagedStore):
                 waiting()
 
     def write_group_once(self, overlay, staged, now, prune_before) -> None:
+        """Pipelined: the statements go out together and the server runs them in order; the
+        client waits twice, for the fence and the old sizes, and for the COMMIT."""
         db, service = self.db, self.service
         try:
-            with db.transaction():
+            with db.pipeline() as pipeline, db.transaction():
                 db.execute(f"SET LOCAL lock_timeout = '{LOCK_STEP_MS}ms'")
-                if self.worker:
-                    self.check_fence(db)
+                fence = self.lock_fence(db) if self.worker else None
                 scopes = sorted({scope for scope, _ in overlay})
                 deltas = dict.fromkeys(scopes, 0)
+                sizes = None
                 if overlay:
                     # Each scope's row is its commit lock, taken in order (no deadlock between
                     # workers): the sizes read below stay true until this commits.
@@ -308,11 +310,18 @@ class PgStore(StagedStore):
                     db.execute("SELECT 1 FROM corral_scopes WHERE service = %s AND scope = ANY(%s) "
                                "ORDER BY scope FOR UPDATE", (service, scopes))
                     pairs = list(overlay)
-                    for scope, key, size in db.execute(
-                            "SELECT scope, key, octet_length(key) + octet_length(value) FROM corral_kv "
-                            "WHERE service = %s AND (scope, key) IN "
-                            "(SELECT * FROM unnest(%s::bytea[], %s::bytea[]))",
-                            (service, [s for s, _ in pairs], [k for _, k in pairs])):
+                    sizes = db.execute("SELECT scope, key, octet_length(key) + octet_length(value) FROM corral_kv "
+                                       "WHERE service = %s AND (scope, key) IN "
+                                       "(SELECT * FROM unnest(%s::bytea[], %s::bytea[]))",
+                                       (service, [s for s, _ in pairs], [k for _, k in pairs]))
+                # A Sync, not just a flush: the server is then "idle in transaction" while it
+                # waits for the rest, so idle_in_transaction_session_timeout covers a worker
+                # paused from here to its COMMIT (a fence never waits on it for long).
+                pipeline.sync()
+                if fence is not None:
+                    self.check_fence(db, fence)
+                if sizes is not None:
+                    for scope, key, size in sizes.fetchall():
                         deltas[bytes(scope)] -= size
                     gone = [(s, k) for (s, k), v in overlay.items() if v is None]
                     kept = [(s, k, v) for (s, k), v in overlay.items() if v is not None]
@@ -353,16 +362,20 @@ class PgStore(StagedStore):
         except psycopg.Error as exc:
             raise self._failed(exc) from exc
 
-    def check_fence(self, db) -> None:
-        """Inside the group's transaction: hold this worker's fence row (FOR SHARE) until the
-        commit, and fail if the broker has fenced it. The broker's fence UPDATE waits for this
-        lock, and a commit that locks the row after the fence reads it fenced."""
-        row = db.execute("SELECT fenced FROM corral_fences WHERE worker = %s FOR SHARE", (self.worker,)).fetchone()
-        if row is None:
+    def lock_fence(self, db):
+        """Inside the group's transaction, first: lock this worker's fence row FOR SHARE until
+        the commit (the broker's fence UPDATE waits for this lock); the cursor, read by
+        check_fence once the pipeline has run it."""
+        return db.execute("SELECT fenced FROM corral_fences WHERE worker = %s FOR SHARE", (self.worker,))
+
+    def check_fence(self, db, cursor=None) -> None:
+        """Fail (Fenced) if the broker has fenced this worker: a commit that locks the row after
+        the fence reads it fenced."""
+        row = (cursor or self.lock_fence(db)).fetchone()
+        if row is None:   # its row is made when the store opens; made here if it is gone
             db.execute("INSERT INTO corral_fences VALUES (%s, false, %s) ON CONFLICT (worker) DO NOTHING",
                        (self.worker, time.time()))
-            row = db.execute("SELECT fenced FROM corral_fences WHERE worker = %s FOR SHARE",
-                             (self.worker,)).fetchone()
+            row = self.lock_fence(db).fetchone()
         if row[0]:
             raise Fenced(f"worker {self.worker} is fenced")
 
