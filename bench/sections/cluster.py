@@ -72,7 +72,7 @@ def run(opts, ctx: Context, report: tables.Report) -> None:
                f"workers ({opts.rounds} rounds of {requests} requests, median; {opts.concurrency} in flight)")
     report.out(f"{'store':<44} {'req/s':>9} {'ratio':>7} {'p50 ms':>8} {'p99 ms':>8} {'commits':>9}")
     labels = {"fsync": "SQLite, state_durability = fsync", "os": "SQLite, state_durability = os",
-              "postgresql": "PostgreSQL 15 (fsync on, unix socket)"}
+              "postgresql": "PostgreSQL (fsync on, unix socket)"}
     for name in ("fsync", "os", "postgresql"):
         result = medians[name]
         report.out(f"{labels[name]:<44} {result.throughput:>9.0f} {result.throughput / base:>6.2f}x "
