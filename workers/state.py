@@ -195,6 +195,7 @@ class StagedStore:
         self.rollbacks = 0     # not yet counted in the database
         self.next_prune = 0.0
         self.worker = ""       # this worker's fence name: a shared store's commits check it
+        self.read_s = 0.0      # seconds its reads waited on a networked store, in all
 
     def stage(self, writes: "WriteSet", status: int, fault: bytes, body: bytes) -> None:
         """A request that ended 200/422: its writes commit with the next group, reply and all."""

@@ -221,12 +221,16 @@ class PgStore(StagedStore):
 
     def _execute(self, query, arguments=()):
         """Run one statement; a lost connection is dropped (the next call reconnects)."""
-        if not self.open():
-            raise Unreachable("storage unavailable")
+        started = time.monotonic()
         try:
-            return self.db.execute(query, arguments)
-        except psycopg.Error as exc:
-            raise self._failed(exc) from exc
+            if not self.open():
+                raise Unreachable("storage unavailable")
+            try:
+                return self.db.execute(query, arguments)
+            except psycopg.Error as exc:
+                raise self._failed(exc) from exc
+        finally:
+            self.read_s += time.monotonic() - started
 
     def _failed(self, exc: psycopg.Error) -> Unavailable:
         """What to raise for a driver error; a lost connection is dropped (reconnected later)."""
