@@ -139,3 +139,20 @@ def state_backend(request, tmp_path):
     if request.param == "sqlite":
         return Sqlite(tmp_path)
     return Postgresql(request.getfixturevalue("pg_server"))
+
+
+@pytest.fixture
+def namespaces():
+    """namespaces() -> a new network namespace joined by a veth pair (tests/netns.py); all of
+    them, and their links, are removed at the end of the test, and the test fails if any is left."""
+    from netns import Namespace, leftovers
+    made: list = []
+
+    def make():
+        made.append(Namespace())
+        return made[-1]
+
+    yield make
+    for namespace in made:
+        namespace.remove()
+    assert not leftovers(), f"namespaces or links left behind: {leftovers()}"
