@@ -209,3 +209,24 @@ def test_a_commit_in_progress_finishes_before_the_fence_returns(pg_server):
     assert fenced.is_set()
     assert [k for _, k, _ in state_pg.export_rows(dsn, "svc")] == [b"k"]
     store.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_daemon_started_while_the_store_is_down_serves_once_it_is_up(start_daemon, own_pg_server):
+    """Start-up does not wait for the database: the daemon is READY, stateful requests see
+    -6 (kv_ops answers 422), and the same workers serve 200 once the server is started; the
+    schema is made then, by the first worker that connects."""
+    server = own_pg_server
+    dsn = server.dsn(server.create_database())
+    server.stop("fast")
+    daemon = start_daemon({"kv": {"module": KV_OPS, "instances": "keyed"}}, supervisor={"workers": 1},
+                          extra={"state": {"backend": "postgresql", "dsn": dsn}})
+    workers = daemon.worker_pids()
+    reply = daemon.call("kv", incr(b"n"), key="a")
+    assert reply.status == 422 and i64(reply.body) == state.UNAVAILABLE, reply
+    server.start()
+    daemon.wait_for(lambda: daemon.call("kv", incr(b"n"), key="a").status == 200, timeout=20,
+                    what="a 200 once the store is up")
+    assert daemon.worker_pids() == workers
+    with psycopg.connect(dsn) as connection:
+        assert connection.execute("SELECT version FROM corral_schema").fetchone() == (state_pg.SCHEMA_VERSION,)
