@@ -5,7 +5,8 @@
     python bench/run.py --quick          everything, small (about 15 s): the CI smoke run
     python bench/run.py --throughput     only some sections: --throughput --half-load
                                          --hops --host --instantiate --abort --storage --fairness
-                                         --unwind --security --frames --confinement --alarms (any combination)
+                                         --unwind --security --frames --confinement --alarms --cluster
+                                         (any combination)
 
 Sections (see bench/README.md for what each number means):
 
@@ -79,17 +80,17 @@ if str(REPO) not in sys.path:
 import zmq  # noqa: E402
 
 from bench import report as tables  # noqa: E402
-from bench.sections import (abort, alarms, confinement, fairness, frames, hops, host,  # noqa: E402
-                            instantiate, security, storage, throughput, unwind)
+from bench.sections import (abort, alarms, cluster, confinement, fairness, frames, hops,  # noqa: E402
+                            host, instantiate, security, storage, throughput, unwind)
 from bench.systems import BenchError, Context  # noqa: E402
 
 SECTIONS = ("throughput", "half-load", "hops", "host", "instantiate", "abort", "storage", "fairness", "unwind",
-            "security", "frames", "confinement", "alarms")
+            "security", "frames", "confinement", "alarms", "cluster")
 # The order they run in: the daemons first, then the in-process ones (throughput's
 # module runs half-load too, which needs its max).
 RUN_ORDER = ((("throughput", "half-load"), throughput), (("hops",), hops), (("abort",), abort),
-             (("storage",), storage), (("alarms",), alarms), (("fairness",), fairness), (("security",), security),
-             (("confinement",), confinement),
+             (("storage",), storage), (("alarms",), alarms), (("cluster",), cluster), (("fairness",), fairness),
+             (("security",), security), (("confinement",), confinement),
              (("host",), host), (("instantiate",), instantiate), (("unwind",), unwind), (("frames",), frames))
 
 

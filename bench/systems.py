@@ -226,7 +226,9 @@ class Corral:
 
     def __init__(self, procs: Processes, endpoints: Endpoints, opts, name: str = "corral",
                  apps: dict | None = None, workers: int | None = None, restart: dict | None = None,
-                 standby: int = 0, env: dict | None = None, label: str = "c  corral"):
+                 standby: int = 0, env: dict | None = None, label: str = "c  corral",
+                 extra: dict | None = None):
+        """`extra`: more config sections (e.g. [state])."""
         self.procs, self.opts, self.name = procs, opts, name
         self.env = env or {}
         self.workers = workers or opts.workers
@@ -243,7 +245,7 @@ class Corral:
             supervisor["standby"] = standby
         supervisor.update(opts.corral_set)
         self.graceful_s = float(supervisor["graceful_timeout_s"])
-        doc = {"supervisor": supervisor, "restart": restart or {},
+        doc = {"supervisor": supervisor, "restart": restart or {}, **(extra or {}),
                "apps": apps or {"echo": {"module": str(ECHO)}}}
         self.config.write_text(to_toml(doc))
         self.process: subprocess.Popen | None = None

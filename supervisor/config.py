@@ -7,6 +7,7 @@ all, each naming the file, the key and what is wrong.
 from __future__ import annotations
 
 import grp
+import importlib.util
 import json
 import os
 import pwd
@@ -23,6 +24,7 @@ ABORT_POLICIES = ("respawn", "reinstantiate")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "console")
 STATE_DURABILITIES = ("fsync", "os")
+STATE_BACKENDS = ("sqlite", "postgresql")
 RESERVED_SERVICE_PREFIX = "mmi."
 # A [security] path may start with it: systemd's credentials directory (LoadCredential=), where
 # a unit's dynamic user can read a secret key that only root may read on disk (docs/operating.md).
@@ -109,6 +111,20 @@ class SecuritySettings:
 
 
 @dataclass(frozen=True)
+class StateSettings:
+    """Where durable state lives (docs/state.md, docs/cluster.md)."""
+    backend: str = "sqlite"   # one database file per service under state_dir
+    dsn: str = ""             # postgresql: a libpq connection string; passwords from PGPASSFILE
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """The broker's endpoint for remote worker hosts (docs/cluster.md): tcp, CURVE always."""
+    listen: str
+    host_keys: Path       # directory of allowed hosts' public keys, NAME.key
+
+
+@dataclass(frozen=True)
 class AppSettings:
     name: str
     module: Path
@@ -134,6 +150,8 @@ class Config:
     metrics: MetricsSettings
     apps: dict[str, AppSettings] = field(default_factory=dict)
     security: SecuritySettings = SecuritySettings()
+    state: StateSettings = StateSettings()
+    cluster: ClusterSettings | None = None
 
 
 # Per key: (accepted types, check returning a problem or None).
@@ -200,6 +218,14 @@ _LOGGING_KEYS = {
     "format": (_STR, _one_of(LOG_FORMATS)),
 }
 _METRICS_KEYS = {"listen": (_STR, None)}
+_CLUSTER_KEYS = {
+    "listen": (_STR, None),
+    "host_keys": (_STR, _a_path),
+}
+_STATE_KEYS = {
+    "backend": (_STR, _one_of(STATE_BACKENDS)),
+    "dsn": (_STR, None),
+}
 _SECURITY_KEYS = {
     "curve_secret_key": (_STR, _a_path),
     "client_keys": (_STR, _a_path),
@@ -307,7 +333,7 @@ def load(path: str | os.PathLike[str]) -> Config:
 def parse(doc: dict[str, Any], file: Path) -> Config:
     problems: list[str] = []
     reader = _Reader(file, problems)
-    known_tables = ("supervisor", "restart", "logging", "metrics", "security", "apps")
+    known_tables = ("supervisor", "restart", "logging", "metrics", "security", "state", "cluster", "apps")
     for name in doc:
         if name not in known_tables:
             reader.problem(f"[{name}]", f"unknown section (known: {', '.join(known_tables)})")
@@ -348,6 +374,8 @@ def parse(doc: dict[str, Any], file: Path) -> Config:
         reader.problem("[metrics] listen", f"{metrics.listen!r} is not HOST:PORT (or PORT: on loopback)")
     security = _read_security(reader, file, reader.table(doc, "security"))
     _check_exposure(reader, supervisor.frontend, security)
+    state = _read_state(reader, reader.table(doc, "state"))
+    cluster = _read_cluster(reader, file, doc["cluster"], security) if "cluster" in doc else None
 
     apps: dict[str, AppSettings] = {}
     for name, table in reader.table(doc, "apps").items():
@@ -361,10 +389,55 @@ def parse(doc: dict[str, Any], file: Path) -> Config:
         reader.problem("[apps]", "no apps configured: nothing to serve")
 
     config = Config(path=file, supervisor=supervisor, restart=restart, logging=logging,
-                    metrics=metrics, apps=apps, security=security)
+                    metrics=metrics, apps=apps, security=security, state=state, cluster=cluster)
     if problems:
         raise ConfigError(problems, partial=config)
     return config
+
+
+# A password in a DSN: key/value form (password=..., any spacing) or URI form (://user:secret@).
+_DSN_PASSWORD = re.compile(r"(?:^|\s)password\s*=|^postgres(?:ql)?://[^/@]*:[^/@]*@", re.IGNORECASE)
+
+
+def _read_cluster(reader: _Reader, file: Path, table: Any, security: SecuritySettings) -> ClusterSettings | None:
+    if not isinstance(table, dict):
+        reader.problem("[cluster]", "must be a table")
+        return None
+    values = reader.read("cluster", table, _CLUSTER_KEYS)
+    for key in ("listen", "host_keys"):
+        if key not in values and key not in table:
+            reader.problem(f"[cluster] {key}", "missing")
+    if "listen" not in values or "host_keys" not in values:
+        return None
+    listen = values["listen"]
+    if not _TCP_ENDPOINT.match(listen) or endpoint_problem(listen):
+        reader.problem("[cluster] listen", f"{listen!r} is not a tcp://HOST:PORT endpoint (hosts are other "
+                       "machines; there is no ipc cluster endpoint)")
+    if not security.curve:
+        reader.problem("[cluster] listen", "needs [security] curve_secret_key: the cluster endpoint is CURVE "
+                       "always (the broker's key pair; hosts authenticate with theirs)")
+    host_keys = (file.parent / values["host_keys"]).resolve()
+    if not host_keys.is_dir():
+        reader.problem("[cluster] host_keys", f"{host_keys} is not a directory (of hosts' NAME.key files)")
+    return ClusterSettings(listen, host_keys)
+
+
+def _read_state(reader: _Reader, table: dict) -> StateSettings:
+    values = reader.read("state", table, _STATE_KEYS)
+    settings = StateSettings(**values)
+    if settings.backend == "postgresql" and not settings.dsn.strip():
+        reader.problem("[state] dsn", 'missing: backend = "postgresql" needs a libpq connection string, '
+                       'e.g. "host=db.internal dbname=corral user=corral"')
+    elif settings.backend == "sqlite" and "dsn" in values:
+        reader.problem("[state] dsn", 'only with backend = "postgresql" (sqlite keeps its files in '
+                       '[supervisor] state_dir)')
+    if settings.backend == "postgresql" and importlib.util.find_spec("psycopg") is None:
+        reader.problem("[state] backend", '"postgresql" needs its driver, psycopg 3: '
+                       "pip install 'corral[postgresql]'")
+    if _DSN_PASSWORD.search(settings.dsn):
+        reader.problem("[state] dsn", "must not hold a password (config files are read by many): put it "
+                       "in a PGPASSFILE (libpq's password file) for the user corral runs as")
+    return settings
 
 
 def _read_security(reader: _Reader, file: Path, table: dict) -> SecuritySettings:
@@ -436,6 +509,9 @@ def warnings(config: Config) -> list[str]:
             for name in sorted(set(app.allow or ()) - known):
                 found.append(f"{config.path}: [apps.{app.name}] allow: no key {name!r} in "
                              f"{config.security.client_keys} (no client can use that name yet)")
+    if config.cluster is not None:
+        found.append(f"{config.path}: [cluster]: this corral does not serve remote hosts yet: the broker side "
+                     f"is being built (docs/cluster.md); the section is checked and otherwise ignored")
     if config.security.insecure_tcp:
         for endpoint in config.supervisor.frontend:
             if frontend_exposure(endpoint) == "network" and not config.security.curve:

@@ -86,6 +86,7 @@ class Daemon:
         self.reload_again = False
         self.reload_warnings: list[str] = []   # told to whoever asked for the reload, when it is over
         self.board = Board(self.wake)          # the Snapshot the metrics thread reads
+        self.run_id = os.urandom(8).hex()   # names this run's tokens and fences in a shared store
 
     # --- start -------------------------------------------------------------
 
@@ -182,7 +183,14 @@ class Daemon:
     def check_state_file(self, config: Config, app: AppSettings, mode: str) -> str | None:
         """A state file that cannot be served is a config problem: named now, not a crash loop later.
 
-        SQLite only (corral.workers.state imports no wasmtime): no guest code runs here."""
+        corral.workers.state and state_pg import no wasmtime: no guest code runs here."""
+        if config.cluster is not None and config.state.backend == "sqlite":
+            return ("durable state: with [cluster], remote hosts serve this app too, and a sqlite file on "
+                    "the broker's disk is reachable from no other host: set [state] backend = \"postgresql\" "
+                    "(docs/cluster.md)")
+        if config.state.backend == "postgresql":   # one shared database (docs/cluster.md)
+            from corral.workers import state_pg
+            return state_pg.prepare(config.state.dsn) if mode != "check" else None
         folder = self.state_dir(config)
         path = state.database_path(folder, app.name)
         try:
@@ -199,19 +207,27 @@ class Daemon:
         return None
 
     def load_alarms(self, config: Config) -> None:
-        """Every service's pending alarms, read once from its database (read-only): at
-        start-up and on a reload; from then on the workers report what they commit."""
-        folder = self.state_dir(config)
+        """Every service's pending alarms, read once from its store (read-only): at start-up
+        and on a reload; from then on the workers report what they commit."""
         self.alarms.keep_only(config.apps)
         for name in config.apps:
             try:
-                self.alarms.load(name, state.read_alarms(state.database_path(folder, name)))
-            except state.sqlite3.Error as exc:
-                self.log.error("alarms.unreadable", service=name, error=str(exc))
+                self.alarms.load(name, self.read_alarms(config, name))
+            except Exception as exc:   # sqlite3.Error or psycopg.Error: the store is down, not the daemon
+                self.log.error("alarms.unreadable", service=name, error=str(exc).strip())
         self.next_timer = 0.0
 
+    def read_alarms(self, config: Config, service: str) -> list[tuple[bytes, int]]:
+        if config.state.backend == "postgresql":
+            from corral.workers import state_pg
+            return state_pg.read_alarms(config.state.dsn, service)
+        return state.read_alarms(state.database_path(self.state_dir(config), service))
+
     def read_alarm(self, service: str, scope: bytes) -> int | None:
-        """One scope's alarm from its service's database (read-only); raise sqlite3.Error."""
+        """One scope's alarm from its service's store (read-only); raise what the store raises."""
+        if self.config.state.backend == "postgresql":
+            from corral.workers import state_pg
+            return state_pg.read_alarm(self.config.state.dsn, service, scope)
         return state.read_alarm(state.database_path(self.state_dir(self.config), service), scope)
 
     def hand_run_dir_to_worker_user(self, config: Config) -> None:
@@ -239,7 +255,8 @@ class Daemon:
                           log_format=config.logging.format, cache_dir=str(self.cache_dir),
                           max_open_files=sup.max_open_files,
                           max_address_space_mib=sup.max_address_space_mib, user=sup.user, group=sup.group,
-                          state_dir=str(self.state_dir(config)), confinement=sup.confinement, apps=apps)
+                          state_dir=str(self.state_dir(config)), state_backend=config.state.backend,
+                          state_dsn=config.state.dsn, run_id=self.run_id, confinement=sup.confinement, apps=apps)
         spec_path = self.run_dir / f"spec-{self.config_generation}.json"
         spec.dump(spec_path)
         self.pool.use_spec(spec_path, self.config_generation, sup.max_requests, sup.max_requests_jitter)
@@ -693,6 +710,9 @@ class Daemon:
 
     def state_stats(self, service: str) -> dict | None:
         """Commits, rollbacks and bytes of a service's durable state, as its database says."""
+        if self.config.state.backend == "postgresql":
+            from corral.workers import state_pg
+            return state_pg.read_stats(self.config.state.dsn, service) or None
         return state.read_stats(state.database_path(self.state_dir(self.config), service)) or None
 
 

@@ -39,6 +39,8 @@ def add_verbs(verbs, with_config) -> None:
 
 
 def run(args: argparse.Namespace, config) -> int:
+    if config.state.backend == "postgresql":
+        return run_postgresql(args, config)
     folder = state_dir(config)
     if args.action == "backup":
         return backup(folder, config, args.dir)
@@ -55,20 +57,24 @@ def run(args: argparse.Namespace, config) -> int:
 def export(path: Path, scope: bytes | None) -> int:
     if not path.is_file():
         return 0  # a service that never wrote anything has nothing to export
-    out = sys.stdout
     try:
-        for row in state.export_rows(path, scope):
-            if len(row) == 2:   # an alarm (docs/alarms.md)
-                out.write(json.dumps({"scope": b64encode(row[0]).decode(), "alarm": row[1]}) + "\n")
-                continue
-            row_scope, key, value = row
-            out.write(json.dumps({"scope": b64encode(row_scope).decode(), "key": b64encode(key).decode(),
-                                  "value": b64encode(value).decode()}) + "\n")
+        write_lines(sys.stdout, state.export_rows(path, scope))
     except state.sqlite3.Error as exc:
         print(f"corral: state file {path}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    out.flush()
     return 0
+
+
+def write_lines(out, rows) -> None:
+    """JSON lines: {"scope", "key", "value"} per entry, {"scope", "alarm"} per alarm (docs/alarms.md)."""
+    for row in rows:
+        if len(row) == 2:
+            out.write(json.dumps({"scope": b64encode(row[0]).decode(), "alarm": row[1]}) + "\n")
+            continue
+        row_scope, key, value = row
+        out.write(json.dumps({"scope": b64encode(row_scope).decode(), "key": b64encode(key).decode(),
+                              "value": b64encode(value).decode()}) + "\n")
+    out.flush()
 
 
 def parse_line(number: int, line: str) -> tuple[bytes, bytes, bytes] | tuple[bytes, int]:
@@ -125,3 +131,44 @@ def backup(folder: Path, config, target: Path) -> int:
         copied += 1
     print(f"{target}: {copied} database{'' if copied == 1 else 's'} copied")
     return 0
+
+
+def run_postgresql(args: argparse.Namespace, config) -> int:
+    """The same verbs on the shared PostgreSQL store (docs/cluster.md). An export is one
+    REPEATABLE READ snapshot; an import one transaction; a backup is a consistent export: one
+    snapshot for every service, written as DIR/SERVICE.jsonl (what `import` reads)."""
+    import psycopg
+    from corral.workers import state_pg
+    dsn = config.state.dsn
+    where = f"PostgreSQL ({state_pg.describe(dsn)})"
+    if args.action != "backup" and args.service not in config.apps:
+        print(f"corral: no service {args.service!r} in {config.path}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        if args.action == "export":
+            key = args.key.encode() if args.key is not None else None
+            write_lines(sys.stdout, state_pg.export_rows(dsn, args.service, key))
+            return 0
+        if args.action == "import":
+            try:
+                entries = [parse_line(n, line) for n, line in enumerate(sys.stdin, 1) if line.strip()]
+            except ValueError as exc:
+                print(f"corral: {exc}; nothing imported", file=sys.stderr)
+                return EXIT_FAILED
+            count = state_pg.import_rows(dsn, args.service, entries)
+            print(f"{where} {args.service}: {count} {'entry' if count == 1 else 'entries'} imported")
+            return 0
+        args.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        files = {name: open(args.dir / f"{name}.jsonl", "w") for name in sorted(config.apps)}
+        try:
+            for service, row in state_pg.backup_lines(dsn, sorted(config.apps)):
+                write_lines(files[service], [row])
+        finally:
+            for file in files.values():
+                file.close()
+        print(f"{args.dir}: {len(files)} services exported from one snapshot of {where}")
+        return 0
+    except (psycopg.Error, state.Unavailable, OSError) as exc:
+        print(f"corral: {where}: {str(exc).strip()}" + ("; nothing imported" if args.action == "import" else ""),
+              file=sys.stderr)
+        return EXIT_FAILED

@@ -111,3 +111,48 @@ def worker_engine():
     ticker.start()
     yield engine
     ticker.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server for the whole run (tests/pgserver.py), removed at the end."""
+    from pgserver import PgServer
+    server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def pg_dsn(pg_server):
+    """A fresh database of its own for one test, on the session's server: its libpq DSN."""
+    return pg_server.dsn(pg_server.create_database())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_backend(request, tmp_path):
+    """Each durable-state backend in turn (tests/state_backends.py); PostgreSQL on the
+    session's server, in a database of the test's own."""
+    from state_backends import Postgresql, Sqlite
+    if request.param == "sqlite":
+        return Sqlite(tmp_path)
+    return Postgresql(request.getfixturevalue("pg_server"))
+
+
+@pytest.fixture
+def namespaces():
+    """namespaces() -> a new network namespace joined by a veth pair (tests/netns.py); all of
+    them, and their links, are removed at the end of the test, and the test fails if any is left."""
+    from netns import Namespace, leftovers
+    made: list = []
+
+    def make():
+        made.append(Namespace())
+        return made[-1]
+
+    yield make
+    for namespace in made:
+        namespace.remove()
+    assert not leftovers(), f"namespaces or links left behind: {leftovers()}"

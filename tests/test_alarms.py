@@ -166,8 +166,8 @@ def test_runs_go_to_the_core_flagged_settle_back_and_never_count_against_max_que
 
 # --- the write set's alarm, without a daemon ----------------------------------------
 
-def test_an_alarm_is_part_of_the_write_set_and_its_commit(tmp_path):
-    store = state.Store(tmp_path / "s.sqlite3", "os", state.Limits(), 30.0)
+def test_an_alarm_is_part_of_the_write_set_and_its_commit(state_backend):
+    store = state_backend.make_store()
     writes = state.WriteSet(store, b"k")
     assert writes.alarm_get() == state.ABSENT
     assert writes.alarm_set(-1) == state.BAD_KEY
@@ -179,12 +179,12 @@ def test_an_alarm_is_part_of_the_write_set_and_its_commit(tmp_path):
     assert later.alarm_get() == 1234 and later.saw_staged   # staged: seen, and its fate shared
     store.commit()
     assert store.alarm_changes == [(b"k", 1234)]
-    assert state.read_alarms(store.path) == [(b"k", 1234)]
+    assert state_backend.alarms(None, "svc") == [(b"k", 1234)]
     dropped = state.WriteSet(store, b"k")
     assert dropped.alarm_delete() == 1
     store.discard(dropped)
     store.commit()
-    assert state.read_alarms(store.path) == [(b"k", 1234)]
+    assert state_backend.alarms(None, "svc") == [(b"k", 1234)]
     run = state.WriteSet(store, b"k")
     run.fired = 1000                                 # not this alarm: the delete does nothing
     store.stage(run, 200, b"", b"")
@@ -194,7 +194,7 @@ def test_an_alarm_is_part_of_the_write_set_and_its_commit(tmp_path):
     run.fired = 1234
     store.stage(run, 200, b"", b"")
     store.commit()
-    assert store.alarm_changes == [(b"k", None)] and state.read_alarms(store.path) == []
+    assert store.alarm_changes == [(b"k", None)] and state_backend.alarms(None, "svc") == []
     store.close()
 
 
@@ -338,8 +338,8 @@ def test_a_failing_handler_is_retried_with_backoff_then_dropped(start_daemon):
 
 
 @pytest.mark.timeout(90)
-def test_an_alarm_survives_a_worker_sigkill(start_daemon):
-    daemon = start_daemon(alarm_apps())
+def test_an_alarm_survives_a_worker_sigkill(start_daemon, state_backend):
+    daemon = start_daemon(alarm_apps(), extra=state_backend.extra)
     at = wall_ms() + 1500
     for key in ("a", "b", "c", "d"):
         assert number(daemon.call("alarms", b"s%d" % at, key=key)) == 0
@@ -355,8 +355,8 @@ def test_an_alarm_survives_a_worker_sigkill(start_daemon):
 
 
 @pytest.mark.timeout(120)
-def test_alarms_survive_a_daemon_sigkill_and_fire_after_the_restart_once_due(start_daemon):
-    daemon = start_daemon(alarm_apps())
+def test_alarms_survive_a_daemon_sigkill_and_fire_after_the_restart_once_due(start_daemon, state_backend):
+    daemon = start_daemon(alarm_apps(), extra=state_backend.extra)
     overdue = wall_ms() + 800
     later = wall_ms() + 6000
     for key in ("k1", "k2", "k3"):
@@ -415,8 +415,8 @@ def test_check_refuses_an_alarm_import_without_corral_alarm_naming_it(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_export_and_import_carry_alarms(start_daemon):
-    daemon = start_daemon(alarm_apps())
+def test_export_and_import_carry_alarms(start_daemon, state_backend):
+    daemon = start_daemon(alarm_apps(), extra=state_backend.extra)
     far = wall_ms() + 3_600_000
     assert number(daemon.call("alarms", b"s%d" % far, key="k")) == 0
     assert number(daemon.call("alarms", b"mo", key="k")) == 0
@@ -431,16 +431,18 @@ def test_export_and_import_carry_alarms(start_daemon):
         imported = subprocess.run([sys.executable, "-m", "corral", "state", "import", "single", "-c", config],
                                   input=stdin, capture_output=True, timeout=60)
         assert (imported.returncode == 0) == ok, imported.stderr
-    assert state.read_alarms(state.database_path(daemon.root / "state", "single")) == [(b"k", far)]
+    assert state_backend.alarms(daemon, "single") == [(b"k", far)]
 
 
 @pytest.mark.timeout(60)
-def test_an_alarm_committed_by_a_worker_killed_before_its_report_still_fires(start_daemon, tmp_path):
+def test_an_alarm_committed_by_a_worker_killed_before_its_report_still_fires(start_daemon, tmp_path,
+                                                                            state_backend):
     """The one moment the broker cannot hear of a commit: the worker dies between its commit
     and its report. The broker re-reads the scopes the dead worker held once it is reaped."""
     flag = tmp_path / "kill-after-commit"
     daemon = start_daemon(alarm_apps(), env={"CORRAL_TEST_KILL_AFTER_COMMIT": str(flag),
-                                             "PYTHONPATH": str(Path(__file__).parent / "hooks")})
+                                             "PYTHONPATH": str(Path(__file__).parent / "hooks")},
+                          extra=state_backend.extra)
     at = wall_ms() + 1000
     flag.touch()
     assert daemon.call("alarms", b"s%d" % at, key="k").status == 502   # committed, then killed

@@ -61,6 +61,8 @@ def test_bench_run_quick_prints_every_table_and_leaves_nothing_behind(built_gues
     # frames: corral.wire.frames against plain pyzmq, both ways, per message
     assert re.search(rf"^ratio send_multipart/send_frames = {NUMBER}   ratio recv_multipart/drain = {NUMBER}",
                      out, re.M), out
+    # cluster: the durable counter on PostgreSQL beside SQLite, as ratios
+    assert re.search(rf"^PostgreSQL \(fsync on, unix socket\)\s+{NUMBER}\s+{NUMBER}x", out, re.M), out
     # clean-up: no private directory, no process started from one
     assert bench_dirs() <= before, f"left behind: {bench_dirs() - before}"
     left = [p.info for p in psutil.process_iter(["pid", "cmdline"])

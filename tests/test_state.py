@@ -92,17 +92,6 @@ def decode_list(data: bytes) -> list[bytes]:
     return keys
 
 
-def rows(path: Path) -> dict[tuple[bytes, bytes], bytes]:
-    """What the database file holds, read with sqlite3 directly."""
-    if not path.exists():
-        return {}
-    connection = sqlite3.connect(path)
-    try:
-        return {(bytes(s), bytes(k)): bytes(v) for s, k, v in connection.execute("SELECT scope, key, value FROM kv")}
-    finally:
-        connection.close()
-
-
 def corral(*args: str, stdin: bytes = b"", env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "corral", *args], input=stdin, capture_output=True,
                           timeout=60, env={**os.environ, **(env or {})})
@@ -110,13 +99,8 @@ def corral(*args: str, stdin: bytes = b"", env: dict | None = None) -> subproces
 
 # --- unit: write sets, staging, commits -----------------------------------------
 
-def make_store(tmp_path: Path, busy_timeout_ms: int = 200, **limits) -> state.Store:
-    return state.Store(tmp_path / "svc.sqlite3", "os", state.Limits(**limits), token_period_s=30,
-                       busy_timeout_ms=busy_timeout_ms)
-
-
-def test_a_write_set_reads_committed_data_under_its_own_writes(tmp_path):
-    store = make_store(tmp_path)
+def test_a_write_set_reads_committed_data_under_its_own_writes(state_backend):
+    store = state_backend.make_store()
     first = state.WriteSet(store, b"s", ticket=1)
     assert first.get(b"k") == state.ABSENT
     assert first.put(b"k", b"one") == 0 and first.put(b"gone", b"x") == 0
@@ -127,21 +111,21 @@ def test_a_write_set_reads_committed_data_under_its_own_writes(tmp_path):
     second = state.WriteSet(store, b"s", ticket=2)
     assert second.get(b"k") == b"one"
     assert second.put(b"k", b"two") == 0
-    assert rows(store.path) == {}                          # nothing committed yet
+    assert state_backend.rows(None, "svc") == {}           # nothing committed yet
     store.stage(second, 200, b"", b"ok")
     assert len(store.commit()) == 2                        # one transaction for both
-    assert rows(store.path) == {(b"s", b"k"): b"two"}
-    assert state.read_stats(store.path) == {"commits": 2, "rollbacks": 0, "bytes": 4, "scopes": 1}
+    assert state_backend.rows(None, "svc") == {(b"s", b"k"): b"two"}
+    assert state_backend.stats(None, "svc") == {"commits": 2, "rollbacks": 0, "bytes": 4, "scopes": 1}
     dropped = state.WriteSet(store, b"s", ticket=3)
     assert dropped.put(b"k", b"three") == 0
     store.discard(dropped)
-    assert rows(store.path) == {(b"s", b"k"): b"two"}
+    assert state_backend.rows(None, "svc") == {(b"s", b"k"): b"two"}
     store.close()
-    assert state.read_stats(store.path)["rollbacks"] == 1
+    assert state_backend.stats(None, "svc")["rollbacks"] == 1
 
 
-def test_list_merges_committed_staged_and_own_keys_bytewise(tmp_path):
-    store = make_store(tmp_path)
+def test_list_merges_committed_staged_and_own_keys_bytewise(state_backend):
+    store = state_backend.make_store()
     committed = state.WriteSet(store, b"s")
     for key in (b"a", b"a\x00", b"ab", b"b", b"a\xff", b"a\xff\xff"):
         committed.put(key, b"v")
@@ -165,8 +149,8 @@ def test_list_merges_committed_staged_and_own_keys_bytewise(tmp_path):
     assert own.list(b"zzz", b"", 4096) == b""
 
 
-def test_limits_give_their_codes_and_a_delete_makes_room(tmp_path):
-    store = make_store(tmp_path, max_key_bytes=8, max_value_bytes=10, max_scope_bytes=30)
+def test_limits_give_their_codes_and_a_delete_makes_room(state_backend):
+    store = state_backend.make_store(max_key_bytes=8, max_value_bytes=10, max_scope_bytes=30)
     writes = state.WriteSet(store, b"s")
     assert writes.put(b"", b"v") == state.BAD_KEY
     assert writes.put(b"123456789", b"v") == state.BAD_KEY
@@ -183,10 +167,10 @@ def test_limits_give_their_codes_and_a_delete_makes_room(tmp_path):
     assert state.WriteSet(store, b"other").put(b"k3", b"x" * 10) == 0   # quotas are per scope
 
 
-def test_a_read_of_staged_writes_is_noted(tmp_path):
+def test_a_read_of_staged_writes_is_noted(state_backend):
     """A request that read what an earlier one staged shares that one's fate: if the group
     commit fails, the reader's reply is 503 too (workers/loop.py)."""
-    store = make_store(tmp_path)
+    store = state_backend.make_store()
     writer = state.WriteSet(store, b"s")
     writer.put(b"k", b"v")
     store.stage(writer, 200, b"", b"")
@@ -198,18 +182,17 @@ def test_a_read_of_staged_writes_is_noted(tmp_path):
     assert not state.WriteSet(store, b"t").saw_staged
 
 
-def test_a_commit_that_fails_keeps_nothing(tmp_path):
-    store = make_store(tmp_path)
+def test_a_commit_that_fails_keeps_nothing(state_backend):
+    store = state_backend.make_store()
     writes = state.WriteSet(store, b"s")
     writes.put(b"k", b"v")
     store.stage(writes, 200, b"", b"")
-    blocker = sqlite3.connect(store.path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")        # another writer holds the lock past the busy timeout
-    with pytest.raises(sqlite3.OperationalError):
-        store.commit()
-    blocker.execute("ROLLBACK")
-    blocker.close()
-    assert rows(store.path) == {}
+    with state_backend.blocker(None, "svc") as lock:
+        lock.hold()        # another writer holds the lock past the busy timeout
+        with pytest.raises(state.ERRORS):
+            store.commit()
+        lock.release()
+    assert state_backend.rows(None, "svc") == {}
     assert store.staged == [] and store.overlay == {}
     assert state.WriteSet(store, b"s").get(b"k") == state.ABSENT
 
@@ -230,20 +213,20 @@ def kv_apps(**overrides) -> dict:
 
 
 @pytest.mark.timeout(90)
-def test_writes_commit_on_200_and_422_and_nothing_is_kept_on_500_502_504(start_daemon):
+def test_writes_commit_on_200_and_422_and_nothing_is_kept_on_500_502_504(start_daemon, state_backend):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     daemon = start_daemon(kv_apps(), restart={"intensity": 1000},
-                          extra={"metrics": {"listen": f"127.0.0.1:{port}"}})
-    db = state.database_path(daemon.root / "state", "kv")
+                          extra={"metrics": {"listen": f"127.0.0.1:{port}"}, **state_backend.extra})
+    db = lambda: state_backend.rows(daemon, "kv")
     assert daemon.call("kv", put(b"ok", b"1")).status == 200
     assert daemon.call("kv", put(b"guest-error", b"1") + end(1)).status == 422
     assert daemon.call("kv", put(b"unwind", b"1") + end(2)).status == 500
     assert daemon.call("kv", put(b"exception", b"1") + THROW).status == 500
     assert daemon.call("kv", put(b"abort", b"1") + TRAP).status == 502
     assert daemon.call("kv", put(b"deadline", b"1") + SPIN).status == 504
-    assert {k for _, k in rows(db)} == {b"ok", b"guest-error"}
+    assert {k for _, k in db()} == {b"ok", b"guest-error"}
     reply = daemon.call("kv", get(b"ok") + get(b"abort"))
     assert reply.status == 200 and reply.body[8:] == b"1" + struct.pack("<q", -1)
     stats = next(s for s in daemon.status()["services"] if s["name"] == "kv")["state"]
@@ -256,9 +239,9 @@ def test_writes_commit_on_200_and_422_and_nothing_is_kept_on_500_502_504(start_d
 
 
 @pytest.mark.timeout(60)
-def test_a_write_is_lost_when_the_worker_is_killed_while_the_guest_still_runs(start_daemon):
-    daemon = start_daemon(kv_apps(timeout_ms=20_000), supervisor={"workers": 1})
-    db = state.database_path(daemon.root / "state", "kv")
+def test_a_write_is_lost_when_the_worker_is_killed_while_the_guest_still_runs(start_daemon, state_backend):
+    daemon = start_daemon(kv_apps(timeout_ms=20_000), supervisor={"workers": 1}, extra=state_backend.extra)
+    db = lambda: state_backend.rows(daemon, "kv")
     client = daemon.client()
     assert client.call("kv", put(b"before", b"1")).status == 200
     pid = daemon.worker_pids()[0]
@@ -269,53 +252,50 @@ def test_a_write_is_lost_when_the_worker_is_killed_while_the_guest_still_runs(st
     os.kill(pid, signal.SIGKILL)
     reply = client.wait(request, timeout=10)
     assert reply.status == 502 and b"signal 9" in reply.body
-    assert {k for _, k in rows(db)} == {b"before"}
+    assert {k for _, k in db()} == {b"before"}
     daemon.wait_ready()
     assert value_of(daemon.call("kv", get(b"doomed")).body) is None
 
 
 @pytest.mark.timeout(60)
-def test_replies_wait_for_their_commit(start_daemon):
+def test_replies_wait_for_their_commit(start_daemon, state_backend):
     """The output gate. While another writer holds the database's write lock the worker cannot
     commit, so no reply may leave: killed then, the request's write is gone and its client got
     no 200; let go, the reply comes with its write in the file; held past the busy timeout
     (5 s, the worker heartbeating meanwhile), the commit fails and the reply is 503."""
-    daemon = start_daemon(kv_apps(), supervisor={"workers": 1})
-    db = state.database_path(daemon.root / "state", "kv")
+    daemon = start_daemon(kv_apps(), supervisor={"workers": 1}, extra=state_backend.extra)
+    db = lambda: state_backend.rows(daemon, "kv")
     client = daemon.client()
     assert client.call("kv", put(b"first", b"1")).status == 200
-    blocker = sqlite3.connect(db, isolation_level=None)
-    try:
-        blocker.execute("BEGIN IMMEDIATE")
+    with state_backend.blocker(daemon, "kv") as blocker:
+        blocker.hold()
         request = client.send("kv", put(b"killed", b"1"))
         with pytest.raises(NoReply):
             client.wait(request, timeout=1.0)
         os.kill(daemon.worker_pids()[0], signal.SIGKILL)
         assert client.wait(request, timeout=10).status == 502
-        blocker.execute("ROLLBACK")
+        blocker.release()
         daemon.wait_ready()
 
-        blocker.execute("BEGIN IMMEDIATE")
+        blocker.hold()
         request = client.send("kv", put(b"waited", b"1"))
         with pytest.raises(NoReply):
             client.wait(request, timeout=1.0)
-        blocker.execute("ROLLBACK")
+        blocker.release()
         assert client.wait(request, timeout=10).status == 200
-        assert {k for _, k in rows(db)} == {b"first", b"waited"}
+        assert {k for _, k in db()} == {b"first", b"waited"}
 
-        blocker.execute("BEGIN IMMEDIATE")
+        blocker.hold()
         reply = client.call("kv", put(b"refused", b"1"), timeout=state.BUSY_TIMEOUT_MS / 1000 + 10)
-        blocker.execute("ROLLBACK")
+        blocker.release()
         assert reply.status == UNAVAILABLE_503 and reply.body == b"state commit failed"
-        assert {k for _, k in rows(db)} == {b"first", b"waited"}
-    finally:
-        blocker.close()
+        assert {k for _, k in db()} == {b"first", b"waited"}
 
 
 @pytest.mark.timeout(120)
-def test_a_durable_counter_goes_on_after_trap_kill_and_daemon_restart(start_daemon):
+def test_a_durable_counter_goes_on_after_trap_kill_and_daemon_restart(start_daemon, state_backend):
     daemon = start_daemon({"counter": {"module": COUNTER, "instances": "keyed"}},
-                          restart={"intensity": 1000})
+                          restart={"intensity": 1000}, extra=state_backend.extra)
     keys = [f"k{i}" for i in range(6)] + ["a", "a\x00", "a/b"]
     answered = {key: 0 for key in keys}
     client = daemon.client()
@@ -348,8 +328,9 @@ def token(scope: str) -> bytes:
 
 
 @pytest.mark.timeout(90)
-def test_no_key_bytes_reach_another_scope(start_daemon):
-    daemon = start_daemon({"kv": {"module": KV_OPS, "instances": "keyed", "max_state_key_bytes": 65535}})
+def test_no_key_bytes_reach_another_scope(start_daemon, state_backend):
+    daemon = start_daemon({"kv": {"module": KV_OPS, "instances": "keyed", "max_state_key_bytes": 65535}},
+                          extra=state_backend.extra)
     scopes = ["a", "a\x00", "a\x00b", "ab", "a/b", "b", "%", "\u00e9", "x" * 65535, "x" * 65534]
     client = daemon.client()
     for scope in scopes:
@@ -373,8 +354,9 @@ def test_no_key_bytes_reach_another_scope(start_daemon):
 
 
 @pytest.mark.timeout(90)
-def test_limits_return_their_codes_and_the_guest_decides(start_daemon):
-    daemon = start_daemon(kv_apps(max_state_mib=1, max_state_value_kib=128, max_state_key_bytes=16))
+def test_limits_return_their_codes_and_the_guest_decides(start_daemon, state_backend):
+    daemon = start_daemon(kv_apps(max_state_mib=1, max_state_value_kib=128, max_state_key_bytes=16),
+                          extra=state_backend.extra)
     reply = daemon.call("kv", put(b"", b"v") + put(b"k" * 17, b"v") + put(b"k" * 16, b"v")
                         + put(b"big", b"x" * (128 * 1024 + 1)))
     assert reply.status == 200
@@ -395,9 +377,8 @@ def test_limits_return_their_codes_and_the_guest_decides(start_daemon):
 
 
 @pytest.mark.timeout(90)
-def test_out_of_bounds_buffers_are_aborts_and_keep_nothing(start_daemon):
-    daemon = start_daemon(kv_apps(), restart={"intensity": 1000})
-    db = state.database_path(daemon.root / "state", "kv")
+def test_out_of_bounds_buffers_are_aborts_and_keep_nothing(start_daemon, state_backend):
+    daemon = start_daemon(kv_apps(), restart={"intensity": 1000}, extra=state_backend.extra)
     memory = 8 * 65536
     cases = [
         raw(0, memory - 1, 2, 0, 8),          # kv_get: key past the end
@@ -413,21 +394,21 @@ def test_out_of_bounds_buffers_are_aborts_and_keep_nothing(start_daemon):
     for body in cases:
         reply = daemon.call("kv", put(b"written-first", b"1") + body)
         assert reply.status == 502 and b"ABI violation" in reply.body, (body, reply)
-    assert rows(db) == {}
+    assert state_backend.rows(daemon, "kv") == {}
     reply = daemon.call("kv", raw(0, 0, 1, memory - 8, 8))   # in bounds: an absent key
     assert reply.status == 200 and i64(reply.body) == state.ABSENT
 
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("idempotent", [True, False])
-def test_a_retry_after_a_commit_is_answered_from_the_record(start_daemon, tmp_path, idempotent):
+def test_a_retry_after_a_commit_is_answered_from_the_record(start_daemon, tmp_path, idempotent, state_backend):
     """The worker dies after its commit and before its reply. Idempotent: the retry finds the
     token and answers what the first attempt answered, without applying it again. Not
     idempotent: 502, and the write was applied ("may have been applied")."""
     flag = tmp_path / "kill-after-commit"
     daemon = start_daemon({"kv": {"module": KV_OPS, "instances": "keyed"}},
                           env={"CORRAL_TEST_KILL_AFTER_COMMIT": str(flag),
-                               "PYTHONPATH": str(Path(__file__).parent / "hooks")})
+                               "PYTHONPATH": str(Path(__file__).parent / "hooks")}, extra=state_backend.extra)
     client = daemon.client()
     assert i64(client.call("kv", incr(b"n"), key="c").body) == 1
     flag.touch()
@@ -443,12 +424,13 @@ def test_a_retry_after_a_commit_is_answered_from_the_record(start_daemon, tmp_pa
 
 @pytest.mark.chaos
 @pytest.mark.timeout(180)
-def test_chaos_every_counter_equals_its_200_replies(start_daemon):
+def test_chaos_every_counter_equals_its_200_replies(start_daemon, state_backend):
     """Clients increment keyed counters with idempotent requests while workers are SIGKILLed and
     guests abort at random: no commit is lost and none is applied twice."""
     daemon = start_daemon({"kv": {"module": KV_OPS, "instances": "keyed", "timeout_ms": 2000,
                                   "state_durability": "os"}},
-                          supervisor={"workers": 3}, restart={"intensity": 100000, "period_s": 1})
+                          supervisor={"workers": 3}, restart={"intensity": 100000, "period_s": 1},
+                          extra=state_backend.extra)
     clients, keys_per_client, in_flight, seconds = 3, 4, 6, 15
     stop = threading.Event()
     oks: dict[str, int] = {}
@@ -512,9 +494,9 @@ def test_chaos_every_counter_equals_its_200_replies(start_daemon):
 
 
 @pytest.mark.timeout(90)
-def test_export_import_and_backup_while_serving(start_daemon, tmp_path):
+def test_export_import_and_backup_while_serving(start_daemon, tmp_path, state_backend):
     daemon = start_daemon({"kv": {"module": KV_OPS, "instances": "keyed"},
-                           "copy": {"module": KV_OPS, "instances": "keyed"}})
+                           "copy": {"module": KV_OPS, "instances": "keyed"}}, extra=state_backend.extra)
     for scope in ("alice", "bob"):
         assert daemon.call("kv", put(b"name", scope.encode()) + put(b"\x00bin", b"\xff\x00"),
                            key=scope).status == 200
@@ -551,14 +533,23 @@ def test_export_import_and_backup_while_serving(start_daemon, tmp_path):
     stop.set()
     thread.join(30)
     assert backup.returncode == 0, backup.stderr
-    copy = tmp_path / "backup" / "kv.sqlite3"
-    connection = sqlite3.connect(copy)
-    assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    copied = {bytes(s): bytes(v) for s, k, v in connection.execute("SELECT scope, key, value FROM kv")
-              if bytes(k) == b"name"}
+    if state_backend.name == "sqlite":
+        copy = tmp_path / "backup" / "kv.sqlite3"
+        connection = sqlite3.connect(copy)
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        entries = [(bytes(s), bytes(k), bytes(v)) for s, k, v in connection.execute("SELECT scope, key, value FROM kv")]
+        connection.close()
+        assert (tmp_path / "backup" / "copy.sqlite3").exists()
+    else:   # a consistent export: JSON lines as `export` writes, one file per service
+        lines = (tmp_path / "backup" / "kv.jsonl").read_text().splitlines()
+        entries = [tuple(b64decode(json.loads(l)[n]) for n in ("scope", "key", "value")) for l in lines]
+        assert (tmp_path / "backup" / "copy.jsonl").exists()
+        again = corral("state", "import", "copy", "-c", config, stdin="\n".join(lines).encode())
+        assert again.returncode == 0, again.stderr
+    copied = {s: v for s, k, v in entries if k == b"name"}
     assert copied == {b"alice": b"alice", b"bob": b"bob"}
-    connection.close()
-    assert (tmp_path / "backup" / "copy.sqlite3").exists()
+    busy = [v for s, k, v in entries if s == b"busy"]
+    assert len(busy) == 1 and struct.unpack("<q", busy[0])[0] > 0
 
 
 @pytest.mark.timeout(60)

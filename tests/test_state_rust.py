@@ -2,7 +2,7 @@
 built from source both ways, through the real daemon: its count lives in durable
 state, so a panic (an unwind under panic=unwind, an abort under panic=abort), a
 SIGKILLed worker and a SIGKILLed daemon lose nothing that was answered 200, and
-the panicking request's own add is never kept."""
+the panicking request's own add is never kept; on each state backend."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pytest
 @pytest.mark.parametrize("build, panic_status", [("rust_counter_durable_unwind", 500),
                                                  ("rust_counter_durable", 502)])
 def test_the_rust_durable_counter_goes_on_after_panic_kill_and_daemon_restart(
-        start_daemon, built_guests, build, panic_status):
+        start_daemon, built_guests, build, panic_status, state_backend):
     daemon = start_daemon({"counter": {"module": built_guests[build], "instances": "keyed"}},
-                          restart={"intensity": 1000})
+                          restart={"intensity": 1000}, extra=state_backend.extra)
     client = daemon.client()
     answered = {"alice": 0, "bob": 0}
     for _ in range(3):

@@ -58,7 +58,7 @@ class Guest:
 
     def __init__(self, engine: wasmtime.Engine, app: AppSpec, cache_dir: Path,
                  restart_intensity: int, restart_period_s: float, bounded: bool,
-                 module: wasmtime.Module | None = None, store: state.Store | None = None):
+                 module: wasmtime.Module | None = None, store: state.StagedStore | None = None):
         """`module`: the app's, already compiled or deserialized; by default read from app.artifact.
         `store`: its durable state, for a module that imports the kv_* functions (without one,
         they answer "storage unavailable")."""
@@ -163,9 +163,15 @@ def first_instance_fault(engine: wasmtime.Engine, app: AppSpec, module: wasmtime
     return made.body.decode(errors="replace") if isinstance(made, Outcome) else None
 
 
-def open_store(spec: WorkerSpec, app: AppSpec, log) -> state.Store:
+def open_store(spec: WorkerSpec, app: AppSpec, log) -> state.StagedStore:
+    """The app's store on the configured backend (not connected yet: that is at first use,
+    after the worker has dropped its privileges)."""
     limits = state.Limits(max_key_bytes=app.max_state_key_bytes, max_value_bytes=app.max_state_value_kib * 1024,
                           max_scope_bytes=app.max_state_mib * MIB)
+    if spec.state_backend == "postgresql":
+        from corral.workers import state_pg
+        return state_pg.PgStore(spec.state_dsn, app.name, app.state_durability, limits, spec.restart_period_s,
+                                log, run=spec.run_id)
     return state.Store(state.database_path(spec.state_dir, app.name), app.state_durability, limits,
                        spec.restart_period_s, log)
 
@@ -177,12 +183,12 @@ class Host:
         bounded = spec.max_address_space_mib > 0
         self.engine = modules.make_engine(bounded)
         cache_dir = Path(spec.cache_dir)
-        self.stores: dict[bytes, state.Store] = {}
+        self.stores: dict[bytes, state.StagedStore] = {}
         self.guests = {}
         for app in spec.apps:
             module = modules.load_artifact(self.engine, Path(app.artifact), Path(app.module), cache_dir, bounded)
             store = None
-            if modules.inspect(module).uses_state and spec.state_dir:
+            if modules.inspect(module).uses_state and (spec.state_dir or spec.state_backend != "sqlite"):
                 store = self.stores[app.name.encode()] = open_store(spec, app, log)
             self.guests[app.name.encode()] = Guest(self.engine, app, cache_dir, spec.restart_intensity,
                                                    spec.restart_period_s, bounded, module=module, store=store)

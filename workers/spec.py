@@ -43,6 +43,9 @@ class WorkerSpec:
     user: str = ""
     group: str = ""
     state_dir: str = ""   # one SQLite database per service that uses durable state
+    state_backend: str = "sqlite"   # or "postgresql" (docs/cluster.md): one database for all
+    state_dsn: str = ""             # postgresql: libpq connection string
+    run_id: str = ""      # the broker's run: its tokens and its fences are named by it
     apps: list[AppSpec] = field(default_factory=list)
     confinement: str = "off"   # "require" | "best-effort" | "off" (docs/confinement.md)
 

@@ -161,19 +161,40 @@ def _prefix_end(prefix: bytes) -> bytes | None:
     return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
-class Store:
-    """One service's database, as a worker uses it; its staged write sets and their replies."""
+class Unavailable(Exception):
+    """The store could not be reached, or refused a statement: any backend (docs/cluster.md)."""
 
-    def __init__(self, path: Path, durability: str, limits: Limits, token_period_s: float, log=None,
-                 busy_timeout_ms: int = BUSY_TIMEOUT_MS):
-        """`busy_timeout_ms`: how long a commit waits for another writer before it fails."""
-        self.path = path
-        self.busy_timeout_ms = busy_timeout_ms
+
+class Unreachable(Unavailable):
+    """The store cannot be reached at all (no connection): requests get 503 "state unavailable"."""
+
+
+class Fenced(Unavailable):
+    """The broker has fenced this worker: its commits fail and keep nothing (docs/cluster.md)."""
+
+
+def fence_name(run_id: str, identity: bytes) -> str:
+    """A worker's name in the fences of a shared store: the broker's run and the worker's
+    identity (slot and generation), so that no two workers ever share one."""
+    return f"{run_id}/{identity.decode(errors='replace')}"
+
+
+# What a store's reads and commits raise when the store is not there (WriteSet: -6; the
+# worker's output gate: 503). SQLite raises its own errors; other backends raise Unavailable.
+ERRORS = (sqlite3.Error, Unavailable)
+
+
+class StagedStore:
+    """What every backend shares: the staged write sets of one service and their replies, and
+    the overlay that later requests of the worker read through. A backend adds open, close,
+    visible, committed_bytes, committed_keys, recorded_reply and write_group (one transaction
+    for a group: entries, the scopes' byte counts, tokens, stats)."""
+
+    def __init__(self, durability: str, limits: Limits, token_period_s: float, log=None):
         self.durability = durability
         self.limits = limits
         self.token_period_s = token_period_s
         self.log = log
-        self.db: sqlite3.Connection | None = None
         self.staged: list[WriteSet] = []
         self.overlay: dict[tuple[bytes, bytes], bytes | None] = {}  # staged writes, newest last
         self.overlay_delta: dict[bytes, int] = {}
@@ -183,7 +204,89 @@ class Store:
         self.alarm_changes: list[tuple[bytes, int | None]] = []
         self.rollbacks = 0     # not yet counted in the database
         self.next_prune = 0.0
+        self.worker = ""       # this worker's fence name: a shared store's commits check it
+        self.read_s = 0.0      # seconds its reads waited on a networked store, in all
+
+    def stage(self, writes: "WriteSet", status: int, fault: bytes, body: bytes) -> None:
+        """A request that ended 200/422: its writes commit with the next group, reply and all."""
+        writes.reply = (status, fault, body)
+        self.staged.append(writes)
+        scope = writes.scope
+        for key, value in writes.writes.items():
+            self.overlay[(scope, key)] = value
+        self.overlay_delta[scope] = self.overlay_delta.get(scope, 0) + writes.delta
+        if writes.alarm is not _MISSING:
+            self.alarm_overlay[scope] = writes.alarm
+        elif writes.fired >= 0:
+            # A successful alarm run that set no alarm: its alarm goes, unless another request
+            # has replaced it meanwhile (the commit's SQL checks again).
+            try:
+                if self.visible_alarm(scope) == writes.fired:
+                    self.alarm_overlay[scope] = None
+            except ERRORS:
+                pass
+
+    def discard(self, writes: "WriteSet") -> None:
+        """A request that ended 500/502/504: nothing of it is kept."""
+        if writes.writes:
+            self.rollbacks += 1
+
+    def commit(self, now: float | None = None, waiting=None) -> list["WriteSet"]:
+        """Commit every staged write set in one transaction; returns them. Raise one of ERRORS
+        (nothing of them is kept then, and they are unstaged all the same). `waiting()` is
+        called while another writer holds the lock."""
+        staged, overlay = self.staged, self.overlay
+        self.staged, self.overlay, self.overlay_delta, self.alarm_overlay = [], {}, {}, {}
+        self.alarm_changes = []
+        if not staged and not self.rollbacks:
+            return staged
+        if not self.open():
+            self.rollbacks += len(staged)
+            if not staged:
+                return staged   # only counts to save, and no database to save them in
+            raise Unreachable("storage unavailable")
+        now = time.time() if now is None else now
+        prune_before = None
+        if now >= self.next_prune:
+            self.next_prune = now + PRUNE_EVERY_S
+            prune_before = now - self.token_period_s
+        try:
+            self.alarm_changes = self.write_group(overlay, staged, now, prune_before, waiting)
+            self.rollbacks = 0
+        except BaseException:
+            self.rollbacks += len(staged)
+            raise
+        return staged
+
+    def open(self) -> bool:
+        raise NotImplementedError
+
+    def visible_alarm(self, scope: bytes) -> int | None:
+        """The scope's alarm (at_ms), staged or committed; raise one of ERRORS."""
+        raise NotImplementedError
+
+    def write_group(self, overlay, staged, now, prune_before, waiting) -> list[tuple[bytes, int | None]]:
+        """In one transaction: overlay's entries (None: deleted) and the scopes' byte counts,
+        the alarms and the tokens and replies of `staged`, the commit and rollback counts, tokens
+        older than prune_before (None: not now) pruned. Raise one of ERRORS, keeping nothing.
+        Returns (scope, at_ms or None) of each scope whose alarm it touched, as committed."""
+        raise NotImplementedError
+
+
+class Store(StagedStore):
+    """One service's SQLite database, as a worker uses it."""
+
+    def __init__(self, path: Path, durability: str, limits: Limits, token_period_s: float, log=None,
+                 busy_timeout_ms: int = BUSY_TIMEOUT_MS):
+        """`busy_timeout_ms`: how long a commit waits for another writer before it fails."""
+        super().__init__(durability, limits, token_period_s, log)
+        self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
+        self.db: sqlite3.Connection | None = None
         # Opened at first use, not here: a worker opens it after dropping privileges.
+
+    def __str__(self) -> str:
+        return str(self.path)
 
     def open(self) -> bool:
         if self.db is not None:
@@ -212,26 +315,26 @@ class Store:
     # --- reads: committed data under the staged writes ----------------------
 
     def visible(self, scope: bytes, key: bytes) -> bytes | None:
-        """Raise sqlite3.Error (or Unavailable) when the database cannot be read."""
+        """Raise one of ERRORS when the database cannot be read."""
         found = self.overlay.get((scope, key), _MISSING)
         if found is not _MISSING:
             return found
-        if self.db is None and not self.open():
-            raise sqlite3.OperationalError("storage unavailable")
+        if not self.open():
+            raise Unavailable("storage unavailable")
         row = self.db.execute("SELECT value FROM kv WHERE scope = ? AND key = ?", (scope, key)).fetchone()
         return row[0] if row else None
 
     def committed_bytes(self, scope: bytes) -> int:
-        if self.db is None and not self.open():
-            raise sqlite3.OperationalError("storage unavailable")
+        if not self.open():
+            raise Unavailable("storage unavailable")
         row = self.db.execute("SELECT bytes FROM scopes WHERE scope = ?", (scope,)).fetchone()
         return (row[0] if row else 0) + self.overlay_delta.get(scope, 0)
 
     def committed_keys(self, scope: bytes, prefix: bytes, after: bytes):
         """Keys of the database (not the overlay) in the scope that start with prefix and sort
         after `after`, ascending."""
-        if self.db is None and not self.open():
-            raise sqlite3.OperationalError("storage unavailable")
+        if not self.open():
+            raise Unavailable("storage unavailable")
         end = _prefix_end(prefix)
         query = "SELECT key FROM kv WHERE scope = ? AND key >= ? AND key > ?"
         if end is not None:
@@ -248,17 +351,16 @@ class Store:
             last = rows[-1][0]
 
     def visible_alarm(self, scope: bytes) -> int | None:
-        """The scope's alarm, staged or committed; raise sqlite3.Error."""
         found = self.alarm_overlay.get(scope, _MISSING)
         if found is not _MISSING:
             return found
-        if self.db is None and not self.open():
-            raise sqlite3.OperationalError("storage unavailable")
+        if not self.open():
+            raise Unavailable("storage unavailable")
         return alarm_read(self.db, scope)
 
     def recorded_reply(self, token: int) -> tuple[int, bytes, bytes] | None:
         """The reply a committed request with this token got, if any."""
-        if self.db is None and not self.open():
+        if not self.open():
             return None
         try:
             row = self.db.execute("SELECT status, fault, body FROM tokens WHERE token = ?", (token,)).fetchone()
@@ -268,46 +370,8 @@ class Store:
 
     # --- the end of a request ----------------------------------------------
 
-    def stage(self, writes: "WriteSet", status: int, fault: bytes, body: bytes) -> None:
-        """A request that ended 200/422: its writes commit with the next group, reply and all."""
-        writes.reply = (status, fault, body)
-        self.staged.append(writes)
-        scope = writes.scope
-        for key, value in writes.writes.items():
-            self.overlay[(scope, key)] = value
-        self.overlay_delta[scope] = self.overlay_delta.get(scope, 0) + writes.delta
-        if writes.alarm is not _MISSING:
-            self.alarm_overlay[scope] = writes.alarm
-        elif writes.fired >= 0:
-            # A successful alarm run that set no alarm: its alarm goes, unless another request
-            # has replaced it meanwhile (the SQL checks again at the commit).
-            try:
-                if self.visible_alarm(scope) == writes.fired:
-                    self.alarm_overlay[scope] = None
-            except sqlite3.Error:
-                pass
-
-    def discard(self, writes: "WriteSet") -> None:
-        """A request that ended 500/502/504: nothing of it is kept."""
-        if writes.writes:
-            self.rollbacks += 1
-
-    def commit(self, now: float | None = None, waiting=None) -> list["WriteSet"]:
-        """Commit every staged write set in one transaction; returns them. Raise sqlite3.Error
-        (nothing of them is kept then, and they are unstaged all the same). `waiting()` is
-        called while another writer holds the lock."""
-        staged, overlay = self.staged, self.overlay
-        self.staged, self.overlay, self.overlay_delta, self.alarm_overlay = [], {}, {}, {}
-        self.alarm_changes = []
-        if not staged and not self.rollbacks:
-            return staged
-        if self.db is None and not self.open():
-            self.rollbacks += len(staged)
-            if not staged:
-                return staged   # only counts to save, and no database to save them in
-            raise sqlite3.OperationalError("storage unavailable")
+    def write_group(self, overlay, staged, now, prune_before, waiting) -> list[tuple[bytes, int | None]]:
         db = self.db
-        now = time.time() if now is None else now
         try:
             self.lock(waiting)
             deltas: dict[bytes, int] = {}
@@ -331,9 +395,8 @@ class Store:
             tokens = [(w.token, now, *w.reply) for w in staged if w.token]
             if tokens:
                 db.executemany("INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?, ?)", tokens)
-            if now >= self.next_prune:
-                self.next_prune = now + PRUNE_EVERY_S
-                db.execute("DELETE FROM tokens WHERE at < ?", (now - self.token_period_s,))
+            if prune_before is not None:
+                db.execute("DELETE FROM tokens WHERE at < ?", (prune_before,))
             if staged:
                 db.execute("INSERT INTO stats VALUES ('commits', ?) ON CONFLICT(name) "
                            "DO UPDATE SET value = value + excluded.value", (len(staged),))
@@ -341,18 +404,14 @@ class Store:
                 db.execute("INSERT INTO stats VALUES ('rollbacks', ?) ON CONFLICT(name) "
                            "DO UPDATE SET value = value + excluded.value", (self.rollbacks,))
             db.execute("COMMIT")
-            self.rollbacks = 0
-            self.alarm_changes = changes
+            return changes
         except BaseException:
             try:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            self.rollbacks += len(staged)
             raise
-        return staged
-
 
     def lock(self, waiting) -> None:
         """BEGIN IMMEDIATE: wait for the write lock up to busy_timeout_ms; raise sqlite3.Error."""
@@ -378,7 +437,7 @@ class WriteSet:
     __slots__ = ("store", "scope", "token", "writes", "delta", "base_bytes", "reply", "ticket", "saw_staged",
                  "alarm", "fired")
 
-    def __init__(self, store: Store, scope: bytes, token: int = 0, ticket: int = 0):
+    def __init__(self, store: StagedStore, scope: bytes, token: int = 0, ticket: int = 0):
         self.store = store
         self.scope = scope
         self.token = token
@@ -412,7 +471,7 @@ class WriteSet:
                 self.saw_staged = True
             try:
                 value = self.store.visible(self.scope, key)
-            except sqlite3.Error:
+            except ERRORS:
                 return UNAVAILABLE
         return ABSENT if value is None else value
 
@@ -436,7 +495,7 @@ class WriteSet:
                     self.base_bytes = self.store.committed_bytes(self.scope)
                 if self.base_bytes + self.delta + new - old > limits.max_scope_bytes:
                     return OVER_QUOTA
-        except sqlite3.Error:
+        except ERRORS:
             return UNAVAILABLE
         self.writes[key] = value
         self.delta += new - old
@@ -448,7 +507,7 @@ class WriteSet:
             return BAD_KEY
         try:
             old = self.size_now(key)
-        except sqlite3.Error:
+        except ERRORS:
             return UNAVAILABLE
         if old == 0 and key not in self.writes:
             return 0
@@ -466,7 +525,7 @@ class WriteSet:
                 self.saw_staged = True
             try:
                 found = self.store.visible_alarm(self.scope)
-            except sqlite3.Error:
+            except ERRORS:
                 return UNAVAILABLE
         return ABSENT if found is None else found
 
@@ -508,7 +567,7 @@ class WriteSet:
                     break
                 out += _LEN.pack(len(key))
                 out += key
-        except sqlite3.Error:
+        except ERRORS:
             return UNAVAILABLE
         return bytes(out)
 

@@ -20,7 +20,7 @@ if FLAG:
 
     from corral.workers import confine, state
 
-    _commit = state.Store.commit
+    _commit = state.StagedStore.commit   # every backend's
 
     def commit_then_die(self, *args, **kwargs):
         committed = _commit(self, *args, **kwargs)
@@ -29,7 +29,7 @@ if FLAG:
             os.kill(os.getpid(), signal.SIGKILL)
         return committed
 
-    state.Store.commit = commit_then_die
+    state.StagedStore.commit = commit_then_die
 
     _confine = confine.confine
 
