@@ -20,6 +20,7 @@ import zmq
 from corral import security
 from corral.broker_core import FULL, GONE, SENT, BrokerCore
 from corral.broker_ledger import Service, WorkerLink
+from corral.cluster import ClusterAuthenticator, ClusterEndpoint, StoreFence
 from corral.config import Config
 from corral.paths import ipc_in_use, remove_ipc_file
 from corral.wire.frames import NOBLOCK, drain, drain_with_user, send_frames
@@ -43,7 +44,7 @@ class Broker:
         self.authenticator: security.KeyAuthenticator | None = None
         self.key_names: set[str] = set()
         if config.security.curve:
-            self.start_curve(context, config.security)
+            self.start_curve(context, config.security, config.cluster)
         self.bind_frontend(config.supervisor.frontend)
         self.backend = context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -51,7 +52,12 @@ class Broker:
         self.backend.setsockopt(zmq.RCVHWM, 0)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.bind(backend)
-        self.core = BrokerCore(config, log, self, authorize=self.forbidden)
+        self.fence = StoreFence(log) if config.cluster is not None else None
+        self.core = BrokerCore(config, log, self, authorize=self.forbidden, fence=self.fence)
+        self.cluster: ClusterEndpoint | None = None
+        if config.cluster is not None:   # a second listener on the backend: docs/cluster.md
+            self.cluster = ClusterEndpoint(self.backend, config.cluster, self.curve_secret, self.authenticator,
+                                           self.core, log)
 
     # --- configuration -------------------------------------------------------
 
@@ -72,12 +78,19 @@ class Broker:
         if self.authenticator is not None:
             self.authenticator.use(self.load_keys(config.security))  # a key removed is refused from now on
         self.core.configure(config, time.monotonic())
+        if self.cluster is not None and config.cluster is not None:
+            self.cluster.removed(self.cluster.use(config.cluster), time.monotonic())
 
-    def start_curve(self, context: zmq.Context, settings) -> None:
+    def start_curve(self, context: zmq.Context, settings, cluster=None) -> None:
         """CURVE on every tcp frontend from now on, its clients judged by ZAP (KeyAuthenticator)."""
         _, secret = security.server_keys(settings.curve_secret_key)
+        self.curve_secret = secret
         self.frontend.setsockopt(zmq.CURVE_SECRETKEY, secret)
-        self.authenticator = security.KeyAuthenticator(context, self.load_keys(settings))
+        if cluster is not None:   # one ZAP handler per context: it judges hosts too
+            self.authenticator = ClusterAuthenticator(context, self.load_keys(settings),
+                                                      security.KeyNames(cluster.host_keys))
+        else:
+            self.authenticator = security.KeyAuthenticator(context, self.load_keys(settings))
         self.authenticator.start()
 
     def load_keys(self, settings) -> security.KeyNames:
@@ -147,6 +160,15 @@ class Broker:
         """Hand the workers' messages waiting to the core; returns how many came."""
         now = time.monotonic()
         on_worker = self.core.on_worker
+        if self.cluster is not None:   # a User-Id: a host's CURVE peer on the cluster listener
+            messages = drain_with_user(self.backend, BATCH)
+            on_remote = self.cluster.on_message
+            for message, user in messages:
+                if user is None:
+                    on_worker(message[0], message[-1], now)
+                else:
+                    on_remote(message[0], message[-1], user, now)
+            return len(messages)
         messages = drain(self.backend, BATCH)
         for message in messages:
             on_worker(message[0], message[-1], now)   # corral's workers send one frame
@@ -189,6 +211,8 @@ class Broker:
         events = self.core.events
         if events:   # (most turns have none: no new list for them)
             self.core.events = []
+            if self.cluster is not None:
+                self.cluster.note_events(events)
         return events
 
     def worker_gone(self, identity: bytes, cause: str, reaped: bool = False, clean: bool = False) -> None:

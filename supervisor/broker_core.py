@@ -692,8 +692,9 @@ class BrokerCore:
                 # silent for as long as the longest guest call it holds may run.
                 allowed += max(r.budget_s for r in link.inflight.values())
             if now > allowed:
-                self.events.append((Event.SILENT, link, "heartbeat lost"))
-                self.worker_gone(link.identity, "heartbeat lost", now)
+                cause = f"host lost: {link.host}" if link.host else "heartbeat lost"   # docs/cluster.md
+                self.events.append((Event.SILENT, link, cause))
+                self.worker_gone(link.identity, cause, now)
         if self.fenced:
             self.unfence()   # a remote fence may clear with time
         self.expire_due(now)

@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     keygen.add_argument("name", help="the key's name (a client's name in [apps.X] allow)")
     keygen.add_argument("--dir", type=Path, default=Path("."), help="where to write them (default: here)")
 
+    with_config(verbs.add_parser("host", help="run a worker host: its workers serve a broker's apps over "
+                                              "tcp+CURVE (docs/cluster.md); the config's [host] table"))
+
     scale = with_config(verbs.add_parser("scale", help=control_verbs.summary("scale"), epilog=control_verbs.usage("scale"),
                                       formatter_class=argparse.RawDescriptionHelpFormatter))
     scale.add_argument("workers", type=int)
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse(parser, {"call": call, "bench": bench}, argv)
     return {"run": run, "check": check, "call": call_verb, "status": status_verb, "bench": bench_verb,
-            "keygen": keygen_verb, "scale": admin_verb, "restart": admin_verb, "reload": admin_verb,
+            "keygen": keygen_verb, "host": host_verb, "scale": admin_verb, "restart": admin_verb, "reload": admin_verb,
             "state": state_verb}[args.verb](args)
 
 
@@ -134,6 +137,14 @@ def load_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from corral.daemon import Daemon
     return Daemon(config_path(args).absolute()).run()   # status and logs name the file wherever it ran
+
+
+def host_verb(args: argparse.Namespace) -> int:
+    from corral.host import Host
+    if args.config is None:
+        print("corral: host: name the host's config with -c FILE (a [host] table: docs/cluster.md)", file=sys.stderr)
+        return 2
+    return Host(args.config.absolute()).run()
 
 
 def check(args: argparse.Namespace) -> int:

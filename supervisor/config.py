@@ -186,7 +186,7 @@ _STR = (str,)
 _SUPERVISOR_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "frontend": ((str, list), None),
     "control": (_STR, None),
-    "workers": (_INT, _between(1, 256)),
+    "workers": (_INT, _between(0, 256)),   # 0 only with [cluster] (parse)
     "graceful_timeout_s": (_NUM, _positive),
     "heartbeat_ms": (_INT, _between(10, 60_000)),
     "liveness": (_INT, _between(1, 100)),
@@ -376,6 +376,9 @@ def parse(doc: dict[str, Any], file: Path) -> Config:
     _check_exposure(reader, supervisor.frontend, security)
     state = _read_state(reader, reader.table(doc, "state"))
     cluster = _read_cluster(reader, file, doc["cluster"], security) if "cluster" in doc else None
+    if supervisor.workers == 0 and cluster is None and "cluster" not in doc:
+        reader.problem("[supervisor] workers", "must be between 1 and 256 (0 only with [cluster]: a broker "
+                       "whose remote hosts serve, docs/cluster.md)")
 
     apps: dict[str, AppSettings] = {}
     for name, table in reader.table(doc, "apps").items():
@@ -509,9 +512,6 @@ def warnings(config: Config) -> list[str]:
             for name in sorted(set(app.allow or ()) - known):
                 found.append(f"{config.path}: [apps.{app.name}] allow: no key {name!r} in "
                              f"{config.security.client_keys} (no client can use that name yet)")
-    if config.cluster is not None:
-        found.append(f"{config.path}: [cluster]: this corral does not serve remote hosts yet: the broker side "
-                     f"is being built (docs/cluster.md); the section is checked and otherwise ignored")
     if config.security.insecure_tcp:
         for endpoint in config.supervisor.frontend:
             if frontend_exposure(endpoint) == "network" and not config.security.curve:

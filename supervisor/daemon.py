@@ -145,6 +145,10 @@ class Daemon:
         self.pool.fill(range(config.supervisor.workers))
         self.pool.fill(self.standby_slots())
         quiet_garbage_collector()
+        if config.supervisor.workers == 0:   # a broker for remote hosts only: READY once bound
+            self.announced_ready = True
+            self.notifier.ready(self.status_line())
+            self.log.info("daemon.ready", workers=0, cluster=self.broker.cluster.listen)
         try:
             self.loop()
         finally:
@@ -259,6 +263,9 @@ class Daemon:
                           state_dsn=config.state.dsn, run_id=self.run_id, confinement=sup.confinement, apps=apps)
         spec_path = self.run_dir / f"spec-{self.config_generation}.json"
         spec.dump(spec_path)
+        if self.broker.cluster is not None:   # what joining hosts are sent (docs/cluster.md)
+            self.broker.cluster.use_spec(spec)
+            self.broker.fence.use(config.state.dsn if config.state.backend == "postgresql" else "", self.run_id)
         self.pool.use_spec(spec_path, self.config_generation, sup.max_requests, sup.max_requests_jitter)
 
     def install_signals(self) -> None:

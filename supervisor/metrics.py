@@ -100,6 +100,10 @@ def render_snapshot(now: Snapshot) -> str:
     family("corral_workers", "gauge", "Worker processes, by state.")
     for state, count in now.worker_states().items():
         out.append(f'corral_workers{{state="{state}"}} {count}')
+    family("corral_worker_requests_total", "counter", "Requests each worker answered, with its host "
+           "(\"local\": the broker's own; else the host's key name, docs/cluster.md).")
+    for w in now.workers:
+        out.append(f'corral_worker_requests_total{{worker="{w.identity}",host="{w.host or "local"}"}} {w.requests}')
     return "\n".join(out) + "\n"
 
 

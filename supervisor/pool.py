@@ -344,6 +344,9 @@ def kill_stale_workers(runtime_dir: Path, log) -> None:
 
 
 def _daemon_pid(run_dir: str) -> int | None:
-    """The pid in a run directory's name (daemon-<pid>), or None."""
+    """The pid in a run directory's name (daemon-<pid>, host-<pid>), or None."""
     name = os.path.basename(run_dir.rstrip(os.sep))
-    return int(name[len("daemon-"):]) if name.startswith("daemon-") and name[7:].isdigit() else None
+    for prefix in ("daemon-", "host-"):   # `corral host`'s run directory too (docs/cluster.md)
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return int(name[len(prefix):])
+    return None

@@ -41,7 +41,7 @@ def test_check_refuses_a_cluster_with_a_stateful_app_on_sqlite(tmp_path):
     fine = check(tmp_path, apps, cluster=cluster,
                  state={"backend": "postgresql", "dsn": "host=db.invalid dbname=corral user=corral"})
     assert fine.returncode == 0, fine.stderr
-    assert "does not serve remote hosts yet" in fine.stderr
+    assert "[cluster]" not in fine.stderr               # served now: no warning left (docs/cluster.md)
     # Without [cluster], sqlite is the right default.
     assert check(tmp_path, apps).returncode == 0
 
@@ -68,3 +68,21 @@ def test_cluster_and_state_keys_are_checked_by_name(tmp_path):
             raise AssertionError(f"{sections} was accepted")
     parse({"state": {"backend": "postgresql", "dsn": "host=db dbname=corral user=corral"}, "apps": app},
           tmp_path / "c.toml")
+
+
+def test_no_workers_of_its_own_only_with_a_cluster(tmp_path):
+    app = {"e": {"module": str(GUESTS / "echo.wat")}}
+    try:
+        parse({"supervisor": {"workers": 0}, "apps": app}, tmp_path / "c.toml")
+    except ConfigError as exc:
+        assert "[supervisor] workers: must be between 1 and 256 (0 only with [cluster]" in str(exc)
+    else:
+        raise AssertionError("workers = 0 without [cluster] was accepted")
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, "-m", "corral", "keygen", "broker", "--dir", str(keys)], check=True,
+                   capture_output=True, timeout=60)
+    config = parse({"supervisor": {"workers": 0},
+                    "security": {"curve_secret_key": str(keys / "broker.key_secret"), "client_keys": str(keys)},
+                    "cluster": {"listen": "tcp://0.0.0.0:5560", "host_keys": str(keys)}, "apps": app},
+                   tmp_path / "c.toml")
+    assert config.supervisor.workers == 0

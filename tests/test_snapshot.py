@@ -19,7 +19,8 @@ from corral.pool import STANDBY_BASE, WorkerState
 from corral.snapshot import ClientView, Latency, ServiceView, Snapshot, StateView, WorkerView
 
 WORKER_KEYS = {"slot", "identity", "generation", "pid", "state", "config_generation", "requests", "in_flight",
-               "faults", "rss_bytes", "cpu_percent", "uptime_s", "seccomp", "landlock", "uid"}
+               "faults", "rss_bytes", "cpu_percent", "uptime_s", "seccomp", "landlock", "uid",
+               "host"}   # the worker's host: "local", or a remote host's key name (docs/cluster.md)
 SERVICE_KEYS = {"name", "instances", "circuit", "circuit_opened", "queued", "running", "dropped", "quarantined",
                 "statuses"}
 CLIENT_KEYS = {"client", "queued", "running", "unread_bytes", "dropped", "refused", "over_budget"}

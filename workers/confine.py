@@ -241,7 +241,9 @@ ALLOWLIST: dict[str, tuple[str, ...]] = {
     # (mprotect) and resets linear memories (madvise), and keeps copy-on-write images
     # of initial memory in memfds.
     "memory": ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "mincore", "msync",
-               "memfd_create", "membarrier"),
+               "memfd_create", "membarrier",
+               # CURVE (a remote host's workers, docs/cluster.md): libsodium locks its keys in memory.
+               "mlock", "munlock"),
     # Threads: the epoch ticker, ZeroMQ's I/O thread, glibc's thread machinery. clone
     # itself is allowed below only with CLONE_THREAD (a thread, never a process).
     "threads": ("futex", "futex_waitv", "set_robust_list", "get_robust_list", "rseq", "set_tid_address",

@@ -68,7 +68,7 @@ class WorkerLoop:
         self.spec = spec
         self.host = host
         self.log = log
-        self.identity = worker_identity(slot, generation)
+        self.identity = spec.identity_prefix.encode() + worker_identity(slot, generation)
         for store in host.stores.values():
             store.worker = fence_name(spec.run_id, self.identity)
         self.heartbeat_s = spec.heartbeat_ms / 1000
@@ -93,13 +93,18 @@ class WorkerLoop:
         self.socket.setsockopt(zmq.RCVHWM, 0)
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVTIMEO, max(1, spec.heartbeat_ms // 2))
+        if spec.curve_server_key:   # a remote host's worker: tcp+CURVE to the cluster endpoint
+            self.socket.setsockopt(zmq.CURVE_SERVERKEY, spec.curve_server_key.encode())
+            self.socket.setsockopt(zmq.CURVE_PUBLICKEY, spec.curve_public_key.encode())
+            self.socket.setsockopt(zmq.CURVE_SECRETKEY, spec.curve_secret_key.encode())
         self.socket.connect(spec.backend)
 
     def run(self) -> int:
         self.send(W_READY + encode_json({"pid": os.getpid(), "capacity": self.spec.capacity,
                                          "services": [g.decode() for g in self.host.guests],
                                          "standby": self.standby, "heartbeat_ms": self.spec.heartbeat_ms,
-                                         "confinement": self.confinement}))
+                                         "confinement": self.confinement,
+                                         **({"host": self.spec.host} if self.spec.host else {})}))
         while True:
             if not self.jobs:
                 self.flush()

@@ -48,6 +48,13 @@ class WorkerSpec:
     run_id: str = ""      # the broker's run: its tokens and its fences are named by it
     apps: list[AppSpec] = field(default_factory=list)
     confinement: str = "off"   # "require" | "best-effort" | "off" (docs/confinement.md)
+    # A remote host's worker (docs/cluster.md): its host's name, the prefix of its routing id
+    # ("NAME:RUN/"), and CURVE (z85): the broker's public key, the host's pair.
+    host: str = ""
+    identity_prefix: str = ""
+    curve_server_key: str = ""
+    curve_public_key: str = ""
+    curve_secret_key: str = ""
 
     def dump(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
