@@ -221,3 +221,72 @@ def test_a_killed_host_costs_its_requests_a_502_naming_it_and_the_other_host_ser
     assert after and all(s == 200 for s in after)   # h2 serves on
     assert "cluster.host_lost" in daemon.log_path.read_text()
     assert daemon.log_path.read_text().count('"cluster.host_lost"') == 1   # once, by name
+
+
+@pytest.mark.timeout(240)
+def test_a_paused_host_is_fenced_before_its_keys_move_and_its_late_commits_fail(start_daemon, cluster,
+                                                                               namespaces):
+    """Clients increment keyed durable counters (idempotent) served by h1; h1 and its workers
+    are paused (SIGSTOP) mid-load. The broker declares them lost, fences the worker in the
+    store, and the keys move to h2. Resumed, the old worker runs what it held and commits:
+    "fenced", nothing kept. Each key's stored count equals the 200s its client got."""
+    one, two = namespaces(), namespaces()
+    server = PgServer(listen="*")
+    try:
+        server.start()
+        database = server.create_database()
+        daemon = start_daemon({"count": {"module": DURABLE, "instances": "keyed", "idempotent": True}},
+                              supervisor={"workers": 0, "heartbeat_ms": 200, "liveness": 3}, wait=False,
+                              extra=cluster.sections({"backend": "postgresql", "dsn": server.dsn(database)}))
+        daemon.wait_for(lambda: daemon.status()["state"] == "running", timeout=30, what="the broker")
+        h1 = cluster.start_host(one, "h1", workers=1, dsn=server.dsn(database, tcp_host=one.host_address))
+        daemon.wait_for(lambda: len(remote_workers(daemon, "h1")) == 1, timeout=60, what="h1's worker")
+        keys = [f"k{n}" for n in range(4)]
+        for key in keys:   # every key placed on h1, the only worker
+            assert daemon.call("count", b"incr", key=key).status == 200
+        oks = dict.fromkeys(keys, 1)
+        problems: list[str] = []
+        stop = threading.Event()
+        cluster.start_host(two, "h2", workers=1, dsn=server.dsn(database, tcp_host=two.host_address))
+        daemon.wait_for(lambda: len(remote_workers(daemon, "h2")) == 1, timeout=60, what="h2's worker")
+
+        def load(key: str) -> None:
+            client = daemon.client()
+            while not stop.is_set():
+                reply = client.call("count", b"incr", key=key, timeout=30)
+                if reply.status == 200:
+                    oks[key] += 1
+                else:
+                    problems.append(f"{key}: {reply.status} {reply.body[:80]!r}")
+
+        threads = [threading.Thread(target=load, args=(key,)) for key in keys]
+        for thread in threads:
+            thread.start()
+        paused = [psutil.Process(h1.pid)] + psutil.Process(h1.pid).children(recursive=True)
+        try:
+            time.sleep(1.5)
+            for process in paused:
+                process.suspend()
+            moved = sum(oks.values())
+            daemon.wait_for(lambda: sum(oks.values()) > moved + 50, timeout=30, what="the keys served by h2")
+            for process in paused:
+                process.resume()
+            time.sleep(3.0)   # the old worker runs what it held and tries to commit it
+        finally:
+            for process in paused:
+                try:
+                    process.resume()
+                except psutil.Error:
+                    pass
+            stop.set()
+            for thread in threads:
+                thread.join(60)
+        assert not problems, problems[:10]
+        for key in keys:
+            stored = daemon.call("count", b"get", key=key).body
+            assert int(stored) == oks[key], (key, stored, oks[key])
+        log = h1.log_path.read_text()
+        assert "state.commit_failed" in log and "fenced" in log, log[-3000:]
+        assert '"cluster.fenced"' in daemon.log_path.read_text()
+    finally:
+        server.destroy()
