@@ -117,7 +117,8 @@ def load(path: Path) -> HostSettings:
                         "[cluster] listen)")
     for key in ("broker_key", "secret_key"):
         if key in values:
-            values[key] = (file.parent / values[key]).resolve()
+            # systemd's LoadCredential= (systemd/corral-host.service): $CREDENTIALS_DIRECTORY/NAME.key_secret
+            values[key] = (file.parent / os.path.expandvars(values[key])).resolve()
             if not values[key].is_file():
                 problems.append(f"{file}: [host] {key}: {values[key]}: no such file")
     if "secret_key" in values and not values["secret_key"].name.endswith(".key_secret"):

@@ -59,7 +59,7 @@ class Cluster:
         return extra
 
     def start_host(self, namespace, name: str, workers: int = 2, dsn: str = "",
-                   broker_key: str = "broker.key") -> subprocess.Popen:
+                   broker_key: str = "broker.key", notify: str = "") -> subprocess.Popen:
         folder = self.root / f"host-{name}-{len(self.hosts)}"
         folder.mkdir()
         doc = {"host": {"broker": f"tcp://{namespace.host_address}:{self.port}",
@@ -72,6 +72,8 @@ class Cluster:
         (folder / "host.toml").write_text(to_toml(doc))
         env = {**os.environ, "RUNTIME_DIRECTORY": str(folder / "run")}
         env.pop("NOTIFY_SOCKET", None)
+        if notify:
+            env["NOTIFY_SOCKET"] = notify
         log = open(folder / "host.log", "ab")
         process = subprocess.Popen(namespace.command([sys.executable, "-m", "corral", "host", "-c",
                                                       str(folder / "host.toml")]),
@@ -131,10 +133,17 @@ def test_a_host_joins_and_serves_and_strangers_never_do(start_daemon, cluster, n
                               supervisor={"workers": 0}, wait=False,
                               extra=cluster.sections({"backend": "postgresql", "dsn": server.dsn(database)}))
         daemon.wait_for(lambda: daemon.status()["state"] == "running", timeout=30, what="the broker")
-        host = cluster.start_host(one, "h1", dsn=server.dsn(database, tcp_host=one.host_address))
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(cluster.root / "notify.sock"))
+        notify.settimeout(60)
+        host = cluster.start_host(one, "h1", dsn=server.dsn(database, tcp_host=one.host_address),
+                                  notify=str(cluster.root / "notify.sock"))
         stranger = cluster.start_host(two, "stranger")
         daemon.wait_for(lambda: len(remote_workers(daemon, "h1")) == 2, timeout=60,
                         what=f"h1's workers:\n{host.log_path.read_text()[-3000:]}")
+        said = notify.recv(4096).decode()   # sd_notify: READY=1 once both workers joined
+        assert said.startswith("READY=1") and "2 workers joined" in said, said
+        notify.close()
         client = daemon.client()   # (the frontend is ipc: no client key)
         assert client.call("echo", b"over the link").body == b"over the link"
         for n in range(1, 6):
@@ -290,3 +299,13 @@ def test_a_paused_host_is_fenced_before_its_keys_move_and_its_late_commits_fail(
         assert '"cluster.fenced"' in daemon.log_path.read_text()
     finally:
         server.destroy()
+
+
+def test_the_host_unit_passes_systemd_analyze_verify(tmp_path):
+    from test_systemd import INSTALLED_VENV, runnable_corral, verify
+    unit = Path(__file__).resolve().parent.parent / "systemd" / "corral-host.service"
+    text = unit.read_text()
+    assert f"{INSTALLED_VENV}/bin/corral host " in text and "Type=notify" in text
+    path = tmp_path / "corral-host.service"
+    path.write_text(text.replace(f"{INSTALLED_VENV}/bin/corral ", runnable_corral() + " "))
+    assert verify(path) == []
