@@ -309,3 +309,22 @@ def test_the_host_unit_passes_systemd_analyze_verify(tmp_path):
     path = tmp_path / "corral-host.service"
     path.write_text(text.replace(f"{INSTALLED_VENV}/bin/corral ", runnable_corral() + " "))
     assert verify(path) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_reload_that_removes_a_hosts_key_drops_its_workers(start_daemon, cluster, namespaces):
+    """h1's key leaves host_keys and the broker reloads: h1's workers are dropped at once and
+    stay unlinked although their connections still speak; the broker's own worker serves on."""
+    one = namespaces()
+    daemon = start_daemon({"echo": {"module": GUESTS / "echo.wat"}}, supervisor={"workers": 1}, wait=False,
+                          extra=cluster.sections())
+    daemon.wait_ready()
+    cluster.start_host(one, "h1")
+    daemon.wait_for(lambda: len(remote_workers(daemon, "h1")) == 2, timeout=60, what="h1's workers")
+    (cluster.keys / "hosts" / "h1.key").unlink()
+    assert daemon.control_request("reload", timeout=60).get("ok"), daemon.log_tail()
+    daemon.wait_for(lambda: not remote_workers(daemon, "h1"), timeout=10, what="h1's workers dropped")
+    time.sleep(1.5)   # their heartbeats keep coming over the open connections: ignored
+    assert not [w for w in daemon.status()["workers"] if w["host"] == "h1"]
+    assert daemon.call("echo", b"still").body == b"still"
+    assert '"cluster.host_removed"' in daemon.log_path.read_text()
