@@ -84,9 +84,14 @@ def worker_plan(spec, ids: tuple[int, int] | None):
     from corral.workers import confine
     reads = confine.python_reads() + [app.module for app in spec.apps] + [app.artifact for app in spec.apps]
     writes = [spec.cache_dir] + ([spec.state_dir] if spec.state_dir else [])
-    families = (socket.AF_UNIX,) if spec.backend.startswith("ipc://") else \
-        (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
-    return confine.Plan(reads=tuple(reads), writes=tuple(writes), tcp_ports=tuple(confine.endpoint_ports(spec.backend)),
+    tcp_ports = confine.endpoint_ports(spec.backend)
+    if spec.state_backend == "postgresql":   # a store on another machine is a TCP connection
+        from corral.workers import state_pg
+        store_ports, store_reads = state_pg.reach(spec.state_dsn, ids[0] if ids else None)
+        tcp_ports += store_ports
+        reads += store_reads
+    families = (socket.AF_UNIX,) if not tcp_ports else (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
+    return confine.Plan(reads=tuple(reads), writes=tuple(writes), tcp_ports=tuple(tcp_ports),
                         families=families, become=ids)
 
 
