@@ -157,7 +157,9 @@ class BrokerCore:
         for service in services.values():
             service.links = []
         for link in self.links.values():
-            link.services = [services[s.name] for s in link.services if s.name in services]
+            # An app a reload moved to another cordon leaves the old cordon's workers at once.
+            link.services = [services[s.name] for s in link.services
+                             if s.name in services and services[s.name].app.cordon == link.cordon]
             if not link.parked:
                 for service in link.services:
                     service.links.append(link)
@@ -498,10 +500,11 @@ class BrokerCore:
         try:
             info = json.loads(payload[1:])
             heartbeat_s = int(info.get("heartbeat_ms") or 0) / 1000 or self.heartbeat_s
+            cordon = str(info.get("cordon", "default"))
             link = WorkerLink(identity, int(info["pid"]), int(info["capacity"]),
                               [self.services[n.encode()] for n in info["services"]
-                               if n.encode() in self.services], now, self.liveness * heartbeat_s,
-                              parked=bool(info.get("standby")))
+                               if n.encode() in self.services and self.services[n.encode()].app.cordon == cordon],
+                              now, self.liveness * heartbeat_s, parked=bool(info.get("standby")), cordon=cordon)
             confinement = info.get("confinement")
             link.confinement = confinement if isinstance(confinement, dict) else {}
         except (IndexError, ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:

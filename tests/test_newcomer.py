@@ -385,7 +385,7 @@ def test_state_import_and_backup_count_in_words(tmp_path):
     line = '{"scope": "YWxpY2U=", "key": "Y291bnQ=", "value": "AwAAAAAAAAA="}\n'
     imported = corral("state", "import", "tally", "-c", config, input=line)
     assert imported.returncode == 0, imported.stderr
-    assert imported.stdout == f"{tmp_path}/state/tally.sqlite3: 1 entry imported\n"
+    assert imported.stdout == f"{tmp_path}/state/default/tally.sqlite3: 1 entry imported\n"
     backup = corral("state", "backup", tmp_path / "copy", "-c", config)
     assert backup.returncode == 0, backup.stderr
     assert backup.stdout == f"{tmp_path}/copy: 1 database copied\n"
