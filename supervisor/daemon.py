@@ -135,6 +135,7 @@ class Daemon:
             return EX_UNAVAILABLE
         self.hand_run_dir_to_worker_user(config)
         self.alarms = self.broker.core.alarms = AlarmRunner(self.log)
+        self.broker.core.expected = self.expects
         self.load_alarms(config)
         for warning in config_module.warnings(config):
             self.log.warning("config.warning", problem=warning)
@@ -455,6 +456,16 @@ class Daemon:
             elif event is Event.SILENT:
                 self.pool.kill(worker, detail[0], kind=detail[0].replace(" ", "_"))
                 self.vacate(worker)
+
+    def expects(self, identity: bytes, ready: dict) -> str | None:
+        """The broker's question on a READY: is it a worker this daemon started? None if so,
+        else why not (a protocol violation: docs/worker-protocol.md)."""
+        worker = self.pool.by_identity(identity)
+        if worker is None:
+            return "no worker of this daemon has that identity"
+        if ready.get("pid") != worker.pid:
+            return f"pid {str(ready.get('pid'))[:20]} is not that of worker {worker.name} ({worker.pid})"
+        return None
 
     def worker_ready(self, worker: WorkerProcess, link) -> None:
         if worker.state is WorkerState.STOPPING:
