@@ -808,7 +808,8 @@ def test_the_config_reference_documents_every_key_the_parser_knows():
     tables = {"supervisor": config_module._SUPERVISOR_KEYS, "restart": config_module._RESTART_KEYS,
               "logging": config_module._LOGGING_KEYS, "metrics": config_module._METRICS_KEYS,
               "state": config_module._STATE_KEYS, "cluster": config_module._CLUSTER_KEYS,
-              "security": config_module._SECURITY_KEYS, "apps.NAME": config_module._APP_KEYS}
+              "security": config_module._SECURITY_KEYS, "apps.NAME": config_module._APP_KEYS,
+              "cordons.NAME": config_module._CORDON_KEYS}
     sections = {name: text.index(f"`[{name}]`") for name in tables}   # each table has its section
     starts = sorted(sections.values()) + [len(text)]
     missing = []
