@@ -27,11 +27,13 @@ USERS = ("corral-t-a", "corral-t-b")
 ADD = b'{"call": "add", "args": [1, 2]}'   # calc, a plain module
 SYS_OPENAT, AT_FDCWD = 257, -100
 
-pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="cordons' users need a daemon started as root")
+as_root = pytest.mark.skipif(os.getuid() != 0, reason="cordons' users need a daemon started as root")
 
 
 @pytest.fixture(scope="module")
 def users():
+    if os.getuid() != 0:
+        pytest.fail("cordons' users need root (useradd, and a daemon started as root)")
     """Two system users, one per cordon, removed afterwards: name -> (uid, gid)."""
     made = []
     try:
@@ -100,6 +102,7 @@ def as_user(ids: tuple[int, int], *command) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(120)
+@as_root
 def test_each_cordon_has_its_own_workers_running_as_its_own_user(start, users):
     apps, cordons = two_cordons()
     daemon = start(apps, cordons)
@@ -118,6 +121,7 @@ def test_each_cordon_has_its_own_workers_running_as_its_own_user(start, users):
 
 
 @pytest.mark.timeout(120)
+@as_root
 def test_a_request_goes_only_to_its_cordons_workers(start, users):
     apps, cordons = two_cordons()
     daemon = start(apps, cordons)
@@ -132,6 +136,7 @@ def test_a_request_goes_only_to_its_cordons_workers(start, users):
 
 
 @pytest.mark.timeout(120)
+@as_root
 def test_each_cordons_state_is_its_users_alone(start, users):
     apps, cordons = two_cordons()
     daemon = start(apps, cordons)
@@ -151,6 +156,7 @@ def test_each_cordons_state_is_its_users_alone(start, users):
 
 
 @pytest.mark.timeout(120)
+@as_root
 def test_scale_one_cordon_and_the_default_one(start, users):
     apps, cordons = two_cordons()
     daemon = start(apps, cordons)
@@ -172,6 +178,7 @@ def test_scale_one_cordon_and_the_default_one(start, users):
 
 
 @pytest.mark.timeout(150)
+@as_root
 def test_a_reload_moves_an_app_to_another_cordon(start, users):
     apps, cordons = two_cordons()
     del apps["kv"]
@@ -194,6 +201,36 @@ def test_a_reload_moves_an_app_to_another_cordon(start, users):
         assert proc_ids(worker["pid"])[0] == {users[USERS[1]][0]}
 
 
+def test_cordons_take_their_settings_from_supervisor_where_unset(tmp_path):
+    from corral.config import ConfigError, cordons, parse
+    doc = {"supervisor": {"workers": 3, "user": "nobody"},
+           "cordons": {"a": {"workers": 1, "user": "root"}, "b": {}, "unused": {"workers": 2}},
+           "apps": {"x": {"module": str(GUESTS / "echo.wat"), "cordon": "a"},
+                    "y": {"module": str(GUESTS / "echo.wat"), "cordon": "b"}}}
+    found = cordons(parse(doc, tmp_path / "c.toml"))
+    assert [(c.name, c.workers, c.user, c.group) for c in found.values()] == [("a", 1, "root", ""),
+                                                                             ("b", 3, "nobody", "")]
+    for bad, problem in (({"default": {"workers": 1}}, "[cordons.default]: the default cordon is set in [supervisor]"),
+                         ({"Bad Name": {}}, "[cordons.Bad Name]: cordon names are"),
+                         ({"a": {"workers": 0}}, "[cordons.a] workers: must be between 1 and 256"),
+                         ({"a": {"user": "no-such-user-here"}}, "[cordons.a] user: no such user")):
+        with pytest.raises(ConfigError) as raised:
+            parse({**doc, "cordons": {**bad, "a": bad.get("a", {}), "b": {}}}, tmp_path / "c.toml")
+        assert any(problem in p for p in raised.value.problems), raised.value.problems
+
+
+def test_each_cordon_keeps_its_block_of_slots_across_reloads():
+    from corral.config import CordonSettings
+    from corral.cordons import SlotPlan
+    plan = SlotPlan()
+    placed = plan.place({"default": CordonSettings("default", 2), "b": CordonSettings("b", 3)})
+    assert [(c.name, list(c.slots)) for c in placed] == [("default", [0, 1]), ("b", [2000, 2001, 2002])]
+    placed = plan.place({"a": CordonSettings("a", 1), "b": CordonSettings("b", 1)})   # a reload: a is new
+    assert [(c.name, list(c.slots)) for c in placed] == [("a", [3000]), ("b", [2000])]
+    assert [plan.cordon_of(s) for s in (0, 1000, 1015, 2000, 2999, 3000)] == \
+        ["default", "default", "default", "b", "b", "a"]
+
+
 @pytest.mark.timeout(120)
 def test_a_config_naming_an_unknown_cordon_or_key_is_refused(tmp_path):
     config = tmp_path / "corral.toml"
@@ -209,6 +246,7 @@ def test_a_config_naming_an_unknown_cordon_or_key_is_refused(tmp_path):
 
 @pytest.mark.parametrize("users_of_their_own", [False, True])
 @pytest.mark.timeout(120)
+@as_root
 def test_an_escaped_guest_cannot_open_another_cordons_state_file(start, users, injector,  # noqa: F811
                                                                   users_of_their_own):
     """Without users of their own, the cordons' workers all run as root: Landlock alone keeps
@@ -226,6 +264,7 @@ def test_an_escaped_guest_cannot_open_another_cordons_state_file(start, users, i
 
 
 @pytest.mark.timeout(120)
+@as_root
 def test_the_same_open_goes_through_when_confinement_is_off(start, users, injector):  # noqa: F811
     """The control for the test above: a worker of cordon b, as root and unconfined, opens a's file."""
     apps, cordons = two_cordons(users=False)
