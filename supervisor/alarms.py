@@ -257,9 +257,11 @@ class AlarmRunner:
         """W_ALARMS from a worker: what its last commit left of each scope's alarm. A service
         the worker does not serve is a protocol violation (ValueError)."""
         served = {service.name for service in link.services}
-        for service, scope, at_ms in protocol.iter_alarms(payload):
+        records = list(protocol.iter_alarms(payload))   # checked whole: a bad one spoils all
+        for service, _, _ in records:
             if service not in served:
                 raise ValueError(f"W_ALARMS for service {service[:64]!r}, which this worker does not serve")
+        for service, scope, at_ms in records:
             self.schedule.update(service, scope, at_ms)
         self.changed = True
 

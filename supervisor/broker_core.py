@@ -19,13 +19,20 @@ which worker is the dispatch policy's (corral.dispatch).
 
 The worker protocol (docs/worker-protocol.md), as the core sees it:
 
-    READY       a new identity: a link, parked if standby; Event.READY.
-                A known identity: protocol violation (the worker is dropped)
+    READY       a new identity the daemon expects: a link, parked if standby; Event.READY
     REPLY       per record: the request's one reply; the ticket leaves the link
     RETIRING    the tickets handed back are queued again; Event.RETIRING
+    ALARMS      what its last commit left of its services' alarms (docs/alarms.md)
     DISCONNECT  goodbye, its last message: a reaped worker's held work is answered now
     HEARTBEAT   (and every message) the worker is alive
-    anything else, or bytes that do not parse: protocol violation, Event.SILENT
+
+    protocol violation -> logged once, Event.SILENT, worker_gone, never linked again:
+      bytes that do not parse; a command workers do not send; anything but READY
+      before READY; a second READY; a READY the daemon does not expect; a reply or
+      hand-back for a ticket the worker does not hold (another's, answered, unknown);
+      ALARMS for a service it does not serve. A whole message is checked before any
+      of it is used, so nothing of it reaches a client.
+    a gone worker's late messages: ignored (what it held is answered for already)
 
     silent past its liveness (plus its longest call)   -> Event.SILENT, worker_gone
     worker_gone: what it held is answered 502, its idempotent requests wait for the
@@ -66,6 +73,8 @@ TOP_CLIENTS = 10        # clients shown in status and metrics, the busiest first
 # last messages are still on the way: wait this long for them before answering what it held.
 GOODBYE_WAIT_S = 0.5
 SWEEP_EVERY_S = 5.0     # idle client accounts are forgotten this often
+GONE_KEPT = 4096        # identities of gone or refused workers remembered (BrokerCore.forget)
+VIOLATION_SHOWN = 64    # bytes of a violating message shown in the log
 
 # What Transport.to_client answers.
 SENT = 0
@@ -123,6 +132,10 @@ class BrokerCore:
         self.next_sweep = 0.0
         self.key_of: dict[bytes, bytes] = {}          # routing identity -> CURVE key name
         self.alarms = None   # the daemon's AlarmRunner (docs/alarms.md): hears W_ALARMS and dead workers
+        # Set by the daemon: whether a READY (identity, its JSON) is a worker it started: None, or
+        # why not. Unset, any identity may link (the core's tests).
+        self.expected: Callable[[bytes, dict], str | None] | None = None
+        self.gone: dict[bytes, None] = {}   # identities never linked again (forget)
         self.configure(config, 0.0)
 
     # --- configuration -------------------------------------------------------
@@ -157,7 +170,9 @@ class BrokerCore:
         for service in services.values():
             service.links = []
         for link in self.links.values():
-            link.services = [services[s.name] for s in link.services if s.name in services]
+            # An app a reload moved to another cordon leaves the old cordon's workers at once.
+            link.services = [services[s.name] for s in link.services
+                             if s.name in services and services[s.name].app.cordon == link.cordon]
             if not link.parked:
                 for service in link.services:
                     service.links.append(link)
@@ -459,54 +474,81 @@ class BrokerCore:
     # --- workers: the protocol -----------------------------------------------
 
     def on_worker(self, identity: bytes, payload: bytes, now: float) -> None:
-        """One message from a worker (corral's workers send one frame)."""
+        """One message from a worker (corral's workers send one frame). Untrusted: it hosts
+        guest code, and with remote hosts the backend is a network boundary
+        (docs/worker-protocol.md, "Protocol violations")."""
         command = payload[:1]
         link = self.links.get(identity)
-        if link is not None:
-            link.last_seen = now
         try:
-            if command == W_REPLY and link is not None:
-                self.on_replies(link, payload, now)
-            elif command == W_READY:
+            if link is None:
+                if identity in self.gone:
+                    return   # a gone or refused worker's late words: already answered for
+                if command != W_READY:
+                    raise ProtocolViolation("a message before READY")
                 self.on_ready(identity, payload, now)
-            elif command == W_RETIRING and link is not None:
+                return
+            link.last_seen = now
+            if command == W_REPLY:
+                self.on_replies(link, payload, now)
+            elif command == W_HEARTBEAT:
+                pass
+            elif command == W_RETIRING:
                 self.on_retiring(link, payload, now)
-            elif command == W_DISCONNECT and link is not None:
+            elif command == W_DISCONNECT:
                 self.on_goodbye(link, now)
-            elif command == W_ALARMS and link is not None and self.alarms is not None:
-                self.alarms.on_report(link, payload)
-            elif command != W_HEARTBEAT:
-                self.log.warning("worker.unexpected_message", worker=identity.decode(errors="replace"),
-                                 command=command.hex())
-        except WORKER_MESSAGE_FAULTS as exc:
-            self.reject_worker(identity, command, exc, now)
+            elif command == W_ALARMS:
+                if self.alarms is not None:
+                    self.alarms.on_report(link, payload)
+            elif command == W_READY:
+                # Its link holds requests and keys; a second link would leave them unanswered.
+                raise ProtocolViolation("READY from a worker already linked")
+            else:
+                raise ProtocolViolation("no such command from a worker")
+        except WORKER_MESSAGE_FAULTS as exc:   # (ProtocolViolation is a ValueError)
+            self.reject_worker(identity, payload, exc, now)
 
-    def reject_worker(self, identity: bytes, command: bytes, exc: Exception, now: float) -> None:
-        """A worker sent bytes that do not parse: it hosts guest code, so it may be subverted;
-        it is killed like a silent one and what it held answered 502, never trusted again."""
-        self.log.error("worker.protocol_violation", worker=identity.decode(errors="replace"), command=command.hex(),
+    def reject_worker(self, identity: bytes, payload: bytes, exc: Exception, now: float) -> None:
+        """A worker broke the protocol: it hosts guest code, so it may be subverted. Logged
+        once; it is dropped like a silent one (the daemon kills it if it is ours), what it
+        held answered 502 or held for the fence, and it is never linked again."""
+        self.log.error("worker.protocol_violation", worker=identity[:64].decode(errors="replace"),
+                       command=payload[:1].hex(), length=len(payload), message=payload[:VIOLATION_SHOWN].hex(),
                        error=f"{type(exc).__name__}: {str(exc)[:200]}")
         link = self.links.get(identity)
-        if link is not None:
-            self.events.append((Event.SILENT, link, "protocol violation"))
-            self.worker_gone(identity, "protocol violation", now)
+        if link is None:   # never linked: nothing it holds; a stand-in tells the daemon who it was
+            self.forget(identity)
+            self.events.append((Event.SILENT, WorkerLink(identity, 0, 0, [], now, 0.0), "protocol violation"))
+            return
+        self.events.append((Event.SILENT, link, "protocol violation"))
+        self.worker_gone(identity, "protocol violation", now)
+
+    def forget(self, identity: bytes) -> None:
+        """An identity gone or refused: never linked again, its late messages ignored (the
+        newest GONE_KEPT are kept: identities are never reused within a run)."""
+        self.gone[identity] = None
+        if len(self.gone) > GONE_KEPT:
+            del self.gone[next(iter(self.gone))]
 
     def on_ready(self, identity: bytes, payload: bytes, now: float) -> None:
-        if identity in self.links:
-            # Its link holds requests and keys; a second link would leave them unanswered.
-            raise ProtocolViolation("READY from a worker already linked")
-        try:
-            info = json.loads(payload[1:])
-            heartbeat_s = int(info.get("heartbeat_ms") or 0) / 1000 or self.heartbeat_s
-            link = WorkerLink(identity, int(info["pid"]), int(info["capacity"]),
-                              [self.services[n.encode()] for n in info["services"]
-                               if n.encode() in self.services], now, self.liveness * heartbeat_s,
-                              parked=bool(info.get("standby")))
-            confinement = info.get("confinement")
-            link.confinement = confinement if isinstance(confinement, dict) else {}
-        except (IndexError, ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
-            self.log.error("worker.bad_ready", worker=identity.decode(errors="replace"), error=str(exc))
-            return
+        info = json.loads(payload[1:])
+        if not isinstance(info, dict):
+            raise ProtocolViolation("READY's payload is not a JSON object")
+        heartbeat_s = int(info.get("heartbeat_ms") or 0) / 1000 or self.heartbeat_s
+        services = info["services"]
+        if not isinstance(services, list) or not all(isinstance(n, str) for n in services):
+            raise ProtocolViolation("READY's services is not a list of names")
+        cordon = str(info.get("cordon", "default"))
+        link = WorkerLink(identity, int(info["pid"]), int(info["capacity"]),
+                          [self.services[n.encode()] for n in services
+                           if n.encode() in self.services and self.services[n.encode()].app.cordon == cordon],
+                          now, self.liveness * heartbeat_s, parked=bool(info.get("standby")), cordon=cordon)
+        if link.capacity < 1 or heartbeat_s <= 0:
+            raise ProtocolViolation("READY's capacity or heartbeat_ms is out of range")
+        refusal = self.expected(identity, info) if self.expected is not None else None
+        if refusal:
+            raise ProtocolViolation(f"READY refused: {refusal}")
+        confinement = info.get("confinement")
+        link.confinement = confinement if isinstance(confinement, dict) else {}
         self.links[identity] = link
         if not link.parked:
             self.unpark(link)
@@ -520,11 +562,22 @@ class BrokerCore:
                 service.links.append(link)
 
     def on_replies(self, link: WorkerLink, payload: bytes, now: float) -> None:
+        """A batch of replies, checked whole before any is used: each for a ticket this
+        worker holds, once, with a known status; else nothing of it reaches a client."""
+        records = list(iter_replies(payload))
+        inflight = link.inflight
+        if len({ticket for ticket, *_ in records}) != len(records):
+            raise ProtocolViolation("two replies for one ticket")
+        for ticket, status, _, _ in records:
+            if ticket not in inflight:
+                raise ProtocolViolation(f"a reply for ticket {ticket}, which this worker does not hold")
+            if status not in STATUS_BY_CODE:
+                raise ProtocolViolation(f"a reply with status {status}, which the protocol does not have")
         ledger = self.ledger
-        for ticket, status, fault, body in iter_replies(payload):
-            request = link.inflight.pop(ticket, None)
-            if request is None or ledger.get(ticket) is not request:
-                continue  # already answered (its worker was declared dead)
+        for ticket, status, fault, body in records:
+            request = inflight.pop(ticket)
+            if ledger.get(ticket) is not request:
+                continue  # answered by the broker meanwhile (the end of a drain)
             link.handled += 1
             status = STATUS_BY_CODE[status]
             service = request.service
@@ -551,10 +604,9 @@ class BrokerCore:
             self.finish(request, status, body, now)
 
     def on_retiring(self, link: WorkerLink, payload: bytes, now: float) -> None:
-        try:
-            reason, tickets = protocol.parse_retiring(payload)
-        except (IndexError, struct.error):
-            reason, tickets = "?", []
+        reason, tickets = protocol.parse_retiring(payload)
+        if len(set(tickets)) != len(tickets) or not all(ticket in link.inflight for ticket in tickets):
+            raise ProtocolViolation("RETIRING hands back a ticket this worker does not hold")
         for ticket in reversed(tickets):  # handed back, never started: re-dispatch
             request = link.inflight.pop(ticket, None)
             if request is not None and self.ledger.get(ticket) is request:
@@ -615,6 +667,7 @@ class BrokerCore:
                     known.reaped = True
         link = self.links.pop(identity, None)
         if link is not None:
+            self.forget(identity)
             self.cut(link, cause, now)
         if self.fenced:
             self.unfence()

@@ -158,6 +158,7 @@ class WorkerLink:
     faults: int = 0
     confinement: dict = field(default_factory=dict)   # its READY's word: seccomp, landlock, uid
     host: str = ""         # "" on this host; issue 18's remote workers name theirs
+    cordon: str = "default"   # its READY's word; it serves only its cordon's apps (docs/confinement.md)
     reaped: bool = False   # its process is known to be gone: it can commit nothing more
 
     @property

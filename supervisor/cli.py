@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     scale = with_config(verbs.add_parser("scale", help=control_verbs.summary("scale"), epilog=control_verbs.usage("scale"),
                                       formatter_class=argparse.RawDescriptionHelpFormatter))
+    scale.add_argument("cordon", nargs="?", help="the cordon to scale (default: the default cordon)")
     scale.add_argument("workers", type=int)
     restart = with_config(verbs.add_parser("restart", help=control_verbs.summary("restart"), epilog=control_verbs.usage("restart"),
                                       formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -348,7 +349,8 @@ def state_verb(args: argparse.Namespace) -> int:
 
 def admin_verb(args: argparse.Namespace) -> int:
     if args.verb == "scale":
-        reply = control_request(args, "scale", {"workers": args.workers})
+        reply = control_request(args, "scale", {"workers": args.workers,
+                                                **({"cordon": args.cordon} if args.cordon else {})})
     elif args.verb == "restart":
         reply = control_request(args, "restart", {"slots": args.slots} if args.slots else {})
     else:
@@ -370,7 +372,8 @@ def admin_sentence(verb: str, reply: dict) -> str:
     """What an admin verb did, said in words."""
     if verb == "scale":
         workers = reply["workers"]
-        return f"scaling to {workers} worker{'' if workers == 1 else 's'}"
+        where = f" in cordon {reply['cordon']}" if reply.get("cordon", "default") != "default" else ""
+        return f"scaling to {workers} worker{'' if workers == 1 else 's'}{where}"
     if verb == "restart":
         slots = reply["restarting"]
         return f"restarting the worker{'' if len(slots) == 1 else 's'} in slot{'' if len(slots) == 1 else 's'} " \

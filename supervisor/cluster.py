@@ -99,6 +99,7 @@ class ClusterEndpoint:
         self.spec: dict | None = None
         self.modules: dict[str, bytes] = {}          # sha256 -> module bytes
         self.lost_hosts: set[str] = set()             # logged once until a worker of it joins again
+        self.vouching = b""   # the remote identity being handed to the core, checked against its key
         # The listener's options are copied at bind: CURVE server, our secret, our ZAP domain.
         backend.setsockopt(zmq.CURVE_SERVER, 1)
         backend.setsockopt(zmq.CURVE_SECRETKEY, secret)
@@ -160,7 +161,11 @@ class ClusterEndpoint:
             if claimed != user:
                 self.violation(identity, user, f"READY names host {claimed!r}", now)
                 return
-        self.core.on_worker(identity, payload, now)
+        self.vouching = identity   # checked against its key above: the daemon's `expects` asks
+        try:
+            self.core.on_worker(identity, payload, now)
+        finally:
+            self.vouching = b""
         link = self.core.links.get(identity)
         if link is not None and payload[:1] == W_DISCONNECT:
             # Its goodbye, last on its pipe: no host of ours reaps it, so this is the reap.

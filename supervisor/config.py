@@ -139,6 +139,20 @@ class AppSettings:
     max_state_value_kib: int = 128
     max_state_key_bytes: int = 2048
     allow: tuple[str, ...] | None = None   # CURVE key names that may call it; None: any allowed key
+    cordon: str = "default"   # whose workers, user, cache and state dir serve it (docs/confinement.md)
+
+
+@dataclass(frozen=True)
+class CordonSettings:
+    """[cordons.NAME] (docs/confinement.md): apps that share workers, a user and a state
+    directory with each other and with no other cordon. Unset keys are [supervisor]'s."""
+    name: str
+    workers: int
+    user: str = ""
+    group: str = ""
+
+
+DEFAULT_CORDON = "default"
 
 
 @dataclass(frozen=True)
@@ -152,6 +166,24 @@ class Config:
     security: SecuritySettings = SecuritySettings()
     state: StateSettings = StateSettings()
     cluster: ClusterSettings | None = None
+    cordons: dict[str, CordonSettings] = field(default_factory=dict)   # as configured, without "default"
+
+
+def cordons(config: Config) -> dict[str, CordonSettings]:
+    """The cordons some app names, each with its settings filled in from [supervisor]
+    (the default cordon's are [supervisor]'s own), the default cordon first. A cordon no
+    app names is not here: it spawns no workers."""
+    sup = config.supervisor
+    named = {app.cordon for app in config.apps.values()}
+    found = {}
+    if DEFAULT_CORDON in named:
+        found[DEFAULT_CORDON] = CordonSettings(DEFAULT_CORDON, sup.workers, sup.user, sup.group)
+    for name in sorted(named - {DEFAULT_CORDON}):
+        cordon = config.cordons.get(name) or CordonSettings(name, sup.workers)
+        user = cordon.user if cordon.user or cordon.group else sup.user
+        group = cordon.group if cordon.user or cordon.group else sup.group
+        found[name] = CordonSettings(name, cordon.workers, user, group)
+    return found
 
 
 # Per key: (accepted types, check returning a problem or None).
@@ -244,7 +276,15 @@ _APP_KEYS = {
     "max_state_value_kib": (_INT, _between(0, 1024 * 1024)),
     "max_state_key_bytes": (_INT, _between(1, 65535)),
     "allow": ((list,), None),
+    "cordon": (_STR, None),
 }
+_CORDON_KEYS = {
+    "workers": (_INT, _between(1, 256)),
+    "user": (_STR, _a_path),
+    "group": (_STR, _a_path),
+}
+# Short: a cordon's name is part of its socket's and state directory's paths.
+_CORDON_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,31}$")
 
 _TCP_ENDPOINT = re.compile(r"^tcp://(\*|[A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d+)$")
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -333,7 +373,8 @@ def load(path: str | os.PathLike[str]) -> Config:
 def parse(doc: dict[str, Any], file: Path) -> Config:
     problems: list[str] = []
     reader = _Reader(file, problems)
-    known_tables = ("supervisor", "restart", "logging", "metrics", "security", "state", "cluster", "apps")
+    known_tables = ("supervisor", "restart", "logging", "metrics", "security", "state", "cluster", "apps",
+                    "cordons")
     for name in doc:
         if name not in known_tables:
             reader.problem(f"[{name}]", f"unknown section (known: {', '.join(known_tables)})")
@@ -356,13 +397,7 @@ def parse(doc: dict[str, Any], file: Path) -> Config:
         # Its verbs (scale, restart, reload) are the daemon's owner's: only a file can say who.
         reader.problem("[supervisor] control", "must be an ipc:// endpoint: the control socket is "
                        "owner-only (0600), and a tcp endpoint has no owner")
-    for name, lookup in (("user", pwd.getpwnam), ("group", grp.getgrnam)):
-        value = sup.get(name, "")
-        if value and not value.isdigit():
-            try:
-                lookup(value)
-            except KeyError:
-                reader.problem(f"[supervisor] {name}", f"no such {name}: {value!r}")
+    _check_ids(reader, "supervisor", sup)
     supervisor = SupervisorSettings(**sup)
 
     restart = RestartSettings(**reader.read("restart", reader.table(doc, "restart"), _RESTART_KEYS))
@@ -390,12 +425,52 @@ def parse(doc: dict[str, Any], file: Path) -> Config:
             apps[name] = app
     if not apps and not problems:
         reader.problem("[apps]", "no apps configured: nothing to serve")
+    cordon_settings = _read_cordons(reader, reader.table(doc, "cordons"), supervisor)
+    for app in apps.values():
+        if app.cordon != DEFAULT_CORDON and app.cordon not in cordon_settings:
+            known = ", ".join(repr(n) for n in [DEFAULT_CORDON, *sorted(cordon_settings)])
+            reader.problem(f"[apps.{app.name}] cordon", f"no cordon {app.cordon!r}: add a [cordons.{app.cordon}] "
+                           f"table (known: {known})")
 
     config = Config(path=file, supervisor=supervisor, restart=restart, logging=logging,
-                    metrics=metrics, apps=apps, security=security, state=state, cluster=cluster)
+                    metrics=metrics, apps=apps, security=security, state=state, cluster=cluster,
+                    cordons=cordon_settings)
     if problems:
         raise ConfigError(problems, partial=config)
     return config
+
+
+def _read_cordons(reader: _Reader, tables: dict, sup: SupervisorSettings) -> dict[str, CordonSettings]:
+    """[cordons.NAME] tables: workers, user, group ([supervisor]'s where unset; a user
+    without a group: that user's own group). The default cordon is [supervisor]'s."""
+    found = {}
+    for name, table in tables.items():
+        section = f"cordons.{name}"
+        if name == DEFAULT_CORDON:
+            reader.problem(f"[{section}]", "the default cordon is set in [supervisor] (workers, user, group)")
+            continue
+        if not _CORDON_NAME.match(name):
+            reader.problem(f"[{section}]", "cordon names are 1-32 lower-case letters, digits, '_' and '-', "
+                           "starting with a letter or digit")
+            continue
+        if not isinstance(table, dict):
+            reader.problem(f"[{section}]", "must be a table")
+            continue
+        values = reader.read(section, table, _CORDON_KEYS)
+        _check_ids(reader, section, values)
+        found[name] = CordonSettings(name, values.get("workers", sup.workers), values.get("user", ""),
+                                     values.get("group", ""))
+    return found
+
+
+def _check_ids(reader: _Reader, section: str, values: dict) -> None:
+    for name, lookup in (("user", pwd.getpwnam), ("group", grp.getgrnam)):
+        value = values.get(name, "")
+        if value and not value.isdigit():
+            try:
+                lookup(value)
+            except KeyError:
+                reader.problem(f"[{section}] {name}", f"no such {name}: {value!r}")
 
 
 # A password in a DSN: key/value form (password=..., any spacing) or URI form (://user:secret@).
@@ -583,9 +658,9 @@ def to_toml(doc: dict[str, Any]) -> str:
         return json.dumps(str(v))
     lines = []
     for section, table in doc.items():
-        if section == "apps":
+        if section in ("apps", "cordons"):
             for name, app in table.items():
-                lines.append(f"[apps.{json.dumps(name) if '.' in name else name}]")
+                lines.append(f"[{section}.{json.dumps(name) if '.' in name else name}]")
                 lines += [f"{k} = {value(v)}" for k, v in app.items()]
         elif table:
             lines.append(f"[{section}]")

@@ -35,12 +35,13 @@ from pathlib import Path
 import zmq
 
 from corral import config as config_module
-from corral import paths
+from corral import cordons, paths
 from corral.alarms import AlarmRunner
 from corral.wire import frames, logs
 from corral.broker import Broker
 from corral.broker_ledger import Event
-from corral.config import AppSettings, Config, ConfigError
+from corral.config import DEFAULT_CORDON, AppSettings, Config, ConfigError
+from corral.cordons import Cordon, SlotPlan
 from corral.control import Control
 from corral.frontend_watch import FrontendWatch
 from corral.metrics import MetricsServer
@@ -50,7 +51,7 @@ from corral.snapshot import Board, Facts, Snapshot, take as take_snapshot
 from corral.verbs import Arbiter
 from corral.wire.tuning import quiet_garbage_collector
 from corral.pool import (STANDBY_BASE, Pool, WorkerProcess, WorkerState, confinement_refused, describe_exit,
-                             kill_stale_workers)
+                             is_standby, kill_stale_workers)
 from corral.workers import state
 from corral.workers.spec import AppSpec, CheckRequest, WorkerSpec, resolve
 from corral.wire.exits import EX_CONFIG, EX_NOPERM, EX_SOFTWARE, EX_UNAVAILABLE, UntestedWasmtime
@@ -87,6 +88,7 @@ class Daemon:
         self.reload_warnings: list[str] = []   # told to whoever asked for the reload, when it is over
         self.board = Board(self.wake)          # the Snapshot the metrics thread reads
         self.run_id = os.urandom(8).hex()   # names this run's tokens and fences in a shared store
+        self.slot_plan = SlotPlan()            # each cordon's slots (docs/confinement.md)
 
     # --- start -------------------------------------------------------------
 
@@ -133,6 +135,7 @@ class Daemon:
             return EX_UNAVAILABLE
         self.hand_run_dir_to_worker_user(config)
         self.alarms = self.broker.core.alarms = AlarmRunner(self.log)
+        self.broker.core.expected = self.expects
         self.load_alarms(config)
         for warning in config_module.warnings(config):
             self.log.warning("config.warning", problem=warning)
@@ -140,9 +143,10 @@ class Daemon:
         self.install_signals()
         self.log.info("daemon.started", pid=os.getpid(), config=str(self.config_path), frames=frames.IMPLEMENTATION,
                       frontend=list(config.supervisor.frontend),
-                      control=config.supervisor.control, workers=config.supervisor.workers,
-                      apps=sorted(config.apps))
-        self.pool.fill(range(config.supervisor.workers))
+                      control=config.supervisor.control,
+                      workers={c.name: c.workers for c in self.cordons()}, apps=sorted(config.apps))
+        for cordon in self.cordons():
+            self.pool.fill(cordon.slots)
         self.pool.fill(self.standby_slots())
         quiet_garbage_collector()
         if config.supervisor.workers == 0:   # a broker for remote hosts only: READY once bound
@@ -167,9 +171,13 @@ class Daemon:
         apps = [AppSpec(app.name, str(app.module), "", app.instances, app.timeout_ms, app.max_memory_mib,
                         app.on_abort, app.state_durability, app.max_state_mib, app.max_state_value_kib,
                         app.max_state_key_bytes) for app in config.apps.values()]
-        request = CheckRequest(str(self.cache_dir), sup.max_open_files, sup.max_address_space_mib,
-                               sup.user, sup.group, apps, confinement=sup.confinement)
-        results = run_check(request)
+        results = []
+        for cordon in config_module.cordons(config).values():   # each into its own cache, as its user
+            cache = paths.private_dir(cordons.cache_dir(self.cache_dir, cordon.name))
+            request = CheckRequest(str(cache), sup.max_open_files, sup.max_address_space_mib, cordon.user,
+                                   cordon.group, [a for a in apps if config.apps[a.name].cordon == cordon.name],
+                                   confinement=sup.confinement)
+            results += run_check(request)
         by_name = {app.name: app for app in apps}
         problems = [f"{config.path}: [apps.{r['name']}] module: {r['problem']}" for r in results if "problem" in r]
         for r in results:
@@ -184,6 +192,12 @@ class Daemon:
     def state_dir(self, config: Config) -> Path:
         return paths.state_dir(config.supervisor.state_dir, self.cache_dir)
 
+    def state_path(self, config: Config, service: str) -> Path:
+        """A service's sqlite file, in its cordon's directory (docs/confinement.md)."""
+        app = config.apps.get(service)
+        folder = cordons.state_dir(self.state_dir(config), app.cordon if app else DEFAULT_CORDON)
+        return state.database_path(folder, service)
+
     def check_state_file(self, config: Config, app: AppSettings, mode: str) -> str | None:
         """A state file that cannot be served is a config problem: named now, not a crash loop later.
 
@@ -195,19 +209,43 @@ class Daemon:
         if config.state.backend == "postgresql":   # one shared database (docs/cluster.md)
             from corral.workers import state_pg
             return state_pg.prepare(config.state.dsn) if mode != "check" else None
-        folder = self.state_dir(config)
-        path = state.database_path(folder, app.name)
+        root = self.state_dir(config)
+        path = self.state_path(config, app.name)
         try:
             if mode != "check":
-                paths.private_dir(folder)
+                # Ours, and others may only pass through it to their own cordon's directory.
+                paths.private_dir(root)
+                os.chmod(root, 0o711)
+                elsewhere = self.state_elsewhere(root, app, mode)
+                if elsewhere:
+                    return elsewhere
             state.check_file(path, create=mode != "check", prune_tokens=mode == "start")
-            sup = config.supervisor
-            if mode != "check" and os.getuid() == 0 and (sup.user or sup.group):
-                uid, gid = resolve(sup.user, sup.group)
-                for item in [folder] + [p for p in folder.glob(f"{app.name}.sqlite3*")]:
-                    os.chown(item, uid, gid)
+            if mode != "check":
+                cordon = config_module.cordons(config)[app.cordon]
+                ids = resolve(cordon.user, cordon.group) if os.getuid() == 0 else None
+                cordons.own(path.parent, app.name, ids)
         except (state.StateProblem, OSError) as exc:
             return f"durable state: {exc}"
+        return None
+
+    def state_elsewhere(self, root: Path, app: AppSettings, mode: str) -> str | None:
+        """A service's state file found outside its cordon's directory (from before cordons,
+        or its app moved cordon): moved in at start-up; on a reload, another cordon's workers
+        still hold it, so the move waits for a restart, and the reload is refused."""
+        others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != app.cordon)
+        if mode == "start":
+            came_from = cordons.adopt_state_file(root, app.cordon, app.name, others)
+            if came_from:
+                self.log.warning("state.moved", service=app.name, cordon=app.cordon, came_from=came_from)
+            return None
+        name = state.database_path(root, app.name).name
+        if (cordons.state_dir(root, app.cordon) / name).exists():
+            return None
+        for other in others:
+            if (cordons.state_dir(root, other) / name).exists():
+                return (f"durable state: its file is in cordon {other!r}'s directory, whose workers hold it: "
+                        f"moving an app with durable state to cordon {app.cordon!r} takes a restart "
+                        f"(the file moves with it then)")
         return None
 
     def load_alarms(self, config: Config) -> None:
@@ -225,48 +263,71 @@ class Daemon:
         if config.state.backend == "postgresql":
             from corral.workers import state_pg
             return state_pg.read_alarms(config.state.dsn, service)
-        return state.read_alarms(state.database_path(self.state_dir(config), service))
+        return state.read_alarms(self.state_path(config, service))
 
     def read_alarm(self, service: str, scope: bytes) -> int | None:
         """One scope's alarm from its service's store (read-only); raise what the store raises."""
         if self.config.state.backend == "postgresql":
             from corral.workers import state_pg
             return state_pg.read_alarm(self.config.state.dsn, service, scope)
-        return state.read_alarm(state.database_path(self.state_dir(self.config), service), scope)
+        return state.read_alarm(self.state_path(self.config, service), scope)
 
     def hand_run_dir_to_worker_user(self, config: Config) -> None:
-        """Workers that drop to `user` must still reach the backend socket."""
-        sup = config.supervisor
-        if os.getuid() != 0 or not (sup.user or sup.group):
-            if sup.user or sup.group:
+        """Workers that drop to their cordon's user must still reach the backend socket: each
+        cordon through a file of its own (cordons.backend_socket), its user's and 0600, so no
+        cordon's user can use, or replace, another's. The run directory stays ours."""
+        users = any(c.user or c.group for c in self.cordons(config))
+        if os.getuid() != 0:
+            if users:
                 self.log.warning("daemon.not_root", detail="user/group ignored: not started as root")
             return
-        uid, gid = resolve(sup.user, sup.group)
-        os.chown(self.run_dir, uid, gid)
-        os.chown(self.run_dir / "workers.sock", uid, gid)
-        # Let the user through the runtime directory (search only, no listing).
-        runtime = self.run_dir.parent
-        os.chmod(runtime, runtime.stat().st_mode & 0o777 | 0o011)
+        for cordon in self.cordons(config):
+            path = cordons.backend_socket(self.run_dir, cordon.name, separate=True)
+            if not path.exists():
+                self.broker.backend.bind(f"ipc://{path}")
+            os.chown(path, *resolve(cordon.user, cordon.group))
+            os.chmod(path, 0o600)
+        if users:
+            # Let the users through the runtime and run directories (search only, no listing).
+            for folder in (self.run_dir.parent, self.run_dir):
+                os.chmod(folder, folder.stat().st_mode & 0o777 | 0o011)
+
+    def cordons(self, config: Config | None = None) -> list[Cordon]:
+        """The cordons some app names, with their slots (docs/confinement.md)."""
+        return self.slot_plan.place(config_module.cordons(config or self.config))
+
+    def serving_slots(self) -> list[int]:
+        """Every cordon's serving slots (not the standbys)."""
+        return [slot for cordon in self.cordons() for slot in cordon.slots]
 
     def use_config(self, config: Config, apps: list[AppSpec]) -> None:
         self.config = config
         self.config_generation += 1
         sup = config.supervisor
-        spec = WorkerSpec(backend=f"ipc://{self.run_dir / 'workers.sock'}",
-                          config_generation=self.config_generation, heartbeat_ms=sup.heartbeat_ms,
-                          capacity=sup.pipeline, restart_intensity=config.restart.intensity,
-                          restart_period_s=config.restart.period_s, log_level=config.logging.level,
-                          log_format=config.logging.format, cache_dir=str(self.cache_dir),
-                          max_open_files=sup.max_open_files,
-                          max_address_space_mib=sup.max_address_space_mib, user=sup.user, group=sup.group,
-                          state_dir=str(self.state_dir(config)), state_backend=config.state.backend,
-                          state_dsn=config.state.dsn, run_id=self.run_id, confinement=sup.confinement, apps=apps)
-        spec_path = self.run_dir / f"spec-{self.config_generation}.json"
-        spec.dump(spec_path)
-        if self.broker.cluster is not None:   # what joining hosts are sent (docs/cluster.md)
-            self.broker.cluster.use_spec(spec)
+        specs = {}
+        for cordon in self.cordons(config):   # one spec per cordon: its apps, user, cache and state
+            backend = cordons.backend_socket(self.run_dir, cordon.name, separate=os.getuid() == 0)
+            spec = WorkerSpec(backend=f"ipc://{backend}",
+                              config_generation=self.config_generation, heartbeat_ms=sup.heartbeat_ms,
+                              capacity=sup.pipeline, restart_intensity=config.restart.intensity,
+                              restart_period_s=config.restart.period_s, log_level=config.logging.level,
+                              log_format=config.logging.format,
+                              cache_dir=str(cordons.cache_dir(self.cache_dir, cordon.name)),
+                              max_open_files=sup.max_open_files,
+                              max_address_space_mib=sup.max_address_space_mib, user=cordon.user, group=cordon.group,
+                              state_dir=str(cordons.state_dir(self.state_dir(config), cordon.name)),
+                              state_backend=config.state.backend, state_dsn=config.state.dsn, run_id=self.run_id,
+                              confinement=sup.confinement, cordon=cordon.name,
+                              apps=[app for app in apps if config.apps[app.name].cordon == cordon.name])
+            specs[cordon.name] = self.run_dir / f"spec-{self.config_generation}.{cordon.name}.json"
+            spec.dump(specs[cordon.name])
+        self.pool.cordon_specs = specs
+        self.pool.cordon_of = self.slot_plan.cordon_of
+        self.pool.use_spec(specs.get(DEFAULT_CORDON) or next(iter(specs.values())), self.config_generation,
+                           sup.max_requests, sup.max_requests_jitter)
+        if self.broker.cluster is not None:   # what joining hosts are sent: every app (docs/cluster.md)
+            self.broker.cluster.use_spec(replace(spec, apps=apps, cordon=DEFAULT_CORDON))
             self.broker.fence.use(config.state.dsn if config.state.backend == "postgresql" else "", self.run_id)
-        self.pool.use_spec(spec_path, self.config_generation, sup.max_requests, sup.max_requests_jitter)
 
     def install_signals(self) -> None:
         self.wakeup_read, wakeup_write = socket.socketpair()
@@ -375,8 +436,8 @@ class Daemon:
         """The worker no longer serves its slot: promote a standby into it, or respawn one."""
         slot = worker.slot
         sup = self.config.supervisor
-        wanted = not self.stopping and (slot < sup.workers or STANDBY_BASE <= slot < STANDBY_BASE + sup.standby)
-        serving = self.pool.slots.get(slot) is worker and slot < STANDBY_BASE
+        wanted = not self.stopping and (slot in self.serving_slots() or slot in self.standby_slots())
+        serving = self.pool.slots.get(slot) is worker and slot < STANDBY_BASE   # the default cordon's
         self.rollout.gone(worker)
         self.pool.vacate(worker, respawn=wanted)
         if serving and wanted and self.rollout.may_promote(slot):
@@ -403,6 +464,18 @@ class Daemon:
                 self.pool.kill(worker, detail[0], kind=detail[0].replace(" ", "_"))
                 self.vacate(worker)
 
+    def expects(self, identity: bytes, ready: dict) -> str | None:
+        """The broker's question on a READY: is it a worker this daemon started? None if so,
+        else why not (a protocol violation: docs/worker-protocol.md)."""
+        if self.broker.cluster is not None and identity == self.broker.cluster.vouching:
+            return None   # a remote host's worker: its identity was checked against its CURVE key
+        worker = self.pool.by_identity(identity)
+        if worker is None:
+            return "no worker of this daemon has that identity"
+        if ready.get("pid") != worker.pid:
+            return f"pid {str(ready.get('pid'))[:20]} is not that of worker {worker.name} ({worker.pid})"
+        return None
+
     def worker_ready(self, worker: WorkerProcess, link) -> None:
         if worker.state is WorkerState.STOPPING:
             self.broker.retire(worker.identity)  # told to leave before it could hear it
@@ -418,11 +491,15 @@ class Daemon:
             if step.old is not None:
                 self.release(step.old, "replaced")
             self.roll_next()
-        if not self.announced_ready and self.pool.all_ready(self.config.supervisor.workers):
+        if not self.announced_ready and self.all_ready():
             self.announced_ready = True
             self.notifier.ready(self.status_line())
-            self.log.info("daemon.ready", workers=self.config.supervisor.workers,
+            self.log.info("daemon.ready", workers=len(self.serving_slots()),
                           startup_ms=int((time.monotonic() - self.started) * 1000))
+
+    def all_ready(self) -> bool:
+        return all((w := self.pool.slots.get(s)) is not None and w.state is WorkerState.READY
+                   and w.config_generation == self.config_generation for s in self.serving_slots())
 
     def release(self, worker: WorkerProcess, cause: str) -> None:
         """Ask a worker to finish what it holds and leave (killed if it lingers)."""
@@ -542,16 +619,15 @@ class Daemon:
                                             f"changed, but takes effect only on a restart")
         self.pool.backoff_initial_s = config.restart.backoff_initial_ms / 1000
         self.pool.backoff_max_s = config.restart.backoff_max_ms / 1000
-        if (config.supervisor.user, config.supervisor.group) != (self.config.supervisor.user,
-                                                                 self.config.supervisor.group):
-            self.hand_run_dir_to_worker_user(config)
+        self.hand_run_dir_to_worker_user(config)   # a new cordon's socket, a changed user
         logs.configure(config.logging.level, config.logging.format)
         self.use_config(config, apps)
         self.broker.configure(config)
         self.frontend_watch.use(config.supervisor.max_message_kib)
         self.load_alarms(config)
-        self.scale(config.supervisor.workers, quiet=True)
-        for slot in [s for s in self.pool.slots if s >= STANDBY_BASE and s not in self.standby_slots()]:
+        for name in list(self.slot_plan.bases):   # cordons no app names any more go to 0
+            self.resize(name)
+        for slot in [s for s in self.pool.slots if is_standby(s) and s not in self.standby_slots()]:
             worker = self.pool.slots.get(slot)
             self.pool.remove_slot(slot)
             for leaving in (worker, self.rollout.drop(slot)):
@@ -561,7 +637,7 @@ class Daemon:
         # Only now: roll_next() ends the reload (READY=1) when nothing is left to roll. A slot
         # whose worker already runs this config (just spawned by scale() or fill()) has nothing
         # to roll: queued all the same, it was replaced once its worker was ready before its turn.
-        slots = list(range(config.supervisor.workers)) + list(self.standby_slots())
+        slots = self.serving_slots() + list(self.standby_slots())
         self.rollout.reload([slot for slot in slots if not self.on_current_config(self.pool.slots.get(slot))])
         self.roll_next()
 
@@ -596,12 +672,37 @@ class Daemon:
         return None
 
     def standby_slots(self) -> range:
+        """The default cordon's standbys; none when no app is in the default cordon."""
+        if DEFAULT_CORDON not in config_module.cordons(self.config):
+            return range(0)
         return range(STANDBY_BASE, STANDBY_BASE + self.config.supervisor.standby)
 
-    def scale(self, workers: int, quiet: bool = False) -> dict:
-        old = max(self.pool.serving_slots() + [-1]) + 1
-        self.config = _with_workers(self.config, workers)
-        scaling = self.rollout.scale(old, workers)
+    def scale(self, workers: int, cordon: str = DEFAULT_CORDON) -> dict:
+        """`corral scale [CORDON] N`: the default cordon's count is [supervisor] workers."""
+        if cordon == DEFAULT_CORDON:
+            self.config = _with_workers(self.config, workers)
+        elif cordon in self.config.cordons:
+            self.config = replace(self.config, cordons={**self.config.cordons,
+                                                        cordon: replace(self.config.cordons[cordon], workers=workers)})
+        else:
+            known = ", ".join([DEFAULT_CORDON, *sorted(self.config.cordons)])
+            return {"ok": False, "error": f"no cordon {cordon!r} (cordons: {known})"}
+        old = self.resize(cordon)
+        self.log.info("daemon.scaled", cordon=cordon, workers=workers, before=old)
+        answer = {"ok": True, "workers": workers, "cordon": cordon}
+        if cordon not in config_module.cordons(self.config):
+            answer["warning"] = f"no app is in cordon {cordon!r}: it spawns no workers"
+        return answer
+
+    def resize(self, name: str) -> int:
+        """Give a cordon the workers its config asks for (0 when no app names it any more):
+        fill its new slots, let the workers of its removed ones go. Returns the count before."""
+        base = self.slot_plan.bases[name]
+        cordon = next((c for c in self.cordons() if c.name == name), None)
+        target = cordon.workers if cordon is not None else 0
+        block = range(base, STANDBY_BASE if base == 0 else base + cordons.CORDON_STRIDE)
+        old = max([s - base for s in self.pool.serving_slots() if s in block] + [-1]) + 1
+        scaling = self.rollout.scale(old, target, base)
         for slot in scaling.removed:
             worker = self.pool.slots.get(slot)
             self.pool.remove_slot(slot)
@@ -609,11 +710,9 @@ class Daemon:
                 self.release(worker, "scaled down")
         if scaling.release is not None:
             self.release(scaling.release, "scaled down")
-        self.pool.fill(range(workers))
+        self.pool.fill(range(base, base + target))
         self.roll_next()
-        if not quiet:
-            self.log.info("daemon.scaled", workers=workers, before=old)
-        return {"ok": True, "workers": workers}
+        return old
 
     def restart_slots(self, slots: list[int]) -> dict:
         """Replace the workers of `slots` one at a time: a new one first, then the old leaves."""
@@ -698,7 +797,7 @@ class Daemon:
     def snapshot(self, measure: bool = False, stored: bool = False) -> Snapshot:
         facts = Facts(self.started, str(self.config_path), self.config_generation,
                       "stopping" if self.stopping else "reloading" if self.reloading else "running",
-                      self.config.supervisor.workers)
+                      len(self.serving_slots()))
         return take_snapshot(self.broker.core, self.pool, facts, measure=measure,
                              state_stats=self.state_stats if stored else None, alarm_counts=self.alarms.counts)
 
@@ -720,7 +819,7 @@ class Daemon:
         if self.config.state.backend == "postgresql":
             from corral.workers import state_pg
             return state_pg.read_stats(self.config.state.dsn, service) or None
-        return state.read_stats(state.database_path(self.state_dir(self.config), service)) or None
+        return state.read_stats(self.state_path(self.config, service)) or None
 
 
 def run_check(request: CheckRequest) -> list[dict]:

@@ -33,6 +33,11 @@ import psutil
 from corral.wire.protocol import worker_identity
 
 STANDBY_BASE = 1000
+STANDBY_END = 2000   # beyond: other cordons' serving slots (corral.cordons)
+
+
+def is_standby(slot: int) -> bool:
+    return STANDBY_BASE <= slot < STANDBY_END
 # Set in every worker's environment: the run directory of the daemon that started it.
 WORKER_MARKER = "CORRAL_WORKER_OF"
 # A promoted standby's spare is started this much later: a starting worker takes
@@ -62,6 +67,7 @@ class WorkerProcess:
     exit_kind: str = "crashed"     # for metrics: why it exited, in one word
     psutil: psutil.Process | None = None
     home: int = -1                 # the slot it was spawned for: part of its routing id
+    cordon: str = "default"        # whose apps it serves (docs/confinement.md)
 
     def __post_init__(self) -> None:
         if self.home < 0:
@@ -69,7 +75,7 @@ class WorkerProcess:
 
     @property
     def standby(self) -> bool:
-        return self.slot >= STANDBY_BASE
+        return is_standby(self.slot)
 
     @property
     def pid(self) -> int:
@@ -127,6 +133,9 @@ class Pool:
         self.config_generation = 0
         self.max_requests = 0
         self.max_requests_jitter = 0
+        # Cordons (docs/confinement.md): each has its own spec; the daemon says whose a slot is.
+        self.cordon_specs: dict[str, Path] = {}
+        self.cordon_of = lambda slot: "default"
 
     def use_spec(self, spec_path: Path, config_generation: int, max_requests: int, jitter: int) -> None:
         self.spec_path = spec_path
@@ -146,15 +155,17 @@ class Pool:
         # -P: the working directory is not put first on sys.path, so a
         # `corral/` folder there cannot stand in for ours. PYTHONPATH is still
         # honoured, as it is by the daemon itself: whoever sets it is trusted.
-        command = [os.path.abspath(sys.executable), "-P", "-m", "corral.workers", str(self.spec_path),
+        cordon = self.cordon_of(slot)
+        spec_path = self.cordon_specs.get(cordon, self.spec_path)
+        command = [os.path.abspath(sys.executable), "-P", "-m", "corral.workers", str(spec_path),
                    "--slot", str(slot),
                    "--generation", str(generation), "--parent", str(os.getpid()),
                    "--max-requests", str(max_requests)]
-        if slot >= STANDBY_BASE:
+        if is_standby(slot):
             command.append("--standby")
         env = {**os.environ, WORKER_MARKER: str(self.spec_path.parent)}
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
-        worker = WorkerProcess(slot, generation, self.config_generation, process, time.monotonic())
+        worker = WorkerProcess(slot, generation, self.config_generation, process, time.monotonic(), cordon=cordon)
         try:
             worker.psutil = psutil.Process(process.pid)
         except psutil.Error:
@@ -162,7 +173,7 @@ class Pool:
         self.processes[process.pid] = worker
         self.slots[slot] = worker
         self.respawn_at.pop(slot, None)
-        self.log.info("worker.spawned", worker=worker.name, pid=worker.pid,
+        self.log.info("worker.spawned", worker=worker.name, pid=worker.pid, cordon=cordon,
                       config_generation=self.config_generation)
         return worker
 
@@ -189,7 +200,7 @@ class Pool:
     def promote(self, slot: int) -> WorkerProcess | None:
         """Move a ready standby worker into the vacant serving `slot`; refill its standby slot."""
         for home, worker in self.slots.items():
-            if home >= STANDBY_BASE and worker is not None and worker.state is WorkerState.READY:
+            if is_standby(home) and worker is not None and worker.state is WorkerState.READY:
                 self.slots[home] = None
                 self.respawn_at[home] = time.monotonic() + STANDBY_REFILL_S
                 worker.slot = slot
@@ -304,7 +315,7 @@ class Pool:
         return over
 
     def serving_slots(self) -> list[int]:
-        return sorted(s for s in self.slots if s < STANDBY_BASE)
+        return sorted(s for s in self.slots if not is_standby(s))
 
     def all_ready(self, slots: int) -> bool:
         return all((w := self.slots.get(s)) is not None and w.state is WorkerState.READY

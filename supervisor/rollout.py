@@ -53,9 +53,10 @@ class Rollout(Generic[W]):
         self.reloading = True
         self.restart(slots)
 
-    def scale(self, before: int, after: int) -> Scaling[W]:
-        """From `before` serving slots to `after`: the slots that go, and what of the step goes with them."""
-        removed = range(after, before)
+    def scale(self, before: int, after: int, base: int = 0) -> Scaling[W]:
+        """From `before` serving slots to `after` (a cordon's, from slot `base`: docs/confinement.md):
+        the slots that go, and what of the step goes with them."""
+        removed = range(base + after, base + before)
         self.queue = deque(s for s in self.queue if s not in removed)
         release = None
         if self.step is not None and self.step.slot in removed:

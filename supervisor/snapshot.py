@@ -43,6 +43,7 @@ class WorkerView:
     seccomp: bool | None = None
     landlock: int | None = None   # the Landlock ABI it applied; 0: none
     uid: int | None = None
+    cordon: str = "default"       # whose apps it serves (docs/confinement.md)
     host: str = ""   # "" on the broker's own host; else the remote host's key name (docs/cluster.md)
 
     def to_json(self) -> dict:
@@ -50,7 +51,7 @@ class WorkerView:
                 "state": self.state, "config_generation": self.config_generation, "requests": self.requests,
                 "in_flight": self.in_flight, "faults": self.faults, "rss_bytes": self.rss_bytes,
                 "cpu_percent": self.cpu_percent, "uptime_s": self.uptime_s, "seccomp": self.seccomp,
-                "landlock": self.landlock, "uid": self.uid, "host": self.host or "local"}
+                "landlock": self.landlock, "uid": self.uid, "cordon": self.cordon, "host": self.host or "local"}
 
     def confined(self) -> str:
         """`corral status`'s column: "seccomp+landlock7", "landlock7", "none", "-" (not ready)."""
@@ -212,13 +213,13 @@ class Snapshot:
                + (", ".join(f"{k}: {v}" for k, v in self.statuses) or "none yet"),
                f"\nworkers ({len(self.workers)} of {self.workers_target} wanted):",
                f"  {'slot':>4} {'gen':>4} {'pid':>8} {'state':<9} {'requests':>9} {'faults':>6} {'rss MiB':>8}"
-               f" {'cpu %':>6} {'uid':>5} {'confined':<20} host"]
+               f" {'cpu %':>6} {'uid':>5} {'cordon':<12} {'confined':<20} host"]
         for w in self.workers:
             rss = f"{w.rss_bytes / 1048576:.1f}" if w.rss_bytes else "-"
             cpu = f"{w.cpu_percent:.0f}" if w.cpu_percent is not None else "-"
             out.append(f"  {w.slot:>4} {w.generation:>4} {w.pid:>8} {w.state:<9} {w.requests:>9} "
-                       f"{w.faults:>6} {rss:>8} {cpu:>6} {'-' if w.uid is None else w.uid:>5} {w.confined():<20} "
-                       f"{w.host or 'local'}")
+                       f"{w.faults:>6} {rss:>8} {cpu:>6} {'-' if w.uid is None else w.uid:>5} {w.cordon:<12} "
+                       f"{w.confined():<20} {w.host or 'local'}")
         out.append("\nservices:")
         out.append(f"  {'name':<20} {'instances':<12} {'circuit':<10} {'queued':>6} {'running':>7} "
                    f"{'dropped':>7}  statuses")
@@ -294,7 +295,7 @@ def take(broker, pool, facts: Facts, *, measure: bool = True, state_stats: State
                                   worker.config_generation, link.handled if link else 0,
                                   len(link.inflight) if link else 0, link.faults if link else 0,
                                   rss, cpu, round(now - worker.started, 3),
-                                  *_confinement(link.confinement if link else {})))
+                                  *_confinement(link.confinement if link else {}), worker.cordon))
     for link in links.values():   # remote workers (docs/cluster.md): their host owns the process
         if getattr(link, "host", ""):
             workers.append(WorkerView(-1, link.identity.decode(errors="replace"), 0, link.pid,

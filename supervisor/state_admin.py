@@ -15,7 +15,7 @@ from base64 import b64decode, b64encode
 from binascii import Error as Base64Error
 from pathlib import Path
 
-from corral import paths
+from corral import cordons, paths
 from corral.workers import state
 
 EXIT_FAILED = 1
@@ -23,6 +23,11 @@ EXIT_FAILED = 1
 
 def state_dir(config) -> Path:
     return paths.state_dir(config.supervisor.state_dir, paths.cache_dir(config.supervisor.cache_dir))
+
+
+def database_path(folder: Path, config, service: str) -> Path:
+    """A service's file, in its cordon's directory (docs/confinement.md)."""
+    return state.database_path(cordons.state_dir(folder, config.apps[service].cordon), service)
 
 
 def add_verbs(verbs, with_config) -> None:
@@ -48,7 +53,7 @@ def run(args: argparse.Namespace, config) -> int:
     if app is None:
         print(f"corral: no service {args.service!r} in {config.path}", file=sys.stderr)
         return EXIT_FAILED
-    path = state.database_path(folder, args.service)
+    path = database_path(folder, config, args.service)
     if args.action == "export":
         return export(path, args.key.encode() if args.key is not None else None)
     return import_lines(path, app.state_durability)
@@ -120,7 +125,7 @@ def backup(folder: Path, config, target: Path) -> int:
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
     copied = 0
     for name in sorted(config.apps):
-        path = state.database_path(folder, name)
+        path = database_path(folder, config, name)
         if not path.is_file():
             continue
         try:

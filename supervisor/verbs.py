@@ -24,7 +24,7 @@ class Arbiter:
     """What a verb may ask of the daemon, and nothing else (the daemon makes one of its methods)."""
     status: Callable[[], dict]                 # the status JSON (corral.snapshot)
     slots: Callable[[], list[int]]             # the slots that exist, standbys included
-    scale: Callable[[int], dict]
+    scale: Callable[[int, str], dict]          # workers, cordon
     restart: Callable[[list[int]], dict]
     reload: Callable[[], "dict | None"]        # None: answered when the reload is over
 
@@ -43,16 +43,19 @@ def status(arbiter: Arbiter, args: dict) -> dict:
 
 
 def scale(arbiter: Arbiter, args: dict) -> dict:
-    """set the number of workers
+    """set the number of workers (of the default cordon, or of one cordon)
 
-    message:  scale {"workers": N}
-    command:  corral scale N
-    reply:    {"ok": true, "workers": N}
+    message:  scale {"workers": N}  or  scale {"workers": N, "cordon": "NAME"}
+    command:  corral scale N  or  corral scale CORDON N
+    reply:    {"ok": true, "workers": N, "cordon": "NAME"}
     """
     workers = args.get("workers")
     if type(workers) is not int or not 1 <= workers <= MAX_WORKERS:
         return {"ok": False, "error": f"scale needs workers: an integer from 1 to {MAX_WORKERS}"}
-    return arbiter.scale(workers)
+    cordon = args.get("cordon", "default")
+    if not isinstance(cordon, str) or not cordon:
+        return {"ok": False, "error": f"scale's cordon is a cordon's name (a string), not {cordon!r}"}
+    return arbiter.scale(workers, cordon)
 
 
 def restart(arbiter: Arbiter, args: dict) -> dict:

@@ -184,6 +184,11 @@ class Daemon:
         self.seen_workers.update(w["pid"] for w in status["workers"])
         return status
 
+    @property
+    def backend(self) -> str:
+        """The workers' endpoint: workers.sock in the daemon's run directory (daemon-<pid>)."""
+        return f"ipc://{Path(self.env['RUNTIME_DIRECTORY']) / f'daemon-{self.process.pid}' / 'workers.sock'}"
+
     def worker_pids(self) -> list[int]:
         return [w["pid"] for w in self.status()["workers"] if w["state"] == "ready"]
 

@@ -23,7 +23,7 @@ class Sqlite:
                            busy_timeout_ms=busy_timeout_ms)
 
     def path(self, daemon, service: str) -> Path:
-        return state.database_path(daemon.root / "state", service) if daemon else self.tmp_path / f"{service}.sqlite3"
+        return state.database_path(daemon.root / "state" / "default", service) if daemon else self.tmp_path / f"{service}.sqlite3"
 
     def rows(self, daemon, service: str) -> dict[tuple[bytes, bytes], bytes]:
         path = self.path(daemon, service)

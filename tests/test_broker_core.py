@@ -19,7 +19,7 @@ import pytest
 from corral import config as config_module
 from corral.broker_core import (DEFAULT_DEADLINE_S, FULL, GONE, GOODBYE_WAIT_S, SENT, BrokerCore)
 from corral.broker_ledger import Event, LocalFence
-from corral.wire.protocol import (MDPC, MDP_REQUEST, NATIVE, REDELIVERED, W_DISCONNECT, W_HEARTBEAT, W_READY,
+from corral.wire.protocol import (MDPC, MDP_REQUEST, NATIVE, REDELIVERED, W_DISCONNECT, W_HEARTBEAT, W_READY, W_RETIRING,
                                   W_REPLY, W_REQUEST, Dialect, iter_request_records, reply_record,
                                   retiring_message)
 
@@ -328,3 +328,184 @@ def test_a_second_ready_from_a_linked_worker_is_a_protocol_violation(tmp_path):
     assert b"w0.1" not in core.links and not core.ledger
     assert transport.statuses() == [(b"r1", 502)] and b"protocol violation" in transport.replies[0][-1]
     assert [e for e, _ in log.events if e == "worker.protocol_violation"]
+
+
+# --- protocol violations: every message from a worker is untrusted ---------------------------
+
+def two_workers(tmp_path, apps=None, services=("echo",)):
+    """w0.1 and w1.1, each holding one request (a's and b's, from clients c-a and c-b)."""
+    core, transport, log = make_core(tmp_path, apps)
+    service = services[0].encode()
+    ready(core, b"w0.1", 0.0, capacity=1, services=services)
+    core.on_client(native(b"a", service=service, body=b"for a", client=b"c-a"), 0.0)
+    core.dispatch(0.0)
+    ready(core, b"w1.1", 0.0, capacity=1, services=services)
+    core.on_client(native(b"b", service=service, body=b"for b", client=b"c-b"), 0.0)
+    core.dispatch(0.0)
+    [a] = [r[0] for r in transport.requests(b"w0.1")]
+    [b] = [r[0] for r in transport.requests(b"w1.1")]
+    core.events.clear()
+    return core, transport, log, a, b
+
+
+def assert_dropped(core, transport, log, identity: bytes, times: int = 1):
+    """`identity` dropped as a protocol violation, logged `times`, its request answered 502 by
+    the broker (never with a worker's bytes)."""
+    assert [(e[0], e[1].identity, e[2]) for e in core.events] == [(Event.SILENT, identity, "protocol violation")]
+    assert identity not in core.links and identity in core.gone
+    violations = [fields for event, fields in log.events if event == "worker.protocol_violation"]
+    assert len(violations) == times and violations[0]["worker"] == identity.decode()
+    return violations[0]
+
+
+def assert_untouched(core, transport, a: int):
+    """w0.1 still holds a's request, and its own reply reaches a's client, once."""
+    assert b"w0.1" in core.links and a in core.links[b"w0.1"].inflight
+    assert [f for f in transport.replies if f[0] == b"c-a"] == []
+    reply(core, b"w0.1", a, 2.0, body=b"a's own")
+    assert [(f[0], f[2], f[3], f[4]) for f in transport.replies if f[0] == b"c-a"] == \
+        [(b"c-a", b"a", b"200", b"a's own")]
+
+
+def test_a_reply_for_another_workers_ticket_drops_the_sender_and_crosses_nothing(tmp_path):
+    core, transport, log, a, b = two_workers(tmp_path)
+    reply(core, b"w1.1", a, 1.0, body=b"forged")
+    assert_dropped(core, transport, log, b"w1.1")
+    assert [(f[0], f[2], f[3]) for f in transport.replies] == [(b"c-b", b"b", b"502")]
+    assert b"forged" not in b"".join(f[-1] for f in transport.replies)
+    assert_untouched(core, transport, a)
+
+
+def test_a_reply_for_an_answered_or_unknown_ticket_is_a_violation(tmp_path):
+    for ticket in ("answered", 10_000, "twice"):
+        core, transport, log, a, b = two_workers(tmp_path)
+        core.on_client(native(b"b2", client=b"c-b"), 0.5)
+        core.links[b"w1.1"].capacity = 2
+        core.dispatch(0.5)
+        [b2] = [r[0] for r in transport.requests(b"w1.1") if r[0] != b]
+        if ticket == "answered":
+            reply(core, b"w1.1", b, 1.0, body=b"first")
+            core.on_worker(b"w1.1", W_REPLY + b"".join(reply_record(b, 200, b"", b"again")), 1.0)
+        elif ticket == "twice":   # one batch, the same ticket twice: nothing of it is used
+            core.on_worker(b"w1.1", W_REPLY + b"".join(reply_record(b, 200, b"", b"first")
+                                                       + reply_record(b, 200, b"", b"again")), 1.0)
+        else:
+            core.on_worker(b"w1.1", W_REPLY + b"".join(reply_record(ticket, 200, b"", b"again")), 1.0)
+        assert_dropped(core, transport, log, b"w1.1")
+        bodies = [(f[2], f[3], f[4]) for f in transport.replies]
+        if ticket == "answered":
+            assert bodies[0] == (b"b", b"200", b"first") and [x[:2] for x in bodies[1:]] == [(b"b2", b"502")]
+        else:
+            assert sorted(x[:2] for x in bodies) == [(b"b", b"502"), (b"b2", b"502")]
+        assert all(x[2] != b"again" for x in bodies)
+        assert_untouched(core, transport, a)
+
+
+@pytest.mark.parametrize("payload", [
+    W_REPLY + b"\x00" * 5,                                                         # a record cut short
+    "truncated body",
+    "unknown status",
+    "good then bad",
+], ids=["short header", "truncated body", "unknown status", "good then bad"])
+def test_a_malformed_reply_record_drops_the_worker_and_no_byte_of_it_reaches_a_client(tmp_path, payload):
+    core, transport, log, a, b = two_workers(tmp_path)
+    if payload == "truncated body":
+        payload = W_REPLY + reply_record(b, 200, b"", b"x" * 100)[0] + b"xyz"
+    elif payload == "unknown status":
+        payload = W_REPLY + b"".join(reply_record(b, 999, b"", b"odd"))
+    elif payload == "good then bad":   # its own ticket first: the whole message is refused
+        payload = W_REPLY + b"".join(reply_record(b, 200, b"", b"fine")) + b"\x01\x02"
+    core.on_worker(b"w1.1", payload, 1.0)
+    violation = assert_dropped(core, transport, log, b"w1.1")
+    assert violation["message"] == payload[:64].hex() and violation["length"] == len(payload)
+    assert [(f[2], f[3]) for f in transport.replies] == [(b"b", b"502")]
+    assert_untouched(core, transport, a)
+
+
+def test_alarms_for_a_service_the_worker_does_not_serve_drop_it_and_change_no_schedule(tmp_path):
+    from corral.alarms import AlarmRunner
+    from corral.wire.protocol import alarms_message
+    core, transport, log, a, b = two_workers(tmp_path, {"echo": {}, "other": {}})
+    core.alarms = AlarmRunner(log)
+    core.on_worker(b"w1.1", alarms_message([(b"echo", b"k", 5), (b"other", b"k", 5)]), 1.0)
+    assert_dropped(core, transport, log, b"w1.1")
+    assert core.alarms.schedule.services == {} and [(f[2], f[3]) for f in transport.replies] == [(b"b", b"502")]
+    assert_untouched(core, transport, a)
+
+
+@pytest.mark.parametrize("payload", [
+    W_RETIRING,                                   # no reason length
+    W_RETIRING + b"\x09abort",                    # a reason cut short
+    retiring_message("abort", []) + b"\x00\x01",  # a ticket cut short
+    "another's ticket",
+    b"\x07\x00\x04echokey",                       # EVICT: the broker's word, never a worker's
+    W_REQUEST,
+    b"\x63",
+    b"",
+], ids=["empty", "short reason", "short ticket", "another's ticket", "evict", "request", "unknown", "nothing"])
+def test_a_retiring_that_does_not_parse_or_a_command_workers_do_not_send_is_a_violation(tmp_path, payload):
+    core, transport, log, a, b = two_workers(tmp_path)
+    if payload == "another's ticket":
+        payload = retiring_message("abort", [a])
+    core.on_worker(b"w1.1", payload, 1.0)
+    assert_dropped(core, transport, log, b"w1.1")
+    assert [(f[2], f[3]) for f in transport.replies] == [(b"b", b"502")]
+    assert_untouched(core, transport, a)
+
+
+def test_anything_but_ready_from_an_unlinked_identity_is_refused_once_and_never_linked(tmp_path):
+    core, transport, log, a, b = two_workers(tmp_path)
+    reply(core, b"rogue", a, 1.0, body=b"forged")        # a live worker's ticket, guessed
+    [(event, stand_in, cause)] = core.events
+    assert (event, stand_in.identity, cause) == (Event.SILENT, b"rogue", "protocol violation")
+    assert b"rogue" not in core.links and transport.replies == []
+    core.events.clear()
+    ready(core, b"rogue", 1.1)                            # then a READY: never linked
+    reply(core, b"rogue", a, 1.2, body=b"forged")
+    assert b"rogue" not in core.links and not core.events
+    assert [e for e, _ in log.events if e == "worker.protocol_violation"] == ["worker.protocol_violation"]
+    assert_untouched(core, transport, a)
+    reply(core, b"w1.1", b, 2.0, body=b"b's own")
+    assert [(f[0], f[4]) for f in transport.replies if f[0] == b"c-b"] == [(b"c-b", b"b's own")]
+
+
+@pytest.mark.parametrize("ready_json", [
+    b"not json", b"[1, 2]", b'{"pid": 1, "capacity": 4}', b'{"pid": 1, "capacity": 0, "services": []}',
+    b'{"pid": 1, "capacity": 4, "services": [1]}', b'{"pid": "x", "capacity": 4, "services": []}',
+    b'{"pid": 1e999, "capacity": 4, "services": []}', b"[" * 100000, b"\xff\xfe",
+], ids=["text", "list", "no services", "no capacity", "services not names", "pid", "pid overflow",
+        "deep", "not utf-8"])
+def test_a_ready_that_does_not_parse_is_a_violation_and_links_nothing(tmp_path, ready_json):
+    core, transport, log, a, b = two_workers(tmp_path)
+    core.on_worker(b"w2.1", W_READY + ready_json, 1.0)
+    [(event, stand_in, cause)] = core.events
+    assert (event, stand_in.identity, cause) == (Event.SILENT, b"w2.1", "protocol violation")
+    assert b"w2.1" not in core.links and b"w2.1" in core.gone and transport.replies == []
+    assert_untouched(core, transport, a)
+
+
+def test_a_ready_the_daemon_does_not_expect_is_refused(tmp_path):
+    """Daemon.expects: only the identities (and pids) of workers it started may link."""
+    core, transport, log = make_core(tmp_path)
+    core.expected = lambda identity, info: None if (identity, info["pid"]) == (b"w0.1", 100) else "not ours"
+    ready(core, b"w9.9", 0.0)
+    assert not core.links and [(e[0], e[1].identity) for e in core.events] == [(Event.SILENT, b"w9.9")]
+    assert "not ours" in log.events[-1][1]["error"]
+    ready(core, b"w0.1", 0.0)
+    assert list(core.links) == [b"w0.1"]
+    core.on_client(native(b"r1"), 0.1)
+    core.dispatch(0.1)
+    assert len(transport.requests(b"w0.1")) == 1 and not transport.requests(b"w9.9")
+
+
+def test_a_gone_workers_late_messages_are_ignored_quietly_and_cross_nothing(tmp_path):
+    """Declared dead (heartbeat lost), it may still be sending: its words no longer count."""
+    core, transport, log, a, b = two_workers(tmp_path)
+    core.worker_gone(b"w1.1", "heartbeat lost", 1.0)
+    assert [(f[2], f[3]) for f in transport.replies] == [(b"b", b"502")]
+    reply(core, b"w1.1", b, 1.1, body=b"late")
+    reply(core, b"w1.1", a, 1.1, body=b"late")
+    ready(core, b"w1.1", 1.2)
+    assert b"w1.1" not in core.links and [(f[2], f[3]) for f in transport.replies] == [(b"b", b"502")]
+    assert not [e for e, _ in log.events if e == "worker.protocol_violation"]
+    assert_untouched(core, transport, a)

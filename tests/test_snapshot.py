@@ -19,7 +19,7 @@ from corral.pool import STANDBY_BASE, WorkerState
 from corral.snapshot import ClientView, Latency, ServiceView, Snapshot, StateView, WorkerView
 
 WORKER_KEYS = {"slot", "identity", "generation", "pid", "state", "config_generation", "requests", "in_flight",
-               "faults", "rss_bytes", "cpu_percent", "uptime_s", "seccomp", "landlock", "uid",
+               "faults", "rss_bytes", "cpu_percent", "uptime_s", "seccomp", "landlock", "uid", "cordon",
                "host"}   # the worker's host: "local", or a remote host's key name (docs/cluster.md)
 SERVICE_KEYS = {"name", "instances", "circuit", "circuit_opened", "queued", "running", "dropped", "quarantined",
                 "statuses"}
@@ -107,7 +107,7 @@ def test_take_copies_the_daemon_into_a_snapshot():
     link = SimpleNamespace(handled=3, inflight={b"t": request}, faults=1,
                            confinement={"seccomp": True, "landlock": 7, "uid": 0})
     worker = SimpleNamespace(slot=0, generation=1, identity=b"w0.1", pid=7, state=WorkerState.READY,
-                             standby=False, config_generation=1, psutil=None, started=0.0)
+                             standby=False, config_generation=1, psutil=None, started=0.0, cordon="default")
     broker = SimpleNamespace(links={b"w0.1": link}, services={b"echo": service}, ledger={1: request, 2: None},
                              dropped_replies=0, rejected=Counter({404: 2}), totals=lambda: Counter({200: 3, 404: 2}),
                              clients=lambda: [])

@@ -230,3 +230,53 @@ def test_a_daemon_started_while_the_store_is_down_serves_once_it_is_up(start_dae
     assert daemon.worker_pids() == workers
     with psycopg.connect(dsn) as connection:
         assert connection.execute("SELECT version FROM corral_schema").fetchone() == (state_pg.SCHEMA_VERSION,)
+
+
+@pytest.fixture
+def tcp_pg_server():
+    """A server of the test's own that listens on loopback TCP as well as on its unix socket."""
+    server = PgServer(listen="127.0.0.1")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.mark.timeout(90)
+def test_confined_workers_reach_postgresql_over_tcp(start_daemon, tcp_pg_server, tmp_path):
+    """A store on another machine is a TCP connection from a confined worker (docs/confinement.md):
+    the seccomp filter lets it open an inet socket and Landlock lets it connect to the store's
+    port (and nothing else), and libpq reads its password file. Without those, the worker
+    died of SIGSYS on its first stateful request."""
+    server = tcp_pg_server
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"127.0.0.1:{server.port}:*:*:unused\n")
+    passfile.chmod(0o600)
+    dsn = server.dsn(server.create_database(), tcp_host="127.0.0.1")
+    daemon = start_daemon({"kv": {"module": KV_OPS, "instances": "keyed"}},
+                          supervisor={"workers": 1, "confinement": "require"},
+                          extra={"state": {"backend": "postgresql", "dsn": dsn}},
+                          env={"PGPASSFILE": str(passfile)})
+    workers = set(daemon.worker_pids())
+    for n in range(1, 4):
+        reply = daemon.call("kv", incr(b"n"), key="k")
+        assert reply.status == 200 and i64(reply.body) == n, reply
+    assert set(daemon.worker_pids()) == workers, "a worker died reaching the store"
+    with psycopg.connect(server.dsn(dsn.split("dbname=")[1].split()[0])) as connection:
+        rows = connection.execute("SELECT count(*) FROM pg_stat_activity WHERE client_addr = '127.0.0.1' "
+                                  "AND application_name = 'corral worker'").fetchone()[0]
+    assert rows >= 1, "the worker's session is not on TCP"
+
+
+def test_reach_names_the_tcp_ports_of_a_dsn_and_none_for_unix_sockets(monkeypatch):
+    for variable in ("PGHOST", "PGHOSTADDR", "PGPORT", "PGUSER", "PGPASSFILE"):
+        monkeypatch.delenv(variable, raising=False)
+    assert state_pg.reach("host=/run/postgresql dbname=corral")[0] == []
+    assert state_pg.reach("dbname=corral")[0] == []                            # libpq's default: a socket
+    assert state_pg.reach("host=db1,db2 port=6432 dbname=corral")[0] == [6432]
+    assert state_pg.reach("hostaddr=10.0.0.5 dbname=corral")[0] == [5432]
+    monkeypatch.setenv("PGHOST", "db.internal")
+    ports, reads = state_pg.reach("dbname=corral")
+    assert ports == [5432] and "/etc/resolv.conf" in reads
+    assert os.environ["PGUSER"] and os.environ["PGPASSFILE"] in reads   # libpq need not ask the passwd file

@@ -27,8 +27,8 @@ class Recorder:
         self.calls.append(("status",))
         return {"pid": 1}
 
-    def scale(self, workers):
-        self.calls.append(("scale", workers))
+    def scale(self, workers, cordon):
+        self.calls.append(("scale", workers) if cordon == "default" else ("scale", workers, cordon))
         return {"ok": True, "workers": workers}
 
     def slots(self):
@@ -78,6 +78,16 @@ def test_scale_refuses_what_is_not_a_worker_count(workers):
     reply = verbs.scale(daemon, {"workers": workers})
     assert reply == {"ok": False, "error": "scale needs workers: an integer from 1 to 256"}
     assert daemon.calls == []
+
+
+def test_scale_takes_a_cordon_by_name_and_the_default_cordon_without_one():
+    daemon = Recorder()
+    assert verbs.scale(daemon, {"workers": 2, "cordon": "billing"}) == {"ok": True, "workers": 2}
+    assert verbs.scale(daemon, {"workers": 3}) == {"ok": True, "workers": 3}
+    for wrong in ("", 3, None, ["billing"]):
+        assert verbs.scale(daemon, {"workers": 2, "cordon": wrong}) == {
+            "ok": False, "error": f"scale's cordon is a cordon's name (a string), not {wrong!r}"}
+    assert daemon.calls == [("scale", 2, "billing"), ("scale", 3)]
 
 
 def test_restart_takes_every_slot_by_default_and_only_slots_that_exist():

@@ -84,27 +84,16 @@ def worker_plan(spec, ids: tuple[int, int] | None):
     from corral.workers import confine
     reads = confine.python_reads() + [app.module for app in spec.apps] + [app.artifact for app in spec.apps]
     writes = [spec.cache_dir] + ([spec.state_dir] if spec.state_dir else [])
-    families = (socket.AF_UNIX,) if spec.backend.startswith("ipc://") else \
-        (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
-    ports = confine.endpoint_ports(spec.backend) + dsn_ports(spec.state_dsn)
-    return confine.Plan(reads=tuple(reads), writes=tuple(writes), tcp_ports=tuple(ports),
+    tcp_ports = confine.endpoint_ports(spec.backend)
+    if spec.state_backend == "postgresql":   # a store on another machine is a TCP connection
+        from corral.workers import state_pg
+        store_ports, store_reads = state_pg.reach(spec.state_dsn, ids[0] if ids else None)
+        tcp_ports += store_ports
+        reads += store_reads
+    families = (socket.AF_UNIX,) if not tcp_ports else (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
+    return confine.Plan(reads=tuple(reads), writes=tuple(writes), tcp_ports=tuple(tcp_ports),
                         families=families, become=ids)
 
-
-def dsn_ports(dsn: str) -> list[int]:
-    """The TCP ports a libpq DSN may connect to (a worker's Landlock lets it reach them):
-    `port=` of the key/value form (several, comma-separated, for several hosts), the URI's
-    ports, or PostgreSQL's 5432."""
-    import re
-    if not dsn:
-        return []
-    if "://" in dsn:   # postgresql://user@host:port,host:port/db
-        hosts = dsn.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
-        found = re.findall(r":([0-9]+)", hosts)
-    else:
-        found = re.findall(r"(?:^|\s)port\s*=\s*'?([0-9,]+)", dsn)
-    ports = [int(p) for group in found for p in group.split(",") if p]
-    return ports or [5432]
 
 
 if __name__ == "__main__":

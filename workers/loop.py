@@ -103,7 +103,7 @@ class WorkerLoop:
         self.send(W_READY + encode_json({"pid": os.getpid(), "capacity": self.spec.capacity,
                                          "services": [g.decode() for g in self.host.guests],
                                          "standby": self.standby, "heartbeat_ms": self.spec.heartbeat_ms,
-                                         "confinement": self.confinement,
+                                         "confinement": self.confinement, "cordon": self.spec.cordon,
                                          **({"host": self.spec.host} if self.spec.host else {})}))
         while True:
             if not self.jobs:

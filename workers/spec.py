@@ -8,6 +8,7 @@ command line, so every worker of a generation shares the file.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class WorkerSpec:
     run_id: str = ""      # the broker's run: its tokens and its fences are named by it
     apps: list[AppSpec] = field(default_factory=list)
     confinement: str = "off"   # "require" | "best-effort" | "off" (docs/confinement.md)
+    cordon: str = "default"    # its apps' cordon: cache_dir and state_dir are that cordon's
     # A remote host's worker (docs/cluster.md): its host's name, the prefix of its routing id
     # ("NAME:RUN/"), and CURVE (z85): the broker's public key, the host's pair.
     host: str = ""
@@ -57,7 +59,10 @@ class WorkerSpec:
     curve_secret_key: str = ""
 
     def dump(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=1))
+        # Read by the worker before it drops to its user: no other user needs it.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as stream:
+            stream.write(json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "WorkerSpec":

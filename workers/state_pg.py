@@ -32,6 +32,7 @@ workers/state.py does not.
 
 from __future__ import annotations
 
+import os
 import time
 
 import psycopg
@@ -138,6 +139,47 @@ def reachable(dsn: str) -> str | None:
     except (psycopg.Error, SchemaProblem) as exc:
         return str(exc).strip()
     return None
+
+
+# What libpq may read to resolve a host name and to find its password (docs/confinement.md).
+_RESOLVER_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/host.conf", "/etc/gai.conf",
+                   "/etc/ssl")
+
+
+def reach(dsn: str, uid: int | None = None) -> tuple[list[int], list[str]]:
+    """Before a worker confines itself: what it needs to reach this store, the TCP ports it
+    connects to (none when every host is a unix-socket folder, libpq's default) and the files
+    libpq reads (the password file, the resolver's, CA certificates). The DSN's settings
+    first, then libpq's environment variables, as libpq itself does.
+
+    It also names the user (PGUSER) and the password file (PGPASSFILE) in the environment
+    unless they are set: libpq would look the process's user up in the passwd database at
+    each connect, which a confined worker cannot read (and nss-systemd, for a systemd
+    DynamicUser, would load libcap, whose first prctl the seccomp filter forbids). `uid`: the
+    user the worker drops to (None: its own)."""
+    import pwd
+    values = conninfo.conninfo_to_dict(dsn)
+
+    def setting(name: str, variable: str, default: str = "") -> str:
+        return str(values.get(name) or os.environ.get(variable) or default)
+
+    try:
+        account = pwd.getpwuid(os.getuid() if uid is None else uid)
+        name, home = account.pw_name, account.pw_dir
+    except KeyError:   # a uid without a name: libpq would fail the same way
+        name, home = str(os.getuid() if uid is None else uid), "/nonexistent"
+    # Whatever the DSN says: psycopg asks libpq for its defaults too (PQconndefaults), and the
+    # DSN's own settings win over these.
+    os.environ.setdefault("PGUSER", name)
+    os.environ.setdefault("PGPASSFILE", os.path.join(home, ".pgpass"))
+    hosts = [h for h in setting("host", "PGHOST").split(",") if h]
+    addresses = [a for a in setting("hostaddr", "PGHOSTADDR").split(",") if a]
+    reads = [setting("passfile", "PGPASSFILE"), os.path.join(home, ".pg_service.conf"),
+             os.path.join(home, ".postgresql")]
+    if not addresses and not any(not h.startswith("/") and not h.startswith("@") for h in hosts):
+        return [], reads
+    ports = sorted({int(p) for p in setting("port", "PGPORT", "5432").split(",") if p.strip().isdigit()})
+    return ports, reads + list(_RESOLVER_FILES)
 
 
 def describe(dsn: str) -> str:

@@ -297,6 +297,8 @@ def iter_replies(payload: bytes):
     while at < end:
         ticket, status, fault_len, body_len = unpack(payload, at)
         at += size
+        if at + fault_len + body_len > end:
+            raise ValueError("truncated W_REPLY record")
         fault = payload[at:at + fault_len]
         at += fault_len
         yield ticket, status, fault, payload[at:at + body_len]
@@ -341,7 +343,10 @@ def retiring_message(reason: str, tickets: list[int]) -> bytes:
 
 
 def parse_retiring(payload: bytes) -> tuple[str, list[int]]:
+    """(reason, tickets handed back); ValueError (or struct.error) when it does not parse."""
     length = payload[1]
+    if len(payload) < 2 + length:
+        raise ValueError("truncated W_RETIRING reason")
     reason = payload[2:2 + length].decode(errors="replace")
     return reason, [t for (t,) in _TICKETS.iter_unpack(payload[2 + length:])]
 
