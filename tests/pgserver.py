@@ -86,8 +86,13 @@ class PgServer:
 
     def sql(self, statement: str, dbname: str = "postgres") -> str:
         """Run one statement with psql; its unaligned output."""
-        return self.run("psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir),
-                        "-p", str(self.port), "-d", dbname, "-c", statement).stdout
+        done = self.run("psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir),
+                        "-p", str(self.port), "-d", dbname, "-c", statement, check=False)
+        if done.returncode:   # say why (the server's words), not only psql's exit status
+            tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"psql {statement!r}: exit {done.returncode}: {done.stderr.strip()}\n"
+                               f"server log (end):\n{tail}")
+        return done.stdout
 
     def destroy(self) -> None:
         try:

@@ -414,7 +414,7 @@ def test_next_daemon_cleans_up_after_a_sigkilled_one(start_daemon):
     runtime = first.root / "run"
     first_pid = first.process.pid
     stale_dir = runtime / f"daemon-{first_pid}"
-    assert stale_dir.is_dir() and (stale_dir / "spec-1.json").is_file()
+    assert stale_dir.is_dir() and (stale_dir / "spec-1.default.json").is_file()
     worker = psutil.Process(first.status()["workers"][0]["pid"])
     first.process.kill()
     first.process.wait(10)   # reaped: the pid no longer exists (systemd would reap it too)
@@ -428,7 +428,7 @@ def test_next_daemon_cleans_up_after_a_sigkilled_one(start_daemon):
                                 env={**os.environ, WORKER_MARKER: str(stale_dir)})
     lookalike = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(120)",
-         "-P", "-m", "corral.workers", str(stale_dir / "spec-1.json"), "--slot", "0", "--generation", "1",
+         "-P", "-m", "corral.workers", str(stale_dir / "spec-1.default.json"), "--slot", "0", "--generation", "1",
          "--parent", str(first_pid)])
     try:
         second = start_daemon(None, supervisor={"workers": 1}, env={"RUNTIME_DIRECTORY": str(runtime)})
