@@ -62,8 +62,11 @@ class PgServer:
                 hba.write("host all all 0.0.0.0/0 trust\n")
 
     def run(self, program: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        # Without the caller's libpq settings (PGUSER, PGHOST, ...): the server's own tools talk
+        # to the server as its superuser, whatever a test or a worker's set-up left in the environment.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         return subprocess.run(["runuser", "-u", USER, "--", str(self.bin / program), *args],
-                              capture_output=True, text=True, timeout=60, check=check, cwd=self.root)
+                              capture_output=True, text=True, timeout=60, check=check, cwd=self.root, env=env)
 
     def start(self) -> None:
         self.run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30", "start")

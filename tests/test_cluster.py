@@ -65,7 +65,7 @@ class Cluster:
         doc = {"host": {"broker": f"tcp://{namespace.host_address}:{self.port}",
                         "broker_key": str(self.keys / broker_key),
                         "secret_key": str(self.keys / "own" / f"{name}.key_secret"), "workers": workers,
-                        "cache_dir": str(self.root / "host-cache"), "graceful_timeout_s": 3},
+                        "cache_dir": str(self.root / f"host-cache-{name}"), "graceful_timeout_s": 3},
                "logging": {"format": "console"}}
         if dsn:
             doc["state"] = {"dsn": dsn}
@@ -81,6 +81,19 @@ class Cluster:
         process.log_path = folder / "host.log"
         self.hosts.append(process)
         return process
+
+    def logs(self) -> str:
+        """The end of every host's log: what a test that waited in vain shows."""
+        return "\n".join(f"--- {process.log_path.parent.name}:\n"
+                         + process.log_path.read_text(errors="replace")[-1500:] for process in self.hosts)
+
+    def wait_joined(self, daemon, counts: dict[str, int], timeout: float = 60) -> None:
+        """Until each named host has that many workers linked; else fail with the hosts' logs."""
+        try:
+            daemon.wait_for(lambda: all(len(remote_workers(daemon, name)) == count for name, count in counts.items()),
+                            timeout=timeout, what=f"the hosts' workers {counts}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()}") from None
 
     def stop(self) -> list[int]:
         """Every host stopped (SIGTERM, then SIGKILL); the pids that were still left after."""
@@ -195,8 +208,7 @@ def test_a_killed_host_costs_its_requests_a_502_naming_it_and_the_other_host_ser
     daemon.wait_for(lambda: daemon.status()["state"] == "running", timeout=30, what="the broker")
     h1 = cluster.start_host(one, "h1")
     cluster.start_host(two, "h2")
-    daemon.wait_for(lambda: len(remote_workers(daemon, "h1")) == 2 and len(remote_workers(daemon, "h2")) == 2,
-                    timeout=60, what="both hosts' workers")
+    cluster.wait_joined(daemon, {"h1": 2, "h2": 2})
     results: list[tuple[bool, int, bytes, float]] = []
     stop = threading.Event()
 
@@ -249,7 +261,7 @@ def test_a_paused_host_is_fenced_before_its_keys_move_and_its_late_commits_fail(
                               extra=cluster.sections({"backend": "postgresql", "dsn": server.dsn(database)}))
         daemon.wait_for(lambda: daemon.status()["state"] == "running", timeout=30, what="the broker")
         h1 = cluster.start_host(one, "h1", workers=1, dsn=server.dsn(database, tcp_host=one.host_address))
-        daemon.wait_for(lambda: len(remote_workers(daemon, "h1")) == 1, timeout=60, what="h1's worker")
+        cluster.wait_joined(daemon, {"h1": 1})
         keys = [f"k{n}" for n in range(4)]
         for key in keys:   # every key placed on h1, the only worker
             assert daemon.call("count", b"incr", key=key).status == 200
@@ -257,7 +269,7 @@ def test_a_paused_host_is_fenced_before_its_keys_move_and_its_late_commits_fail(
         problems: list[str] = []
         stop = threading.Event()
         cluster.start_host(two, "h2", workers=1, dsn=server.dsn(database, tcp_host=two.host_address))
-        daemon.wait_for(lambda: len(remote_workers(daemon, "h2")) == 1, timeout=60, what="h2's worker")
+        cluster.wait_joined(daemon, {"h2": 1})
 
         def load(key: str) -> None:
             client = daemon.client()
@@ -320,7 +332,7 @@ def test_a_reload_that_removes_a_hosts_key_drops_its_workers(start_daemon, clust
                           extra=cluster.sections())
     daemon.wait_ready()
     cluster.start_host(one, "h1")
-    daemon.wait_for(lambda: len(remote_workers(daemon, "h1")) == 2, timeout=60, what="h1's workers")
+    cluster.wait_joined(daemon, {"h1": 2})
     (cluster.keys / "hosts" / "h1.key").unlink()
     assert daemon.control_request("reload", timeout=60).get("ok"), daemon.log_tail()
     daemon.wait_for(lambda: not remote_workers(daemon, "h1"), timeout=10, what="h1's workers dropped")

@@ -203,18 +203,36 @@ def read_stats(dsn: str, service: str) -> dict[str, int]:
             "bytes": int(nbytes), "scopes": scopes}
 
 
+def session_name(worker: str) -> str:
+    """A worker's sessions' application_name: how a fence finds the session that holds its row."""
+    return f"corral worker {worker}"[:63]   # (NAMEDATALEN - 1)
+
+
 def fence(dsn_or_connection, worker: str) -> None:
     """Fence a worker: once this returns, none of its commits can succeed (docs/cluster.md).
-    One write; it waits for a commit of that worker in progress (at most until the server
-    ends that session for silence, IDLE_IN_TRANSACTION_S). Raise psycopg.Error."""
+    One write; it waits for a commit of that worker in progress. A worker paused inside its
+    commit before the server saw the end of its pipeline is not "idle in transaction", and
+    a paused machine still answers TCP keepalives: after FENCE_WAIT_S the fence ends that
+    worker's sessions (pg_terminate_backend: its transaction rolls back, nothing of it is
+    kept) and writes again. Raise psycopg.Error."""
     if isinstance(dsn_or_connection, str):
         with connect(dsn_or_connection, "corral fence") as connection:
             fence(connection, worker)
         return
-    with dsn_or_connection.transaction():
-        dsn_or_connection.execute(f"SET LOCAL lock_timeout = '{FENCE_WAIT_S}s'")
-        dsn_or_connection.execute("INSERT INTO corral_fences VALUES (%s, true, %s) ON CONFLICT (worker) "
-                                  "DO UPDATE SET fenced = true, at = excluded.at", (worker, time.time()))
+    connection = dsn_or_connection
+    try:
+        _fence_once(connection, worker)
+    except psycopg.errors.LockNotAvailable:
+        connection.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s "
+                           "AND pid <> pg_backend_pid()", (session_name(worker),))
+        _fence_once(connection, worker)
+
+
+def _fence_once(connection, worker: str) -> None:
+    with connection.transaction():
+        connection.execute(f"SET LOCAL lock_timeout = '{FENCE_WAIT_S}s'")
+        connection.execute("INSERT INTO corral_fences VALUES (%s, true, %s) ON CONFLICT (worker) "
+                           "DO UPDATE SET fenced = true, at = excluded.at", (worker, time.time()))
 
 
 class PgStore(StagedStore):
@@ -245,7 +263,7 @@ class PgStore(StagedStore):
         if now < self.retry_at:
             return False
         try:
-            self.db = connect(self.dsn, "corral worker")
+            self.db = connect(self.dsn, session_name(self.worker) if self.worker else "corral worker")
             if self.worker:
                 # Its fence row, unfenced, before its first commit; a fence written already stays.
                 self.db.execute("INSERT INTO corral_fences VALUES (%s, false, %s) ON CONFLICT (worker) DO NOTHING",
