@@ -116,13 +116,9 @@ def worker_engine():
 @pytest.fixture(scope="session")
 def pg_server():
     """A real PostgreSQL server for the whole run (tests/pgserver.py), removed at the end."""
-    from pgserver import PgServer
-    server = PgServer()
-    try:
-        server.start()
+    from pgserver import running
+    with running() as server:
         yield server
-    finally:
-        server.destroy()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ missing; a missing binary here is a failure, never a skip.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -117,3 +118,14 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         if time.monotonic() > give_up:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def running(**settings):
+    """A started PgServer(**settings), destroyed (stopped, its files removed) when the block ends."""
+    server = PgServer(**settings)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()

@@ -15,7 +15,7 @@ import time
 import psycopg
 import pytest
 
-from pgserver import PgServer
+from pgserver import running
 from test_state import KV_OPS, get, i64, incr, value_of
 from corral.client import NoReply
 from corral.workers import state, state_pg
@@ -24,12 +24,8 @@ from corral.workers import state, state_pg
 @pytest.fixture
 def own_pg_server():
     """A server of the test's own: the test stops and starts it."""
-    server = PgServer()
-    try:
-        server.start()
+    with running() as server:
         yield server
-    finally:
-        server.destroy()
 
 
 @pytest.mark.timeout(120)
@@ -237,12 +233,8 @@ def test_a_daemon_started_while_the_store_is_down_serves_once_it_is_up(start_dae
 @pytest.fixture
 def tcp_pg_server():
     """A server of the test's own that listens on loopback TCP as well as on its unix socket."""
-    server = PgServer(listen="127.0.0.1")
-    try:
-        server.start()
+    with running(listen="127.0.0.1") as server:
         yield server
-    finally:
-        server.destroy()
 
 
 @pytest.mark.timeout(90)
